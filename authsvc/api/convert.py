@@ -1,0 +1,128 @@
+"""Proto <-> domain conversions."""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from authsvc.domain.models import ClientMeta, Role, Session, User
+from authsvc.domain.principal import Principal, SessionInfo
+from authsvc.errors import InvalidArgument
+from authsvc.services.auth import IssuedTokens
+from authsvc.services.validation import MAX_IP, MAX_USER_AGENT
+from authsvc_client.v1 import auth_pb2, sessions_pb2, users_pb2
+
+_ROLE_TO_PROTO = {Role.USER: users_pb2.ROLE_USER, Role.ADMIN: users_pb2.ROLE_ADMIN}
+_ROLE_FROM_PROTO = {v: k for k, v in _ROLE_TO_PROTO.items()}
+
+
+def timestamp(value: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def role_to_proto(role: Role) -> users_pb2.Role.ValueType:
+    return _ROLE_TO_PROTO[role]
+
+
+def role_filter(value: int, field: str = "role") -> Role | None:
+    """A role filter: ROLE_UNSPECIFIED means any."""
+    if value == users_pb2.ROLE_UNSPECIFIED:
+        return None
+    return role_from_proto(value, field)
+
+
+def role_from_proto(value: int, field: str = "role") -> Role:
+    role = _ROLE_FROM_PROTO.get(value)  # type: ignore[call-overload]
+    if role is None:
+        raise InvalidArgument.field(field, "not a role")
+    return role
+
+
+def user(value: User) -> users_pb2.User:
+    return users_pb2.User(
+        id=str(value.id),
+        email=value.email,
+        email_verified=value.email_verified,
+        display_name=value.display_name,
+        role=role_to_proto(value.role),
+        create_time=timestamp(value.created_at),
+        update_time=timestamp(value.updated_at),
+    )
+
+
+def session(value: Session, principal: Principal) -> sessions_pb2.Session:
+    current = principal.session is not None and principal.session.session_id == value.id
+    return sessions_pb2.Session(
+        id=str(value.id),
+        user_id=str(value.user_id),
+        create_time=timestamp(value.created_at),
+        last_use_time=timestamp(value.last_used_at),
+        expire_time=timestamp(value.expires_at),
+        ip_address=value.ip_address,
+        user_agent=value.user_agent,
+        org_id=str(value.org_id) if value.org_id else "",
+        current=current,
+    )
+
+
+def session_info(value: SessionInfo) -> sessions_pb2.SessionInfo:
+    return sessions_pb2.SessionInfo(
+        session_id=str(value.session_id),
+        user_id=str(value.user_id),
+        email=value.email,
+        role=role_to_proto(value.role),
+        org_id=str(value.org_id) if value.org_id else "",
+        expire_time=timestamp(value.expires_at),
+        session_expire_time=timestamp(value.session_expires_at),
+    )
+
+
+def tokens(value: IssuedTokens) -> auth_pb2.TokenPair:
+    return auth_pb2.TokenPair(
+        access_token=value.access_token,
+        token_type="Bearer",
+        expires_in=value.expires_in,
+        expire_time=timestamp(value.expires_at),
+        refresh_token=value.refresh_token,
+        session_id=str(value.session_id),
+    )
+
+
+def _peer_ip(peer: str) -> str:
+    # "ipv4:10.0.0.1:5000", "ipv6:[::1]:5000", "unix:/path"
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return ""
+
+
+def client_meta(
+    context: grpc.aio.ServicerContext[Any, Any],
+    info: auth_pb2.ClientInfo,
+    has_info: bool,
+    principal: Principal,
+) -> ClientMeta:
+    """Where the end user is: request fields from a gateway holding a service
+    credential, otherwise the call's own peer and user agent."""
+    if has_info and principal.service_name is not None:
+        if info.ip_address:
+            try:
+                ipaddress.ip_address(info.ip_address)
+            except ValueError:
+                raise InvalidArgument.field("client_info.ip_address", "not an IP address") from None
+        if len(info.user_agent) > MAX_USER_AGENT:
+            raise InvalidArgument.field("client_info.user_agent", "too long")
+        return ClientMeta(info.ip_address, info.user_agent)
+    agent = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == "user-agent" and isinstance(value, str):
+            agent = value[:MAX_USER_AGENT]
+    return ClientMeta(_peer_ip(context.peer() or "")[:MAX_IP], agent)

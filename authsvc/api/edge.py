@@ -1,0 +1,183 @@
+"""The server interceptor: request id, credentials, errors and the access log.
+
+For every authsvc method it resolves the caller's credentials, enforces the
+method's declared access before the handler runs, maps domain errors to
+statuses (``authsvc.api.status``), turns anything unexpected into a generic
+INTERNAL, and logs one line per call. Servicers therefore hold no try/except
+and no status codes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+import structlog
+
+from authsvc.api import access as acc
+from authsvc.api.status import to_status
+from authsvc.domain.principal import ANONYMOUS, Principal, PrincipalKind, SessionInfo
+from authsvc.errors import (
+    ApiKeyInvalid,
+    AuthError,
+    NotAuthenticated,
+    PermissionDenied,
+    TokenInvalid,
+)
+from authsvc.security.secrets import sha256
+
+log = structlog.get_logger("authsvc.rpc")
+
+_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar(
+    "authsvc_principal", default=ANONYMOUS
+)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+Authenticate = Callable[[str], Awaitable[SessionInfo]]
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being served (set by the interceptor)."""
+    return _principal.get()
+
+
+class ApiKeys:
+    """Service credentials, held as SHA-256 digests only.
+
+    Configured as ``name:sha256hex`` entries separated by commas
+    (``authsvc api-key new NAME`` prints one).
+    """
+
+    def __init__(self, spec: str) -> None:
+        self._by_digest: dict[bytes, str] = {}
+        for entry in filter(None, (e.strip() for e in spec.split(","))):
+            name, _, digest = entry.partition(":")
+            raw = bytes.fromhex(digest)
+            if not name or len(raw) != 32:
+                raise ValueError("AUTHSVC_API_KEYS entries are name:sha256hex")
+            self._by_digest[raw] = name
+
+    def lookup(self, key: str) -> str | None:
+        digest = sha256(key)
+        for known, name in self._by_digest.items():
+            if hmac.compare_digest(known, digest):
+                return name
+        return None
+
+
+class EdgeInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(
+        self, table: Mapping[str, int], authenticate: Authenticate, api_keys: ApiKeys
+    ) -> None:
+        self._table = table
+        self._authenticate = authenticate
+        self._api_keys = api_keys
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            # Health and reflection: infrastructure, open to every caller.
+            return handler
+        access = self._table.get(method)
+        if access is None and method.startswith("/authsvc."):
+            access = -1  # undeclared: unreachable (cannot happen: the table is built from these)
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._wrap(method, access, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(
+        self, method: str, access: int | None, behavior: Callable[..., Awaitable[Any]]
+    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+        async def serve(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            metadata = context.invocation_metadata() or ()
+            request_id = ""
+            bearer = api_key = None
+            for key, value in metadata:
+                if key == "authorization":
+                    bearer = value
+                elif key == "x-api-key":
+                    api_key = value
+                elif key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
+                    request_id = value
+            request_id = request_id or uuid.uuid4().hex
+            code = "OK"
+            reason = ""
+            try:
+                if access is not None:
+                    _principal.set(await self._resolve(access, bearer, api_key))
+                return await behavior(request, context)
+            except AuthError as error:
+                code, reason = error.code, error.reason
+                status = to_status(error, request_id)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            except Exception as error:
+                if isinstance(error, grpc.aio.AbortError):
+                    raise
+                code, reason = "INTERNAL", "INTERNAL"
+                log.exception("rpc.failed", method=method, request_id=request_id)
+                status = to_status(AuthError(), request_id)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            finally:
+                log.info(
+                    "rpc",
+                    method=method,
+                    code=code,
+                    reason=reason,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                    peer=context.peer(),
+                    request_id=request_id,
+                )
+
+        return serve
+
+    async def _resolve(self, access: int, bearer: Any, api_key: Any) -> Principal:
+        service_name = None
+        if api_key is not None:
+            service_name = self._api_keys.lookup(str(api_key))
+            if service_name is None:
+                raise ApiKeyInvalid()
+        session = None
+        if bearer is not None:
+            scheme, _, token = str(bearer).partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                raise TokenInvalid("authorization must be 'Bearer <access token>'")
+            session = await self._authenticate(token.strip())
+        if access == acc.PUBLIC:
+            kind = PrincipalKind.SERVICE if service_name else PrincipalKind.USER
+            if service_name is None and session is None:
+                return ANONYMOUS
+            return Principal(kind, session, service_name)
+        if access == acc.USER:
+            if session is None:
+                raise NotAuthenticated()
+            return Principal(PrincipalKind.USER, session, service_name)
+        if access in (acc.SELF_OR_ADMIN, acc.ADMIN):
+            if service_name is not None:
+                return Principal(PrincipalKind.SERVICE, session, service_name)
+            if session is None:
+                raise NotAuthenticated()
+            principal = Principal(PrincipalKind.USER, session)
+            if access == acc.ADMIN and not principal.is_admin:
+                raise PermissionDenied()
+            return principal
+        raise PermissionDenied()

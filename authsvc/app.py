@@ -1,0 +1,271 @@
+"""The composition root: the one place that builds and wires everything."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import redis.asyncio as aioredis
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from authsvc.api.access import access_table
+from authsvc.api.edge import ApiKeys, EdgeInterceptor
+from authsvc.api.servicers import AuthServicer, SessionServicer, UserServicer
+from authsvc.config import Settings
+from authsvc.domain.ports import EventBus, RateLimiter
+from authsvc.security.jwt_tokens import AccessTokenCodec
+from authsvc.security.page_tokens import PageTokens
+from authsvc.security.passwords import Argon2Hasher
+from authsvc.security.refresh import RefreshTokens
+from authsvc.security.secrets import Secrets, load_or_create_secret
+from authsvc.services.auth import AuthPolicy, AuthService
+from authsvc.services.auth_cache import AuthCache
+from authsvc.services.keys import KeyStore
+from authsvc.services.sessions import SessionService
+from authsvc.services.users import UserService
+from authsvc.storage import migrate
+from authsvc.storage.database import SqlDatabase, create_engine
+from authsvc.storage.memory import MemoryEventBus, MemoryRateLimiter
+from authsvc.storage.redis_store import RedisEventBus, RedisRateLimiter
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc, sessions_pb2, sessions_pb2_grpc
+from authsvc_client.v1 import users_pb2, users_pb2_grpc
+
+log = structlog.get_logger("authsvc.app")
+
+SERVICES = (
+    auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
+    users_pb2.DESCRIPTOR.services_by_name["UserService"],
+    sessions_pb2.DESCRIPTOR.services_by_name["SessionService"],
+)
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+@dataclass
+class Core:
+    """Everything below the gRPC layer; also what the CLI uses."""
+
+    settings: Settings
+    db: SqlDatabase
+    secrets: Secrets
+    keys: KeyStore
+    auth: AuthService
+    users: UserService
+    sessions: SessionService
+    cache: AuthCache
+    bus: EventBus
+    limiter: RateLimiter
+    executor: ThreadPoolExecutor
+    redis: aioredis.Redis | None
+    clock: SystemClock
+
+    async def close(self) -> None:
+        await self.bus.close()
+        await self.limiter.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+        await self.db.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
+    """Connects storage and builds the services. Migrates the embedded default."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url()
+    if not settings.uses_postgres:
+        await asyncio.to_thread(migrate.upgrade, url)
+    secrets = Secrets(
+        load_or_create_secret(
+            settings.secret_key.get_secret_value() if settings.secret_key else None,
+            settings.data_dir,
+        )
+    )
+    db = SqlDatabase(
+        create_engine(
+            url, pool_size=settings.database_pool_size, pgbouncer=settings.database_pgbouncer
+        )
+    )
+    clock = SystemClock()
+    redis_client: aioredis.Redis | None = None
+    bus: EventBus
+    limiter: RateLimiter
+    if settings.redis_url is not None:
+        redis_client = aioredis.from_url(
+            settings.redis_url.get_secret_value(), socket_timeout=5, socket_connect_timeout=5
+        )
+        bus = RedisEventBus(redis_client, max_lag=settings.revocation_max_lag)
+        limiter = RedisRateLimiter(redis_client)
+    else:
+        bus = MemoryEventBus()
+        limiter = MemoryRateLimiter()
+    access_ttl = timedelta(seconds=settings.access_token_ttl)
+    keys = KeyStore(db, secrets, clock, access_ttl=access_ttl)
+    await keys.load(create=create_keys)
+    executor = ThreadPoolExecutor(settings.hash_workers, thread_name_prefix="argon2")
+    hasher = Argon2Hasher(
+        time_cost=settings.argon2_time_cost,
+        memory_kib=settings.argon2_memory_kib,
+        parallelism=settings.argon2_parallelism,
+        executor=executor,
+    )
+    cache = AuthCache(max_entries=settings.auth_cache_size, ttl=settings.auth_cache_ttl)
+    bus.subscribe(lambda _kind, key: cache.mark(key), cache.clear)
+    pages = PageTokens(secrets.subkey("page-token"))
+    auth = AuthService(
+        db=db,
+        hasher=hasher,
+        keys=keys,
+        codec=AccessTokenCodec(
+            issuer=settings.issuer, audience=settings.audience, ttl=access_ttl
+        ),
+        refresh_tokens=RefreshTokens(secrets.subkey("refresh-token")),
+        cache=cache,
+        bus=bus,
+        limiter=limiter,
+        clock=clock,
+        policy=AuthPolicy(
+            access_ttl=access_ttl,
+            session_ttl=timedelta(seconds=settings.session_ttl),
+            reuse_grace=timedelta(seconds=settings.refresh_reuse_grace),
+            reuse_grace_count=settings.refresh_reuse_grace_count,
+            password_min_length=settings.password_min_length,
+            password_max_length=settings.password_max_length,
+            signup_enabled=settings.signup_enabled,
+            signin_attempts_per_email=settings.signin_attempts_per_email,
+            signin_attempts_per_ip=settings.signin_attempts_per_ip,
+            rate_limit_window=settings.rate_limit_window,
+        ),
+    )
+    return Core(
+        settings=settings,
+        db=db,
+        secrets=secrets,
+        keys=keys,
+        auth=auth,
+        users=UserService(db=db, auth=auth, pages=pages, clock=clock),
+        sessions=SessionService(db=db, auth=auth, pages=pages, clock=clock),
+        cache=cache,
+        bus=bus,
+        limiter=limiter,
+        executor=executor,
+        redis=redis_client,
+        clock=clock,
+    )
+
+
+@dataclass
+class Server:
+    core: Core
+    server: grpc.aio.Server
+    health: HealthServicer
+    port: int
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await self.core.bus.start()
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        for service in SERVICES:
+            await self.health.set(service.full_name, health_pb2.HealthCheckResponse.SERVING)
+        settings = self.core.settings
+        self._tasks = [
+            asyncio.create_task(_every(settings.key_reload_interval, self.core.keys.load)),
+            asyncio.create_task(_every(max(settings.auth_cache_ttl, 1.0), _prune(self.core))),
+        ]
+        log.info("server.started", listen=settings.listen, port=self.port)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops taking calls, lets in-flight ones finish within ``grace``."""
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await self.server.stop(self.core.settings.shutdown_grace if grace is None else grace)
+        await self.core.close()
+        log.info("server.stopped")
+
+
+def _prune(core: Core) -> Callable[[], Awaitable[None]]:
+    async def prune() -> None:
+        core.cache.prune()
+
+    return prune
+
+
+async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await job()
+        except Exception:
+            log.exception("background.failed")
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None and settings.tls_key_file is None:
+        return None
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        raise ValueError("set both AUTHSVC_TLS_CERT_FILE and AUTHSVC_TLS_KEY_FILE")
+    ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+async def build_server(
+    settings: Settings, *, extra: Callable[[grpc.aio.Server], None] | None = None
+) -> Server:
+    """Builds the gRPC server (not started). ``extra`` may register more services."""
+    core = await build_core(settings)
+    interceptor = EdgeInterceptor(
+        access_table(SERVICES), core.auth.authenticate, ApiKeys(settings.api_keys)
+    )
+    server = grpc.aio.server(
+        interceptors=[interceptor],
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+    )
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(core.auth, core.keys), server)
+    users_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(core.users), server)
+    sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(core.sessions), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if extra is not None:
+        extra(server)
+    if settings.reflection:
+        names = [s.full_name for s in SERVICES]
+        names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        names += [reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, server)
+    credentials = _credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(settings.listen)
+    else:
+        port = server.add_secure_port(settings.listen, credentials)
+    return Server(core=core, server=server, health=health, port=port)
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then drains in-flight calls."""
+    server = await build_server(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("server.stopping")
+    with contextlib.suppress(asyncio.CancelledError):
+        await server.stop()

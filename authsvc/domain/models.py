@@ -1,0 +1,85 @@
+"""Domain records: frozen dataclasses that know nothing of storage or gRPC."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Role(enum.StrEnum):
+    USER = "user"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: uuid.UUID
+    email: str
+    display_name: str
+    role: Role
+    email_verified: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: uuid.UUID
+    user_id: uuid.UUID
+    created_at: datetime
+    last_used_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+    ip_address: str
+    user_agent: str
+    org_id: uuid.UUID | None = None
+
+    def is_live(self, now: datetime) -> bool:
+        return self.revoked_at is None and self.expires_at > now
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshTokenRecord:
+    id: int
+    session_id: uuid.UUID
+    token_hash: bytes
+    generation: int
+    created_at: datetime
+    rotated_at: datetime | None
+    grace_uses: int
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKeyRecord:
+    kid: str
+    created_at: datetime
+    retired_at: datetime | None
+    private_key_sealed: bytes
+    public_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClientMeta:
+    """Where a call comes from, recorded on sessions."""
+
+    ip_address: str = ""
+    user_agent: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """A keyset position: the sort key of the last row of a page."""
+
+    created_at: datetime
+    id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_cursor: Cursor | None

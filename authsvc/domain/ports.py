@@ -1,0 +1,161 @@
+"""The storage and infrastructure interfaces services depend on.
+
+Implementations: ``authsvc.storage.sql`` (SQLite and Postgres),
+``authsvc.storage.redis_store`` and ``authsvc.storage.memory``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Protocol
+
+from authsvc.domain.models import (
+    Cursor,
+    RefreshTokenRecord,
+    Role,
+    Session,
+    SigningKeyRecord,
+    User,
+)
+
+
+class UserRepository(Protocol):
+    async def add(self, user: User, email_key: str, password_hash: str) -> None:
+        """Raises: EmailAlreadyExists."""
+
+    async def get(self, user_id: uuid.UUID) -> User | None: ...
+
+    async def get_credentials(self, email_key: str) -> tuple[User, str] | None: ...
+
+    async def set_password_hash(self, user_id: uuid.UUID, password_hash: str) -> None: ...
+
+    async def update(
+        self, user_id: uuid.UUID, changes: Mapping[str, object], now: datetime
+    ) -> User | None:
+        """Raises: EmailAlreadyExists."""
+
+    async def delete(self, user_id: uuid.UUID) -> bool: ...
+
+    async def list(
+        self, after: Cursor | None, limit: int, role: Role | None, email_prefix: str
+    ) -> list[User]: ...
+
+    async def count(self, role: Role | None) -> int: ...
+
+
+class SessionRepository(Protocol):
+    async def add(self, session: Session) -> None: ...
+
+    async def get(self, session_id: uuid.UUID, *, for_update: bool = False) -> Session | None: ...
+
+    async def get_with_user(self, session_id: uuid.UUID) -> tuple[Session, User] | None: ...
+
+    async def touch(
+        self, session_id: uuid.UUID, at: datetime, ip_address: str, user_agent: str
+    ) -> None: ...
+
+    async def revoke(self, session_id: uuid.UUID, at: datetime, reason: str) -> bool:
+        """Returns whether the session was live before."""
+
+    async def revoke_all(self, user_id: uuid.UUID, at: datetime, reason: str) -> list[uuid.UUID]:
+        """Revokes every live session of the user; returns their ids."""
+
+    async def live_ids(self, user_id: uuid.UUID, now: datetime) -> list[uuid.UUID]: ...
+
+    async def list_live(
+        self, user_id: uuid.UUID | None, now: datetime, after: Cursor | None, limit: int
+    ) -> list[Session]:
+        """Newest first."""
+
+
+class RefreshTokenRepository(Protocol):
+    async def add(
+        self, session_id: uuid.UUID, token_hash: bytes, generation: int, at: datetime
+    ) -> None: ...
+
+    async def get_by_hash(self, token_hash: bytes) -> RefreshTokenRecord | None: ...
+
+    async def get_current(self, session_id: uuid.UUID) -> RefreshTokenRecord | None:
+        """The session's one unrotated token."""
+
+    async def mark_rotated(self, token_id: int, at: datetime) -> None: ...
+
+    async def count_grace_use(self, token_id: int) -> None: ...
+
+
+class SigningKeyRepository(Protocol):
+    async def all(self) -> list[SigningKeyRecord]: ...
+
+    async def add(self, key: SigningKeyRecord) -> None: ...
+
+    async def retire_others(self, kid: str, at: datetime) -> None: ...
+
+    async def delete_retired_before(self, before: datetime) -> None: ...
+
+
+class Transaction(Protocol):
+    """Repositories bound to one database transaction (or autocommit reader)."""
+
+    users: UserRepository
+    sessions: SessionRepository
+    refresh_tokens: RefreshTokenRepository
+    keys: SigningKeyRepository
+
+
+class Database(Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """Commits on normal exit, rolls back on an exception."""
+
+    def reader(self) -> AbstractAsyncContextManager[Transaction]:
+        """Autocommit reads: no BEGIN/ROLLBACK round trips."""
+
+
+class PasswordHasher(Protocol):
+    async def hash(self, password: str) -> str: ...
+
+    async def verify(self, password_hash: str, password: str) -> bool: ...
+
+    def needs_rehash(self, password_hash: str) -> bool: ...
+
+    async def burn(self, password: str) -> None:
+        """Does the work of one verify against a dummy hash (unknown email)."""
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...
+
+
+EventHandler = Callable[[str, str], None]
+
+
+class EventBus(Protocol):
+    """Fans invalidation events (session revoked, user changed) out to replicas.
+
+    ``publish`` delivers to this process's handlers before it returns, so a
+    revocation is in force locally at once; other replicas get it as fast as
+    the transport carries it. ``healthy`` is false while events may be missed
+    (the transport is down or lagging), and callers must not trust caches then.
+    """
+
+    def subscribe(self, handler: EventHandler, on_reset: Callable[[], None]) -> None: ...
+
+    async def publish(self, kind: str, key: str) -> None: ...
+
+    def healthy(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class RateLimiter(Protocol):
+    async def hit(self, key: str, limit: int, window: int) -> float | None:
+        """Counts one attempt; returns seconds to wait when over the limit."""
+
+    async def close(self) -> None: ...
+
+
+Ping = Callable[[], Awaitable[None]]

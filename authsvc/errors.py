@@ -1,0 +1,166 @@
+"""The domain error hierarchy.
+
+Services raise these; the API edge (``authsvc.api.status``) is the one place
+that turns them into a gRPC status with a ``google.rpc.ErrorInfo``. Each class
+carries its status code name and its reason (an ``authsvc.v1.ErrorReason``
+value without the prefix) as class attributes and registers itself by reason,
+so a test can prove the hierarchy and the proto enum list the same reasons.
+Messages are public: never put a secret or an internal detail in one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad request field, reported as a ``google.rpc.BadRequest`` entry."""
+
+    field: str
+    description: str
+
+
+class AuthError(Exception):
+    """Base of every error a caller may see."""
+
+    code: ClassVar[str] = "INTERNAL"
+    reason: ClassVar[str] = "INTERNAL"
+    default_message: ClassVar[str] = "internal error"
+    registry: ClassVar[dict[str, type[AuthError]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "reason" in cls.__dict__:
+            AuthError.registry[cls.reason] = cls
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        violations: Sequence[FieldViolation] = (),
+        retry_after: float | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        self.metadata = dict(metadata or {})
+        self.violations = tuple(violations)
+        self.retry_after = retry_after
+        super().__init__(self.message)
+
+
+AuthError.registry["INTERNAL"] = AuthError
+
+
+class InvalidArgument(AuthError):
+    code = "INVALID_ARGUMENT"
+    reason = "INVALID_ARGUMENT"
+    default_message = "invalid argument"
+
+    @classmethod
+    def field(cls, field: str, description: str) -> InvalidArgument:
+        return cls(f"{field}: {description}", violations=[FieldViolation(field, description)])
+
+
+class WeakPassword(AuthError):
+    code = "INVALID_ARGUMENT"
+    reason = "WEAK_PASSWORD"
+    default_message = "password does not meet the password policy"
+
+
+class InvalidPageToken(AuthError):
+    code = "INVALID_ARGUMENT"
+    reason = "INVALID_PAGE_TOKEN"
+    default_message = "invalid page token"
+
+
+class InvalidCredentials(AuthError):
+    code = "UNAUTHENTICATED"
+    reason = "INVALID_CREDENTIALS"
+    default_message = "invalid email or password"
+
+
+class NotAuthenticated(AuthError):
+    code = "UNAUTHENTICATED"
+    reason = "NOT_AUTHENTICATED"
+    default_message = "this call needs a credential"
+
+
+class TokenInvalid(AuthError):
+    code = "UNAUTHENTICATED"
+    reason = "TOKEN_INVALID"
+    default_message = "invalid token"
+
+
+class TokenExpired(AuthError):
+    code = "UNAUTHENTICATED"
+    reason = "TOKEN_EXPIRED"
+    default_message = "token expired"
+
+
+class RefreshTokenReused(AuthError):
+    code = "UNAUTHENTICATED"
+    reason = "REFRESH_TOKEN_REUSED"
+    default_message = "refresh token was already used; the session has been revoked"
+
+
+class SessionRevoked(AuthError):
+    code = "UNAUTHENTICATED"
+    reason = "SESSION_REVOKED"
+    default_message = "session revoked"
+
+
+class SessionExpired(AuthError):
+    code = "UNAUTHENTICATED"
+    reason = "SESSION_EXPIRED"
+    default_message = "session expired"
+
+
+class ApiKeyInvalid(AuthError):
+    code = "UNAUTHENTICATED"
+    reason = "API_KEY_INVALID"
+    default_message = "invalid API key"
+
+
+class PermissionDenied(AuthError):
+    code = "PERMISSION_DENIED"
+    reason = "PERMISSION_DENIED"
+    default_message = "permission denied"
+
+
+class EmailAlreadyExists(AuthError):
+    code = "ALREADY_EXISTS"
+    reason = "EMAIL_ALREADY_EXISTS"
+    default_message = "an account with this email already exists"
+
+
+class UserNotFound(AuthError):
+    code = "NOT_FOUND"
+    reason = "USER_NOT_FOUND"
+    default_message = "user not found"
+
+
+class SessionNotFound(AuthError):
+    code = "NOT_FOUND"
+    reason = "SESSION_NOT_FOUND"
+    default_message = "session not found"
+
+
+class SignupDisabled(AuthError):
+    code = "FAILED_PRECONDITION"
+    reason = "SIGNUP_DISABLED"
+    default_message = "sign-up is disabled"
+
+
+class RateLimited(AuthError):
+    code = "RESOURCE_EXHAUSTED"
+    reason = "RATE_LIMITED"
+    default_message = "too many attempts; try again later"
+
+
+class BackendUnavailable(AuthError):
+    code = "UNAVAILABLE"
+    reason = "BACKEND_UNAVAILABLE"
+    default_message = "a backing store is unavailable; retry"

@@ -1,0 +1,125 @@
+"""Access tokens: EdDSA (Ed25519) JWTs signed and verified with PyJWT."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from authsvc.domain.models import Role
+from authsvc.errors import TokenExpired, TokenInvalid
+from authsvc.security.secrets import b64url, b64url_decode_canonical
+
+MAX_LENGTH = 4096
+ALGORITHM = "EdDSA"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessClaims:
+    user_id: uuid.UUID
+    session_id: uuid.UUID
+    role: Role
+    issued_at: datetime
+    expires_at: datetime
+    org_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    kid: str
+    private: Ed25519PrivateKey | None
+    public: Ed25519PublicKey
+    public_raw: bytes
+
+    def jwk(self) -> dict[str, str]:
+        return {
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": b64url(self.public_raw),
+            "kid": self.kid,
+            "use": "sig",
+            "alg": ALGORITHM,
+        }
+
+
+class UnknownKeyId(TokenInvalid):
+    """The token names a key this process has not loaded (yet)."""
+
+    def __init__(self, kid: str) -> None:
+        super().__init__()
+        self.kid = kid
+
+
+class AccessTokenCodec:
+    def __init__(self, *, issuer: str, audience: str, ttl: timedelta) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self.ttl = ttl
+
+    def issue(self, key: SigningKey, claims: AccessClaims) -> str:
+        assert key.private is not None
+        payload: dict[str, Any] = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": str(claims.user_id),
+            "sid": str(claims.session_id),
+            "iat": int(claims.issued_at.timestamp()),
+            "exp": int(claims.expires_at.timestamp()),
+            "jti": uuid.uuid4().hex,
+            "role": claims.role.value,
+        }
+        if claims.org_id is not None:
+            payload["org_id"] = str(claims.org_id)
+        return jwt.encode(payload, key.private, algorithm=ALGORITHM, headers={"kid": key.kid})
+
+    def verify(self, token: str, keys: dict[str, SigningKey]) -> AccessClaims:
+        """Checks signature, algorithm, issuer, audience and expiry.
+
+        Raises:
+            TokenInvalid: malformed, forged, foreign, or not an EdDSA token.
+            UnknownKeyId: well-formed but signed with a key not in ``keys``.
+            TokenExpired: genuine but expired.
+        """
+        if len(token) > MAX_LENGTH or token.count(".") != 2:
+            raise TokenInvalid()
+        if any(b64url_decode_canonical(part) is None for part in token.split(".")):
+            raise TokenInvalid()
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise TokenInvalid() from None
+        kid = header.get("kid")
+        if header.get("alg") != ALGORITHM or not isinstance(kid, str):
+            raise TokenInvalid()
+        key = keys.get(kid)
+        if key is None:
+            raise UnknownKeyId(kid)
+        try:
+            payload = jwt.decode(
+                token,
+                key.public,
+                algorithms=[ALGORITHM],
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"require": ["exp", "iat", "sub", "sid", "jti", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenExpired() from None
+        except jwt.PyJWTError:
+            raise TokenInvalid() from None
+        try:
+            org = payload.get("org_id")
+            return AccessClaims(
+                user_id=uuid.UUID(payload["sub"]),
+                session_id=uuid.UUID(payload["sid"]),
+                role=Role(payload["role"]),
+                issued_at=datetime.fromtimestamp(payload["iat"], UTC),
+                expires_at=datetime.fromtimestamp(payload["exp"], UTC),
+                org_id=uuid.UUID(org) if org else None,
+            )
+        except (KeyError, ValueError, TypeError):
+            raise TokenInvalid() from None

@@ -1,0 +1,410 @@
+"""Sign-up, sign-in, refresh rotation, sign-out and Authenticate: the rules.
+
+Knows nothing of gRPC or SQL: it talks to the ports in ``authsvc.domain.ports``
+and raises the errors of ``authsvc.errors``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+
+from authsvc.domain.models import ClientMeta, RefreshTokenRecord, Role, Session, User
+from authsvc.domain.ports import Clock, Database, EventBus, PasswordHasher, RateLimiter, Transaction
+from authsvc.domain.principal import SessionInfo
+from authsvc.errors import (
+    InvalidArgument,
+    InvalidCredentials,
+    RateLimited,
+    RefreshTokenReused,
+    SessionExpired,
+    SessionRevoked,
+    SignupDisabled,
+    TokenInvalid,
+)
+from authsvc.security.jwt_tokens import AccessClaims, AccessTokenCodec, UnknownKeyId
+from authsvc.security.refresh import MAX_LENGTH as REFRESH_MAX_LENGTH
+from authsvc.security.refresh import RefreshTokens
+from authsvc.security.secrets import sha256
+from authsvc.services import validation
+from authsvc.services.auth_cache import AuthCache
+from authsvc.services.keys import KeyStore
+
+log = structlog.get_logger("authsvc.auth")
+
+EVENT_SESSION = "session"
+EVENT_USER = "user"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthPolicy:
+    access_ttl: timedelta
+    session_ttl: timedelta
+    reuse_grace: timedelta
+    reuse_grace_count: int
+    password_min_length: int
+    password_max_length: int
+    signup_enabled: bool
+    signin_attempts_per_email: int
+    signin_attempts_per_ip: int
+    rate_limit_window: int
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedTokens:
+    access_token: str
+    expires_at: datetime
+    expires_in: int
+    refresh_token: str
+    session_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class SignedIn:
+    user: User
+    tokens: IssuedTokens
+
+
+class AuthService:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        hasher: PasswordHasher,
+        keys: KeyStore,
+        codec: AccessTokenCodec,
+        refresh_tokens: RefreshTokens,
+        cache: AuthCache,
+        bus: EventBus,
+        limiter: RateLimiter,
+        clock: Clock,
+        policy: AuthPolicy,
+    ) -> None:
+        self._db = db
+        self._hasher = hasher
+        self._keys = keys
+        self._codec = codec
+        self._refresh = refresh_tokens
+        self._cache = cache
+        self._bus = bus
+        self._limiter = limiter
+        self._clock = clock
+        self._policy = policy
+
+    # -- sign-up and sign-in ---------------------------------------------------
+
+    async def sign_up(
+        self, *, email: str, password: str, display_name: str, client: ClientMeta
+    ) -> SignedIn:
+        """Creates an account and its first session.
+
+        Raises:
+            SignupDisabled, InvalidArgument, WeakPassword, EmailAlreadyExists, RateLimited.
+        """
+        if not self._policy.signup_enabled:
+            raise SignupDisabled()
+        normalized, email_key = validation.email(email)
+        p = self._policy
+        validation.password(password, p.password_min_length, p.password_max_length)
+        name = validation.display_name(display_name)
+        await self._limit(f"ip:{client.ip_address}", p.signin_attempts_per_ip)
+        password_hash = await self._hasher.hash(password)
+        now = self._clock.now()
+        user = User(
+            id=uuid.uuid4(),
+            email=normalized,
+            display_name=name,
+            role=Role.USER,
+            email_verified=False,
+            created_at=now,
+            updated_at=now,
+        )
+        async with self._db.transaction() as tx:
+            await tx.users.add(user, email_key, password_hash)
+            tokens = await self._start_session(tx, user, client, now)
+        log.info("user.signed_up", user_id=str(user.id), session_id=str(tokens.session_id))
+        return SignedIn(user, tokens)
+
+    async def sign_in_with_password(
+        self, *, email: str, password: str, client: ClientMeta
+    ) -> SignedIn:
+        """Starts a session for a correct email and password.
+
+        An unknown email costs one Argon2 verify, like a wrong password, and
+        fails with the same error.
+
+        Raises:
+            InvalidArgument, InvalidCredentials, RateLimited.
+        """
+        if not email:
+            raise InvalidArgument.field("email", "required")
+        if not password:
+            raise InvalidArgument.field("password", "required")
+        if len(password) > self._policy.password_max_length:
+            raise InvalidArgument.field("password", "too long")
+        email_key = validation.email_key(email)
+        if email_key is None:
+            raise InvalidArgument.field("email", "not a valid email address")
+        p = self._policy
+        await self._limit(f"ip:{client.ip_address}", p.signin_attempts_per_ip)
+        await self._limit("email:" + sha256(email_key).hex()[:32], p.signin_attempts_per_email)
+        async with self._db.reader() as reader:
+            found = await reader.users.get_credentials(email_key)
+        if found is None:
+            await self._hasher.burn(password)
+            raise InvalidCredentials()
+        user, password_hash = found
+        if not await self._hasher.verify(password_hash, password):
+            raise InvalidCredentials()
+        new_hash = None
+        if self._hasher.needs_rehash(password_hash):
+            new_hash = await self._hasher.hash(password)
+        now = self._clock.now()
+        async with self._db.transaction() as tx:
+            if new_hash is not None:
+                await tx.users.set_password_hash(user.id, new_hash)
+            tokens = await self._start_session(tx, user, client, now)
+        log.info("user.signed_in", user_id=str(user.id), session_id=str(tokens.session_id))
+        return SignedIn(user, tokens)
+
+    async def _limit(self, key: str, limit: int) -> None:
+        if limit <= 0:
+            return
+        retry_after = await self._limiter.hit(
+            "signin:" + key, limit, self._policy.rate_limit_window
+        )
+        if retry_after is not None:
+            raise RateLimited(retry_after=retry_after)
+
+    async def _start_session(
+        self, tx: Transaction, user: User, client: ClientMeta, now: datetime
+    ) -> IssuedTokens:
+        session = Session(
+            id=uuid.uuid4(),
+            user_id=user.id,
+            created_at=now,
+            last_used_at=now,
+            expires_at=now + self._policy.session_ttl,
+            revoked_at=None,
+            ip_address=client.ip_address,
+            user_agent=client.user_agent,
+        )
+        await tx.sessions.add(session)
+        refresh_token = self._refresh.new()
+        await tx.refresh_tokens.add(session.id, sha256(refresh_token), 0, now)
+        return self._tokens(session, user.role, refresh_token, now)
+
+    def _tokens(
+        self, session: Session, role: Role, refresh_token: str, now: datetime
+    ) -> IssuedTokens:
+        # An access token never outlives its session.
+        expires_at = min(now + self._policy.access_ttl, session.expires_at)
+        claims = AccessClaims(
+            user_id=session.user_id,
+            session_id=session.id,
+            role=role,
+            issued_at=now,
+            expires_at=expires_at,
+            org_id=session.org_id,
+        )
+        access = self._codec.issue(self._keys.active, claims)
+        return IssuedTokens(
+            access_token=access,
+            expires_at=expires_at,
+            expires_in=int((expires_at - now).total_seconds()),
+            refresh_token=refresh_token,
+            session_id=session.id,
+        )
+
+    async def create_admin(self, *, email: str, password: str) -> tuple[User, bool]:
+        """Creates an admin account, or makes an existing account admin.
+
+        Returns the user and whether it was created. An existing account keeps
+        its password.
+
+        Raises:
+            InvalidArgument, WeakPassword.
+        """
+        normalized, email_key = validation.email(email)
+        p = self._policy
+        validation.password(password, p.password_min_length, p.password_max_length)
+        async with self._db.reader() as reader:
+            found = await reader.users.get_credentials(email_key)
+        now = self._clock.now()
+        if found is not None:
+            async with self._db.transaction() as tx:
+                user = await tx.users.update(found[0].id, {"role": Role.ADMIN.value}, now)
+            assert user is not None
+            await self.publish_user_changed(user.id)
+            return user, False
+        user = User(
+            id=uuid.uuid4(),
+            email=normalized,
+            display_name="",
+            role=Role.ADMIN,
+            email_verified=False,
+            created_at=now,
+            updated_at=now,
+        )
+        password_hash = await self._hasher.hash(password)
+        async with self._db.transaction() as tx:
+            await tx.users.add(user, email_key, password_hash)
+        return user, True
+
+    # -- refresh rotation ------------------------------------------------------
+
+    async def refresh(self, *, refresh_token: str, client: ClientMeta) -> IssuedTokens:
+        """Exchanges a refresh token for a new pair (RFC 9700 rotation).
+
+        Every refresh of a session runs under a lock on the session row, so
+        concurrent refreshes of one token are serialized: the first rotates,
+        the rest see a rotated token and take the grace path, which returns the
+        same successor (derived, not stored) instead of minting another one.
+
+        Raises:
+            TokenInvalid, SessionRevoked, SessionExpired, RefreshTokenReused.
+        """
+        if not refresh_token or len(refresh_token) > REFRESH_MAX_LENGTH:
+            raise TokenInvalid()
+        token_hash = sha256(refresh_token)
+        reused_session: uuid.UUID | None = None
+        async with self._db.transaction() as tx:
+            record = await tx.refresh_tokens.get_by_hash(token_hash)
+            if record is None:
+                raise TokenInvalid()
+            session = await tx.sessions.get(record.session_id, for_update=True)
+            if session is None:
+                raise SessionRevoked()
+            now = self._clock.now()
+            if session.revoked_at is not None:
+                raise SessionRevoked()
+            if session.expires_at <= now:
+                raise SessionExpired()
+            # Re-read under the lock: another refresh may have rotated it.
+            record = await tx.refresh_tokens.get_by_hash(token_hash)
+            assert record is not None
+            user = await tx.users.get(session.user_id)
+            if user is None:
+                raise SessionRevoked()
+            if record.rotated_at is None:
+                successor = self._refresh.successor(refresh_token)
+                await tx.refresh_tokens.mark_rotated(record.id, now)
+                await tx.refresh_tokens.add(
+                    session.id, sha256(successor), record.generation + 1, now
+                )
+                await tx.sessions.touch(session.id, now, client.ip_address, client.user_agent)
+                return self._tokens(session, user.role, successor, now)
+            current = await self._grace_successor(tx, record, refresh_token, now)
+            if current is not None:
+                await tx.refresh_tokens.count_grace_use(record.id)
+                return self._tokens(session, user.role, current, now)
+            # Reuse outside the grace interval: someone holds a token they
+            # should not. Revoke the whole family and commit that (leaving
+            # this block commits), then fail the call.
+            await tx.sessions.revoke(session.id, now, "refresh_token_reused")
+            reused_session = session.id
+        await self._published(EVENT_SESSION, str(reused_session))
+        log.warning("session.refresh_token_reused", session_id=str(reused_session))
+        raise RefreshTokenReused()
+
+    async def _grace_successor(
+        self, tx: Transaction, record: RefreshTokenRecord, token: str, now: datetime
+    ) -> str | None:
+        """The session's current refresh token, if ``token`` may still get it.
+
+        A rotated token may be exchanged again within ``reuse_grace`` of its
+        rotation, at most ``reuse_grace_count`` times; the answer is the
+        session's current token, walked forward from ``token`` by the
+        successor function and checked against the stored hash.
+        """
+        assert record.rotated_at is not None
+        if now - record.rotated_at > self._policy.reuse_grace:
+            return None
+        if record.grace_uses >= self._policy.reuse_grace_count:
+            return None
+        current = await tx.refresh_tokens.get_current(record.session_id)
+        if current is None:
+            return None
+        candidate = token
+        for _ in range(current.generation - record.generation):
+            candidate = self._refresh.successor(candidate)
+        if not hmac.compare_digest(sha256(candidate), current.token_hash):
+            return None
+        return candidate
+
+    # -- sign-out and Authenticate --------------------------------------------
+
+    async def sign_out(self, session: SessionInfo) -> None:
+        """Revokes the caller's session; takes effect at once."""
+        async with self._db.transaction() as tx:
+            await tx.sessions.revoke(session.session_id, self._clock.now(), "signed_out")
+        await self._published(EVENT_SESSION, str(session.session_id))
+        log.info("session.signed_out", session_id=str(session.session_id))
+
+    async def authenticate(self, access_token: str) -> SessionInfo:
+        """Resolves an access token against the live session and user.
+
+        Raises:
+            TokenInvalid, TokenExpired, SessionRevoked, SessionExpired.
+        """
+        digest = sha256(access_token)
+        if self._bus.healthy():
+            hit = self._cache.get(digest)
+            if hit is not None:
+                return hit
+        built_at = time.monotonic()
+        claims = await self._verify(access_token)
+        async with self._db.reader() as reader:
+            found = await reader.sessions.get_with_user(claims.session_id)
+        now = self._clock.now()
+        if found is None:
+            raise SessionRevoked()
+        session, user = found
+        if session.user_id != claims.user_id:
+            raise TokenInvalid()
+        if session.revoked_at is not None:
+            raise SessionRevoked()
+        if session.expires_at <= now:
+            raise SessionExpired()
+        info = SessionInfo(
+            session_id=session.id,
+            user_id=user.id,
+            email=user.email,
+            role=user.role,
+            org_id=session.org_id,
+            expires_at=claims.expires_at,
+            session_expires_at=session.expires_at,
+        )
+        self._cache.put(digest, info, built_at, (claims.expires_at - now).total_seconds())
+        return info
+
+    async def _verify(self, token: str) -> AccessClaims:
+        try:
+            return self._codec.verify(token, self._keys.verification_keys)
+        except UnknownKeyId as unknown:
+            if not await self._keys.reload_for(unknown.kid):
+                raise TokenInvalid() from None
+        return self._codec.verify(token, self._keys.verification_keys)
+
+    async def _published(self, kind: str, key: str) -> None:
+        """Publishes an invalidation; the change itself is already committed.
+
+        If the bus cannot carry it, the call still succeeds: the database is
+        the source of truth, this replica has applied the event, and other
+        replicas stop trusting their caches while their bus is unhealthy.
+        """
+        try:
+            await self._bus.publish(kind, key)
+        except Exception:
+            log.exception("events.publish_failed", kind=kind)
+
+    async def publish_session_revoked(self, session_id: uuid.UUID) -> None:
+        await self._published(EVENT_SESSION, str(session_id))
+
+    async def publish_user_changed(self, user_id: uuid.UUID) -> None:
+        await self._published(EVENT_USER, str(user_id))

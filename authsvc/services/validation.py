@@ -1,0 +1,73 @@
+"""Input rules shared by the services. Each failure names the field."""
+
+from __future__ import annotations
+
+import uuid
+
+from email_validator import EmailNotValidError, validate_email
+
+from authsvc.errors import InvalidArgument, WeakPassword
+
+MAX_EMAIL = 254
+MAX_DISPLAY_NAME = 200
+MAX_USER_AGENT = 512
+MAX_IP = 64
+
+
+def email(value: str, field: str = "email") -> tuple[str, str]:
+    """Returns the normalized email and its case-insensitive uniqueness key."""
+    if not value:
+        raise InvalidArgument.field(field, "required")
+    if len(value) > MAX_EMAIL:
+        raise InvalidArgument.field(field, f"at most {MAX_EMAIL} characters")
+    try:
+        normalized = validate_email(value, check_deliverability=False).normalized
+    except EmailNotValidError:
+        raise InvalidArgument.field(field, "not a valid email address") from None
+    return normalized, normalized.casefold()
+
+
+def email_key(value: str) -> str | None:
+    """The uniqueness key of an email as typed at sign-in, or None if it cannot exist."""
+    if not value or len(value) > MAX_EMAIL:
+        return None
+    try:
+        return validate_email(value, check_deliverability=False).normalized.casefold()
+    except EmailNotValidError:
+        return None
+
+
+def password(value: str, min_length: int, max_length: int, field: str = "password") -> None:
+    if not value:
+        raise InvalidArgument.field(field, "required")
+    if len(value) < min_length or len(value) > max_length:
+        raise WeakPassword(f"password must be {min_length} to {max_length} characters")
+
+
+def display_name(value: str, field: str = "display_name") -> str:
+    if len(value) > MAX_DISPLAY_NAME:
+        raise InvalidArgument.field(field, f"at most {MAX_DISPLAY_NAME} characters")
+    if any(ord(ch) < 32 for ch in value):
+        raise InvalidArgument.field(field, "control characters are not allowed")
+    return value.strip()
+
+
+def user_id(value: str, field: str = "user_id") -> uuid.UUID:
+    return uuid_field(value, field)
+
+
+def uuid_field(value: str, field: str) -> uuid.UUID:
+    if not value:
+        raise InvalidArgument.field(field, "required")
+    if len(value) > 36:
+        raise InvalidArgument.field(field, "not a UUID")
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidArgument.field(field, "not a UUID") from None
+
+
+def page_size(value: int, default: int = 50, maximum: int = 500) -> int:
+    if value < 0:
+        raise InvalidArgument.field("page_size", "must not be negative")
+    return default if value == 0 else min(value, maximum)

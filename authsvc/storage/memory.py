@@ -1,0 +1,52 @@
+"""In-process event bus and rate limiter: the embedded default (one process)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from authsvc.domain.ports import EventHandler
+
+
+class MemoryEventBus:
+    """Delivers events to this process's handlers; never misses one."""
+
+    def __init__(self) -> None:
+        self._handlers: list[EventHandler] = []
+
+    def subscribe(self, handler: EventHandler, on_reset: Callable[[], None]) -> None:
+        self._handlers.append(handler)
+
+    async def publish(self, kind: str, key: str) -> None:
+        for handler in self._handlers:
+            handler(kind, key)
+
+    def healthy(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class MemoryRateLimiter:
+    """Fixed windows in a dict, pruned as windows end."""
+
+    def __init__(self) -> None:
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    async def hit(self, key: str, limit: int, window: int) -> float | None:
+        now = time.monotonic()
+        if len(self._windows) > 100_000:
+            self._windows = {k: v for k, v in self._windows.items() if v[0] > now}
+        ends, count = self._windows.get(key, (0.0, 0))
+        if ends <= now:
+            ends, count = now + window, 0
+        count += 1
+        self._windows[key] = (ends, count)
+        return ends - now if count > limit else None
+
+    async def close(self) -> None:
+        return None

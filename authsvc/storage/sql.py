@@ -1,0 +1,348 @@
+"""SQL repositories: the only module that writes SQL.
+
+Each repository is bound to one connection (a transaction or an autocommit
+reader). Unique violations are translated here, where it is known which
+constraint was hit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, delete, func, insert, select, text, tuple_, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from authsvc.domain.models import (
+    Cursor,
+    RefreshTokenRecord,
+    Role,
+    Session,
+    SigningKeyRecord,
+    User,
+)
+from authsvc.errors import EmailAlreadyExists
+from authsvc.storage.tables import refresh_tokens, sessions, signing_keys, users
+
+_USER_COLUMNS = (
+    users.c.id,
+    users.c.email,
+    users.c.display_name,
+    users.c.role,
+    users.c.email_verified,
+    users.c.created_at,
+    users.c.updated_at,
+)
+_SESSION_COLUMNS = (
+    sessions.c.id,
+    sessions.c.user_id,
+    sessions.c.created_at,
+    sessions.c.last_used_at,
+    sessions.c.expires_at,
+    sessions.c.revoked_at,
+    sessions.c.ip_address,
+    sessions.c.user_agent,
+    sessions.c.org_id,
+)
+
+
+def _user(row: Row[Any], offset: int = 0) -> User:
+    r = row[offset : offset + len(_USER_COLUMNS)]
+    return User(
+        id=r[0],
+        email=r[1],
+        display_name=r[2],
+        role=Role(r[3]),
+        email_verified=r[4],
+        created_at=r[5],
+        updated_at=r[6],
+    )
+
+
+def _session(row: Row[Any]) -> Session:
+    return Session(*row[: len(_SESSION_COLUMNS)])
+
+
+def _is_email_conflict(error: IntegrityError) -> bool:
+    # Postgres: unique_violation on uq_users_email_key; SQLite:
+    # "UNIQUE constraint failed: users.email_key".
+    return "email_key" in str(error.orig)
+
+
+def _like_prefix(prefix: str) -> str:
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+class SqlUserRepository:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def add(self, user: User, email_key: str, password_hash: str) -> None:
+        try:
+            await self._conn.execute(
+                insert(users).values(
+                    id=user.id,
+                    email=user.email,
+                    email_key=email_key,
+                    password_hash=password_hash,
+                    display_name=user.display_name,
+                    role=user.role.value,
+                    email_verified=user.email_verified,
+                    created_at=user.created_at,
+                    updated_at=user.updated_at,
+                )
+            )
+        except IntegrityError as error:
+            if _is_email_conflict(error):
+                raise EmailAlreadyExists() from None
+            raise
+
+    async def get(self, user_id: uuid.UUID) -> User | None:
+        row = (await self._conn.execute(select(*_USER_COLUMNS).where(users.c.id == user_id))).first()
+        return _user(row) if row else None
+
+    async def get_credentials(self, email_key: str) -> tuple[User, str] | None:
+        stmt = select(*_USER_COLUMNS, users.c.password_hash).where(users.c.email_key == email_key)
+        row = (await self._conn.execute(stmt)).first()
+        return (_user(row), row[-1]) if row else None
+
+    async def set_password_hash(self, user_id: uuid.UUID, password_hash: str) -> None:
+        await self._conn.execute(
+            update(users).where(users.c.id == user_id).values(password_hash=password_hash)
+        )
+
+    async def update(
+        self, user_id: uuid.UUID, changes: Mapping[str, object], now: datetime
+    ) -> User | None:
+        values = dict(changes)
+        values["updated_at"] = now
+        try:
+            result = await self._conn.execute(
+                update(users).where(users.c.id == user_id).values(**values)
+            )
+        except IntegrityError as error:
+            if _is_email_conflict(error):
+                raise EmailAlreadyExists() from None
+            raise
+        return await self.get(user_id) if result.rowcount else None
+
+    async def delete(self, user_id: uuid.UUID) -> bool:
+        result = await self._conn.execute(delete(users).where(users.c.id == user_id))
+        return bool(result.rowcount)
+
+    async def list(
+        self, after: Cursor | None, limit: int, role: Role | None, email_prefix: str
+    ) -> list[User]:
+        stmt = select(*_USER_COLUMNS).order_by(users.c.created_at, users.c.id).limit(limit)
+        if after is not None:
+            stmt = stmt.where(tuple_(users.c.created_at, users.c.id) > tuple_(after.created_at, after.id))
+        if role is not None:
+            stmt = stmt.where(users.c.role == role.value)
+        if email_prefix:
+            stmt = stmt.where(users.c.email_key.like(_like_prefix(email_prefix), escape="\\"))
+        return [_user(row) for row in await self._conn.execute(stmt)]
+
+    async def count(self, role: Role | None) -> int:
+        stmt = select(func.count()).select_from(users)
+        if role is not None:
+            stmt = stmt.where(users.c.role == role.value)
+        return int((await self._conn.execute(stmt)).scalar_one())
+
+
+class SqlSessionRepository:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def add(self, session: Session) -> None:
+        await self._conn.execute(
+            insert(sessions).values(
+                id=session.id,
+                user_id=session.user_id,
+                created_at=session.created_at,
+                last_used_at=session.last_used_at,
+                expires_at=session.expires_at,
+                revoked_at=session.revoked_at,
+                ip_address=session.ip_address,
+                user_agent=session.user_agent,
+                org_id=session.org_id,
+            )
+        )
+
+    async def get(self, session_id: uuid.UUID, *, for_update: bool = False) -> Session | None:
+        stmt = select(*_SESSION_COLUMNS).where(sessions.c.id == session_id)
+        if for_update:
+            # Serializes every refresh of one session (ignored on SQLite, where
+            # the database-wide write lock serializes them instead).
+            stmt = stmt.with_for_update()
+        row = (await self._conn.execute(stmt)).first()
+        return _session(row) if row else None
+
+    async def get_with_user(self, session_id: uuid.UUID) -> tuple[Session, User] | None:
+        stmt = (
+            select(*_SESSION_COLUMNS, *_USER_COLUMNS)
+            .join(users, users.c.id == sessions.c.user_id)
+            .where(sessions.c.id == session_id)
+        )
+        row = (await self._conn.execute(stmt)).first()
+        return (_session(row), _user(row, len(_SESSION_COLUMNS))) if row else None
+
+    async def touch(
+        self, session_id: uuid.UUID, at: datetime, ip_address: str, user_agent: str
+    ) -> None:
+        await self._conn.execute(
+            update(sessions)
+            .where(sessions.c.id == session_id)
+            .values(last_used_at=at, ip_address=ip_address, user_agent=user_agent)
+        )
+
+    async def revoke(self, session_id: uuid.UUID, at: datetime, reason: str) -> bool:
+        result = await self._conn.execute(
+            update(sessions)
+            .where(sessions.c.id == session_id, sessions.c.revoked_at.is_(None))
+            .values(revoked_at=at, revoke_reason=reason)
+        )
+        return bool(result.rowcount)
+
+    async def revoke_all(self, user_id: uuid.UUID, at: datetime, reason: str) -> list[uuid.UUID]:
+        ids = await self.live_ids(user_id, at)
+        if ids:
+            await self._conn.execute(
+                update(sessions)
+                .where(sessions.c.id.in_(ids), sessions.c.revoked_at.is_(None))
+                .values(revoked_at=at, revoke_reason=reason)
+            )
+        return ids
+
+    async def live_ids(self, user_id: uuid.UUID, now: datetime) -> list[uuid.UUID]:
+        stmt = select(sessions.c.id).where(
+            sessions.c.user_id == user_id,
+            sessions.c.revoked_at.is_(None),
+            sessions.c.expires_at > now,
+        )
+        return list((await self._conn.execute(stmt)).scalars())
+
+    async def list_live(
+        self, user_id: uuid.UUID | None, now: datetime, after: Cursor | None, limit: int
+    ) -> list[Session]:
+        stmt = (
+            select(*_SESSION_COLUMNS)
+            .where(sessions.c.revoked_at.is_(None), sessions.c.expires_at > now)
+            .order_by(sessions.c.created_at.desc(), sessions.c.id.desc())
+            .limit(limit)
+        )
+        if user_id is not None:
+            stmt = stmt.where(sessions.c.user_id == user_id)
+        if after is not None:
+            stmt = stmt.where(
+                tuple_(sessions.c.created_at, sessions.c.id) < tuple_(after.created_at, after.id)
+            )
+        return [_session(row) for row in await self._conn.execute(stmt)]
+
+
+class SqlRefreshTokenRepository:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    _COLUMNS = (
+        refresh_tokens.c.id,
+        refresh_tokens.c.session_id,
+        refresh_tokens.c.token_hash,
+        refresh_tokens.c.generation,
+        refresh_tokens.c.created_at,
+        refresh_tokens.c.rotated_at,
+        refresh_tokens.c.grace_uses,
+    )
+
+    async def add(
+        self, session_id: uuid.UUID, token_hash: bytes, generation: int, at: datetime
+    ) -> None:
+        await self._conn.execute(
+            insert(refresh_tokens).values(
+                session_id=session_id,
+                token_hash=token_hash,
+                generation=generation,
+                created_at=at,
+                rotated_at=None,
+                grace_uses=0,
+            )
+        )
+
+    async def get_by_hash(self, token_hash: bytes) -> RefreshTokenRecord | None:
+        stmt = select(*self._COLUMNS).where(refresh_tokens.c.token_hash == token_hash)
+        row = (await self._conn.execute(stmt)).first()
+        return RefreshTokenRecord(*row) if row else None
+
+    async def get_current(self, session_id: uuid.UUID) -> RefreshTokenRecord | None:
+        stmt = select(*self._COLUMNS).where(
+            refresh_tokens.c.session_id == session_id, refresh_tokens.c.rotated_at.is_(None)
+        )
+        row = (await self._conn.execute(stmt)).first()
+        return RefreshTokenRecord(*row) if row else None
+
+    async def mark_rotated(self, token_id: int, at: datetime) -> None:
+        await self._conn.execute(
+            update(refresh_tokens).where(refresh_tokens.c.id == token_id).values(rotated_at=at)
+        )
+
+    async def count_grace_use(self, token_id: int) -> None:
+        await self._conn.execute(
+            update(refresh_tokens)
+            .where(refresh_tokens.c.id == token_id)
+            .values(grace_uses=refresh_tokens.c.grace_uses + 1)
+        )
+
+
+class SqlSigningKeyRepository:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def all(self) -> list[SigningKeyRecord]:
+        stmt = select(
+            signing_keys.c.kid,
+            signing_keys.c.created_at,
+            signing_keys.c.retired_at,
+            signing_keys.c.private_key_sealed,
+            signing_keys.c.public_key,
+        ).order_by(signing_keys.c.created_at.desc(), signing_keys.c.kid)
+        return [SigningKeyRecord(*row) for row in await self._conn.execute(stmt)]
+
+    async def add(self, key: SigningKeyRecord) -> None:
+        await self._conn.execute(
+            insert(signing_keys).values(
+                kid=key.kid,
+                created_at=key.created_at,
+                retired_at=key.retired_at,
+                private_key_sealed=key.private_key_sealed,
+                public_key=key.public_key,
+            )
+        )
+
+    async def retire_others(self, kid: str, at: datetime) -> None:
+        await self._conn.execute(
+            update(signing_keys)
+            .where(signing_keys.c.kid != kid, signing_keys.c.retired_at.is_(None))
+            .values(retired_at=at)
+        )
+
+    async def delete_retired_before(self, before: datetime) -> None:
+        await self._conn.execute(
+            delete(signing_keys).where(signing_keys.c.retired_at < before)
+        )
+
+
+class SqlTransaction:
+    """The repositories of one connection."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+        self.users = SqlUserRepository(conn)
+        self.sessions = SqlSessionRepository(conn)
+        self.refresh_tokens = SqlRefreshTokenRepository(conn)
+        self.keys = SqlSigningKeyRepository(conn)
+
+    async def ping(self) -> None:
+        await self.conn.execute(text("SELECT 1"))

@@ -1,0 +1,1 @@
+"""Generated authsvc.v1 messages and stubs."""

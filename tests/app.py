@@ -1,0 +1,202 @@
+"""Application fixtures: real authsvc servers on real channels.
+
+``api`` is the workhorse: a running server on each backend (``embedded``:
+SQLite file + in-process store; ``postgres``: PostgreSQL + Redis), reached over
+a real ``grpc.aio`` channel through the generated stubs, with its tables
+emptied before each test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import delete, select
+
+from authsvc import logs
+from authsvc.app import Server, build_server
+from authsvc.config import Settings
+from authsvc.storage import migrate
+from authsvc.storage.tables import refresh_tokens, sessions, signing_keys, users
+from authsvc_client.errors import AuthsvcError, from_rpc_error
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc, sessions_pb2_grpc, users_pb2_grpc
+
+SECRET_KEY = "test-secret-key-0123456789-abcdefghijklmnop"
+API_KEY = "ak_test_service_key_0123456789abcdef"
+API_KEYS = f"test-service:{hashlib.sha256(API_KEY.encode()).hexdigest()}"
+PASSWORD = "correct horse battery staple"
+
+# Everything secret the suite sends or receives; the log check looks for each.
+SECRETS: set[str] = {SECRET_KEY, API_KEY, PASSWORD}
+
+
+def remember(*values: str) -> None:
+    SECRETS.update(v for v in values if v)
+
+
+@dataclass
+class Api:
+    """A running server and stubs on one channel to it."""
+
+    server: Server
+    backend: str
+    target: str
+    channel: grpc.aio.Channel
+    auth: auth_pb2_grpc.AuthServiceStub = field(init=False)
+    users: users_pb2_grpc.UserServiceStub = field(init=False)
+    sessions: sessions_pb2_grpc.SessionServiceStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.auth = auth_pb2_grpc.AuthServiceStub(self.channel)
+        self.users = users_pb2_grpc.UserServiceStub(self.channel)
+        self.sessions = sessions_pb2_grpc.SessionServiceStub(self.channel)
+
+    @property
+    def settings(self) -> Settings:
+        return self.server.core.settings
+
+    async def sign_up(self, email: str | None = None, password: str = PASSWORD) -> Any:
+        email = email or f"user-{uuid.uuid4().hex[:12]}@example.com"
+        response = await self.auth.SignUp(auth_pb2.SignUpRequest(email=email, password=password))
+        remember(password, response.tokens.access_token, response.tokens.refresh_token)
+        return response
+
+    async def admin_token(self) -> str:
+        """Signs up a user, makes it admin through the API key, signs it in."""
+        created = await self.sign_up()
+        await self.server.core.auth.create_admin(email=created.user.email, password=PASSWORD)
+        signed = await self.auth.SignInWithPassword(
+            auth_pb2.SignInWithPasswordRequest(email=created.user.email, password=PASSWORD)
+        )
+        remember(signed.tokens.access_token, signed.tokens.refresh_token)
+        return str(signed.tokens.access_token)
+
+    async def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row of every table, to prove a failed call changed nothing."""
+        out: dict[str, list[tuple[Any, ...]]] = {}
+        async with self.server.core.db.reader() as tx:
+            for table in (users, sessions, refresh_tokens, signing_keys):
+                rows = await tx.conn.execute(select(table))
+                out[table.name] = sorted(tuple(r) for r in rows)
+        return out
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def service() -> tuple[tuple[str, str], ...]:
+    return (("x-api-key", API_KEY),)
+
+
+async def failure(call: Awaitable[Any]) -> AuthsvcError:
+    """Awaits a call that must fail; returns its typed error."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return from_rpc_error(error)
+    raise AssertionError("the call succeeded")
+
+
+def test_settings(tmp: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "data_dir": tmp,
+        "secret_key": SECRET_KEY,
+        "api_keys": API_KEYS,
+        "argon2_memory_kib": 1024,
+        "argon2_time_cost": 1,
+        "refresh_reuse_grace": 1.0,
+        "signin_attempts_per_ip": 1_000_000,
+        "signin_attempts_per_email": 1_000_000,
+        "shutdown_grace": 1.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def log_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The whole suite logs JSON here; at the end no secret may appear in it."""
+    path = tmp_path_factory.mktemp("logs") / "authsvc.log"
+    with path.open("w") as stream:
+        logs.configure("json", "debug", stream)
+        yield path
+    text = path.read_text()
+    assert json.loads(text.splitlines()[0]), "the suite logged nothing"
+    leaked = sorted(s for s in SECRETS if s in text)
+    assert not leaked, f"{len(leaked)} secrets appear in the logs"
+
+
+@pytest.fixture(scope="session", params=["embedded", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def start_api(backend: Backend, tmp: Path, **overrides: Any) -> Api:
+    """Starts another server on the backend (tests that need their own settings)."""
+    server = await build_server(test_settings(tmp, **{**backend.urls, **overrides}))
+    await server.start()
+    target = f"127.0.0.1:{server.port}"
+    return Api(server, backend.name, target, grpc.aio.insecure_channel(target))
+
+
+async def stop_api(api: Api) -> None:
+    await api.channel.close()
+    await api.server.stop(0)
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres(postgres_dsn: str) -> str:
+    """The session's Postgres database with the Alembic chain applied."""
+    migrate.upgrade(postgres_dsn)
+    return postgres_dsn
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    urls: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def backend_urls(backend: str, request: pytest.FixtureRequest) -> Backend:
+    """Settings that put a server on this backend (resolved outside the event loop)."""
+    if backend == "postgres":
+        return Backend(
+            backend,
+            {
+                "database_url": request.getfixturevalue("migrated_postgres"),
+                "redis_url": request.getfixturevalue("redis_url"),
+            },
+        )
+    return Backend(backend, {})
+
+
+@pytest.fixture(scope="session")
+async def _api_server(
+    backend_urls: Backend, log_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Api]:
+    api = await start_api(backend_urls, tmp_path_factory.mktemp(f"api-{backend_urls.name}"))
+    yield api
+    await stop_api(api)
+
+
+@pytest.fixture
+async def api(_api_server: Api) -> Api:
+    """The shared server of this backend, with empty tables (signing keys kept)."""
+    core = _api_server.server.core
+    async with core.db.transaction() as tx:
+        for table in (refresh_tokens, sessions, users):
+            await tx.conn.execute(delete(table))
+    core.cache.clear()
+    if core.redis is not None:
+        await core.redis.delete(*[k async for k in core.redis.scan_iter("authsvc:rl:*")] or ["_"])
+    return _api_server

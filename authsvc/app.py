@@ -13,6 +13,14 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import redis.asyncio as aioredis
 import structlog
+from authsvc_client.v1 import (
+    auth_pb2,
+    auth_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
+    users_pb2,
+    users_pb2_grpc,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -36,8 +44,6 @@ from authsvc.storage import migrate
 from authsvc.storage.database import SqlDatabase, create_engine
 from authsvc.storage.memory import MemoryEventBus, MemoryRateLimiter
 from authsvc.storage.redis_store import RedisEventBus, RedisRateLimiter
-from authsvc_client.v1 import auth_pb2, auth_pb2_grpc, sessions_pb2, sessions_pb2_grpc
-from authsvc_client.v1 import users_pb2, users_pb2_grpc
 
 log = structlog.get_logger("authsvc.app")
 
@@ -127,9 +133,7 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
         db=db,
         hasher=hasher,
         keys=keys,
-        codec=AccessTokenCodec(
-            issuer=settings.issuer, audience=settings.audience, ttl=access_ttl
-        ),
+        codec=AccessTokenCodec(issuer=settings.issuer, audience=settings.audience, ttl=access_ttl),
         refresh_tokens=RefreshTokens(secrets.subkey("refresh-token")),
         cache=cache,
         bus=bus,

@@ -44,8 +44,10 @@ def _rotate(settings: Settings, _args: argparse.Namespace) -> int:
             await core.close()
 
     kid = asyncio.run(run())
-    print(f"new signing key {kid} is active; running servers pick it up within "
-          f"{settings.key_reload_interval:g}s")
+    print(
+        f"new signing key {kid} is active; running servers pick it up within "
+        f"{settings.key_reload_interval:g}s"
+    )
     return 0
 
 

@@ -29,9 +29,7 @@ def configure(log_format: str, level: str, stream: TextIO | None = None) -> None
         renderer = structlog.processors.JSONRenderer()
         exceptions: list[Any] = [structlog.processors.format_exc_info]
     else:
-        renderer = structlog.dev.ConsoleRenderer(
-            exception_formatter=structlog.dev.plain_traceback
-        )
+        renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
         exceptions = []
     structlog.configure(
         processors=[

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 import grpc
+from authsvc_client.v1 import auth_pb2, sessions_pb2, users_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from authsvc.domain.models import ClientMeta, Role, Session, User
@@ -14,7 +15,6 @@ from authsvc.domain.principal import Principal, SessionInfo
 from authsvc.errors import InvalidArgument
 from authsvc.services.auth import IssuedTokens
 from authsvc.services.validation import MAX_IP, MAX_USER_AGENT
-from authsvc_client.v1 import auth_pb2, sessions_pb2, users_pb2
 
 _ROLE_TO_PROTO = {Role.USER: users_pb2.ROLE_USER, Role.ADMIN: users_pb2.ROLE_ADMIN}
 _ROLE_FROM_PROTO = {v: k for k, v in _ROLE_TO_PROTO.items()}
@@ -38,7 +38,7 @@ def role_filter(value: int, field: str = "role") -> Role | None:
 
 
 def role_from_proto(value: int, field: str = "role") -> Role:
-    role = _ROLE_FROM_PROTO.get(value)  # type: ignore[call-overload]
+    role: Role | None = _ROLE_FROM_PROTO.get(value)  # type: ignore[call-overload]
     if role is None:
         raise InvalidArgument.field(field, "not a role")
     return role
@@ -86,7 +86,7 @@ def session_info(value: SessionInfo) -> sessions_pb2.SessionInfo:
 def tokens(value: IssuedTokens) -> auth_pb2.TokenPair:
     return auth_pb2.TokenPair(
         access_token=value.access_token,
-        token_type="Bearer",
+        token_type="Bearer",  # noqa: S106 (a scheme name, not a secret)
         expires_in=value.expires_in,
         expire_time=timestamp(value.expires_at),
         refresh_token=value.refresh_token,

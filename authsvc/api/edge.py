@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import structlog
@@ -40,6 +40,7 @@ _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar(
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 Authenticate = Callable[[str], Awaitable[SessionInfo]]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 def current_principal() -> Principal:
@@ -78,14 +79,14 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         self._table = table
         self._authenticate = authenticate
         self._api_keys = api_keys
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+    ) -> Handler | None:
+        method: str = handler_call_details.method
         cached = self._wrapped.get(method)
         if cached is not None:
             return cached

@@ -8,13 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-
-from authsvc.api import convert
-from authsvc.api.edge import current_principal
-from authsvc.services.auth import AuthService
-from authsvc.services.keys import KeyStore
-from authsvc.services.sessions import SessionService
-from authsvc.services.users import UserService
 from authsvc_client.v1 import (
     auth_pb2,
     auth_pb2_grpc,
@@ -24,6 +17,13 @@ from authsvc_client.v1 import (
     users_pb2_grpc,
 )
 
+from authsvc.api import convert
+from authsvc.api.edge import current_principal
+from authsvc.services.auth import AuthService
+from authsvc.services.keys import KeyStore
+from authsvc.services.sessions import SessionService
+from authsvc.services.users import UserService
+
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -32,7 +32,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self._auth = auth
         self._keys = keys
 
-    async def SignUp(  # noqa: N802
+    async def SignUp(
         self, request: auth_pb2.SignUpRequest, context: Context
     ) -> auth_pb2.SignUpResponse:
         client = convert.client_meta(
@@ -48,7 +48,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             user=convert.user(result.user), tokens=convert.tokens(result.tokens)
         )
 
-    async def SignInWithPassword(  # noqa: N802
+    async def SignInWithPassword(
         self, request: auth_pb2.SignInWithPasswordRequest, context: Context
     ) -> auth_pb2.SignInWithPasswordResponse:
         client = convert.client_meta(
@@ -61,7 +61,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             user=convert.user(result.user), tokens=convert.tokens(result.tokens)
         )
 
-    async def RefreshToken(  # noqa: N802
+    async def RefreshToken(
         self, request: auth_pb2.RefreshTokenRequest, context: Context
     ) -> auth_pb2.RefreshTokenResponse:
         client = convert.client_meta(
@@ -70,7 +70,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         issued = await self._auth.refresh(refresh_token=request.refresh_token, client=client)
         return auth_pb2.RefreshTokenResponse(tokens=convert.tokens(issued))
 
-    async def SignOut(  # noqa: N802
+    async def SignOut(
         self, request: auth_pb2.SignOutRequest, context: Context
     ) -> auth_pb2.SignOutResponse:
         session = current_principal().session
@@ -78,13 +78,13 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         await self._auth.sign_out(session)
         return auth_pb2.SignOutResponse()
 
-    async def Authenticate(  # noqa: N802
+    async def Authenticate(
         self, request: auth_pb2.AuthenticateRequest, context: Context
     ) -> auth_pb2.AuthenticateResponse:
         info = await self._auth.authenticate(request.access_token)
         return auth_pb2.AuthenticateResponse(session=convert.session_info(info))
 
-    async def GetJwks(  # noqa: N802
+    async def GetJwks(
         self, request: auth_pb2.GetJwksRequest, context: Context
     ) -> auth_pb2.GetJwksResponse:
         return auth_pb2.GetJwksResponse(keys=[auth_pb2.Jwk(**jwk) for jwk in self._keys.jwks()])
@@ -94,19 +94,19 @@ class UserServicer(users_pb2_grpc.UserServiceServicer):
     def __init__(self, users: UserService) -> None:
         self._users = users
 
-    async def GetUser(  # noqa: N802
+    async def GetUser(
         self, request: users_pb2.GetUserRequest, context: Context
     ) -> users_pb2.GetUserResponse:
         user = await self._users.get(current_principal(), request.user_id)
         return users_pb2.GetUserResponse(user=convert.user(user))
 
-    async def GetCurrentUser(  # noqa: N802
+    async def GetCurrentUser(
         self, request: users_pb2.GetCurrentUserRequest, context: Context
     ) -> users_pb2.GetCurrentUserResponse:
         user = await self._users.get_current(current_principal())
         return users_pb2.GetCurrentUserResponse(user=convert.user(user))
 
-    async def ListUsers(  # noqa: N802
+    async def ListUsers(
         self, request: users_pb2.ListUsersRequest, context: Context
     ) -> users_pb2.ListUsersResponse:
         users, token = await self._users.list(
@@ -119,7 +119,7 @@ class UserServicer(users_pb2_grpc.UserServiceServicer):
             users=[convert.user(u) for u in users], next_page_token=token
         )
 
-    async def UpdateUser(  # noqa: N802
+    async def UpdateUser(
         self, request: users_pb2.UpdateUserRequest, context: Context
     ) -> users_pb2.UpdateUserResponse:
         values = request.user
@@ -135,13 +135,13 @@ class UserServicer(users_pb2_grpc.UserServiceServicer):
         )
         return users_pb2.UpdateUserResponse(user=convert.user(user))
 
-    async def DeleteUser(  # noqa: N802
+    async def DeleteUser(
         self, request: users_pb2.DeleteUserRequest, context: Context
     ) -> users_pb2.DeleteUserResponse:
         await self._users.delete(request.user_id)
         return users_pb2.DeleteUserResponse()
 
-    async def CountUsers(  # noqa: N802
+    async def CountUsers(
         self, request: users_pb2.CountUsersRequest, context: Context
     ) -> users_pb2.CountUsersResponse:
         count = await self._users.count(convert.role_filter(request.role))
@@ -152,7 +152,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     def __init__(self, sessions: SessionService) -> None:
         self._sessions = sessions
 
-    async def ListSessions(  # noqa: N802
+    async def ListSessions(
         self, request: sessions_pb2.ListSessionsRequest, context: Context
     ) -> sessions_pb2.ListSessionsResponse:
         principal = current_principal()
@@ -166,13 +166,13 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
             sessions=[convert.session(s, principal) for s in sessions], next_page_token=token
         )
 
-    async def RevokeSession(  # noqa: N802
+    async def RevokeSession(
         self, request: sessions_pb2.RevokeSessionRequest, context: Context
     ) -> sessions_pb2.RevokeSessionResponse:
         await self._sessions.revoke(current_principal(), request.session_id)
         return sessions_pb2.RevokeSessionResponse()
 
-    async def RevokeAllSessions(  # noqa: N802
+    async def RevokeAllSessions(
         self, request: sessions_pb2.RevokeAllSessionsRequest, context: Context
     ) -> sessions_pb2.RevokeAllSessionsResponse:
         count = await self._sessions.revoke_all(current_principal(), request.user_id)

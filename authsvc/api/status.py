@@ -26,7 +26,9 @@ def to_status(error: AuthError, request_id: str) -> grpc.Status:
     if error.violations:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
                 for v in error.violations
             ]
         )
@@ -36,4 +38,5 @@ def to_status(error: AuthError, request_id: str) -> grpc.Status:
             retry_delay=Duration(seconds=max(1, math.ceil(error.retry_after)))
         )
         status.details.add().Pack(retry)
-    return rpc_status.to_status(status)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result

@@ -99,10 +99,17 @@ class SigningKeyRepository(Protocol):
 class Transaction(Protocol):
     """Repositories bound to one database transaction (or autocommit reader)."""
 
-    users: UserRepository
-    sessions: SessionRepository
-    refresh_tokens: RefreshTokenRepository
-    keys: SigningKeyRepository
+    @property
+    def users(self) -> UserRepository: ...
+
+    @property
+    def sessions(self) -> SessionRepository: ...
+
+    @property
+    def refresh_tokens(self) -> RefreshTokenRepository: ...
+
+    @property
+    def keys(self) -> SigningKeyRepository: ...
 
 
 class Database(Protocol):

@@ -14,9 +14,7 @@ from authsvc.services.auth import AuthService
 
 
 class SessionService:
-    def __init__(
-        self, *, db: Database, auth: AuthService, pages: PageTokens, clock: Clock
-    ) -> None:
+    def __init__(self, *, db: Database, auth: AuthService, pages: PageTokens, clock: Clock) -> None:
         self._db = db
         self._auth = auth
         self._pages = pages

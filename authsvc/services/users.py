@@ -18,9 +18,7 @@ _ADMIN_FIELDS = frozenset({"display_name", "email", "role"})
 
 
 class UserService:
-    def __init__(
-        self, *, db: Database, auth: AuthService, pages: PageTokens, clock: Clock
-    ) -> None:
+    def __init__(self, *, db: Database, auth: AuthService, pages: PageTokens, clock: Clock) -> None:
         self._db = db
         self._auth = auth
         self._pages = pages

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib.util
 
 from alembic import command
 from alembic.config import Config
 
-import authsvc.migrations
+
+def _script_location() -> str:
+    # Found through the import system: migrations/ is mapped onto
+    # authsvc.migrations both in editable installs and in wheels.
+    spec = importlib.util.find_spec("authsvc.migrations")
+    assert spec is not None
+    assert spec.submodule_search_locations
+    return str(next(iter(spec.submodule_search_locations)))
 
 
 def alembic_config(url: str) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(Path(authsvc.migrations.__file__).parent))
+    config.set_main_option("script_location", _script_location())
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 

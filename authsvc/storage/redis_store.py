@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
@@ -25,6 +26,10 @@ log = structlog.get_logger("authsvc.events")
 STREAM = "authsvc:events"
 _STREAM_MAXLEN = 100_000
 _BLOCK_MS = 500
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisEventBus:
@@ -71,18 +76,20 @@ class RedisEventBus:
             try:
                 if last_id is None:
                     newest = await self._redis.xrevrange(STREAM, count=1)
-                    last_id = newest[0][0].decode() if newest else "0-0"
+                    last_id = _text(newest[0][0]) if newest else "0-0"
                     # Nothing was cached before this point could have been
                     # invalidated unseen: start clean.
                     for reset in self._resets:
                         reset()
-                replies = await self._redis.xread({STREAM: last_id}, block=_BLOCK_MS, count=1000)
+                replies: Any = await self._redis.xread(
+                    {STREAM: last_id}, block=_BLOCK_MS, count=1000
+                )
                 self._last_read = time.monotonic()
                 backoff = 0.1
                 for _stream, entries in replies or []:
                     for entry_id, fields in entries:
-                        last_id = entry_id.decode()
-                        self._deliver(fields[b"kind"].decode(), fields[b"key"].decode())
+                        last_id = _text(entry_id)
+                        self._deliver(_text(fields[b"kind"]), _text(fields[b"key"]))
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as error:

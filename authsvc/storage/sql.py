@@ -8,11 +8,11 @@ constraint was hit.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, delete, func, insert, select, text, tuple_, update
+from sqlalchemy import delete, func, insert, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -49,7 +49,7 @@ _SESSION_COLUMNS = (
 )
 
 
-def _user(row: Row[Any], offset: int = 0) -> User:
+def _user(row: Sequence[Any], offset: int = 0) -> User:
     r = row[offset : offset + len(_USER_COLUMNS)]
     return User(
         id=r[0],
@@ -62,7 +62,7 @@ def _user(row: Row[Any], offset: int = 0) -> User:
     )
 
 
-def _session(row: Row[Any]) -> Session:
+def _session(row: Sequence[Any]) -> Session:
     return Session(*row[: len(_SESSION_COLUMNS)])
 
 
@@ -102,7 +102,9 @@ class SqlUserRepository:
             raise
 
     async def get(self, user_id: uuid.UUID) -> User | None:
-        row = (await self._conn.execute(select(*_USER_COLUMNS).where(users.c.id == user_id))).first()
+        row = (
+            await self._conn.execute(select(*_USER_COLUMNS).where(users.c.id == user_id))
+        ).first()
         return _user(row) if row else None
 
     async def get_credentials(self, email_key: str) -> tuple[User, str] | None:
@@ -139,7 +141,9 @@ class SqlUserRepository:
     ) -> list[User]:
         stmt = select(*_USER_COLUMNS).order_by(users.c.created_at, users.c.id).limit(limit)
         if after is not None:
-            stmt = stmt.where(tuple_(users.c.created_at, users.c.id) > tuple_(after.created_at, after.id))
+            stmt = stmt.where(
+                tuple_(users.c.created_at, users.c.id) > tuple_(after.created_at, after.id)
+            )
         if role is not None:
             stmt = stmt.where(users.c.role == role.value)
         if email_prefix:
@@ -329,9 +333,7 @@ class SqlSigningKeyRepository:
         )
 
     async def delete_retired_before(self, before: datetime) -> None:
-        await self._conn.execute(
-            delete(signing_keys).where(signing_keys.c.retired_at < before)
-        )
+        await self._conn.execute(delete(signing_keys).where(signing_keys.c.retired_at < before))
 
 
 class SqlTransaction:

@@ -1,10 +1,10 @@
 """Typed errors from authsvc's statuses, read back from ``google.rpc.ErrorInfo``.
 
-    try:
-        await stub.SignInWithPassword(request)
-    except grpc.aio.AioRpcError as rpc_error:
-        error = from_rpc_error(rpc_error)
-        if error.reason == "INVALID_CREDENTIALS": ...
+try:
+    await stub.SignInWithPassword(request)
+except grpc.aio.AioRpcError as rpc_error:
+    error = from_rpc_error(rpc_error)
+    if error.reason == "INVALID_CREDENTIALS": ...
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ _PREFIX = "ERROR_REASON_"
 #: Every reason the server may send (``ErrorReason`` names without the prefix).
 REASONS = frozenset(
     name.removeprefix(_PREFIX)
-    for name in errors_pb2.ErrorReason.keys()
+    for name in errors_pb2.ErrorReason.keys()  # noqa: SIM118 (an enum wrapper, not a dict)
     if name != "ERROR_REASON_UNSPECIFIED"
 )
 
@@ -56,7 +56,7 @@ class AuthsvcError(Exception):
         return next((d for d in self.details if isinstance(d, kind)), None)
 
 
-def _status(metadata: Iterable[tuple[str, Any]] | None) -> status_pb2.Status | None:
+def _status(metadata: Iterable[Any] | None) -> status_pb2.Status | None:
     for key, value in metadata or ():
         if key == _STATUS_KEY:
             return status_pb2.Status.FromString(value)
@@ -65,11 +65,12 @@ def _status(metadata: Iterable[tuple[str, Any]] | None) -> status_pb2.Status | N
 
 def from_rpc_error(error: grpc.RpcError) -> AuthsvcError:
     """Builds the typed error of a failed call (sync or asyncio)."""
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    status = _status(error.trailing_metadata())  # type: ignore[attr-defined]
+    call: Any = error  # AioRpcError and the sync _InactiveRpcError are both Calls
+    code: grpc.StatusCode = call.code()
+    status = _status(call.trailing_metadata())
     details: list[Any] = []
     reason, metadata = "", {}
-    message = error.details() or ""  # type: ignore[attr-defined]
+    message = call.details() or ""
     if status is not None:
         for any_detail in status.details:
             for kind in (

@@ -1,0 +1,61 @@
+"""The proto is the contract: lint-clean, generated code current, reasons in sync."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from authsvc.app import SERVICES
+from authsvc.api.access import access_table
+from authsvc.errors import AuthError
+from authsvc_client.errors import REASONS
+from authsvc_client.v1 import errors_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize(
+    "args", [["lint"], ["format", "-d", "--exit-code"]], ids=["lint", "format"]
+)
+def test_buf(args: list[str]) -> None:
+    result = subprocess.run(
+        [str(BIN / "buf"), *args], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_generated_code_is_current() -> None:
+    result = subprocess.run(
+        [sys.executable, "clients/generate.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_proto_reason_has_a_domain_error_and_back() -> None:
+    assert set(AuthError.registry) == set(REASONS)
+
+
+def test_each_reason_travels_with_the_code_its_proto_comment_names() -> None:
+    enum = errors_pb2.DESCRIPTOR.enum_types_by_name["ErrorReason"]
+    lines = (ROOT / "protos/authsvc/v1/errors.proto").read_text().splitlines()
+    for value in enum.values[1:]:
+        reason = value.name.removeprefix("ERROR_REASON_")
+        at = next(i for i, line in enumerate(lines) if f" {value.name} =" in line)
+        first = at
+        while lines[first - 1].strip().startswith("//"):
+            first -= 1
+        assert lines[first].strip().startswith(f"// {AuthError.registry[reason].code}:"), reason
+
+
+def test_every_method_declares_its_access() -> None:
+    table = access_table(SERVICES)
+    declared = {f"/{s.full_name}/{m.name}" for s in SERVICES for m in s.methods}
+    assert set(table) == declared

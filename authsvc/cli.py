@@ -85,6 +85,30 @@ def _new_api_key(_settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 when the server answers SERVING (the Docker HEALTHCHECK)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = args.target or settings.listen
+    if settings.tls_cert_file is not None:
+        ca = settings.tls_cert_file.read_bytes()
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(ca))
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            print(f"unhealthy: {error.code().name}", file=sys.stderr)
+            return 1
+    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    print("serving" if serving else "not serving")
+    return 0 if serving else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="authsvc", description="gRPC authentication service")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     new = api_key_commands.add_parser("new", help="generate a key and its AUTHSVC_API_KEYS entry")
     new.add_argument("name")
     new.set_defaults(run=_new_api_key)
+    health = commands.add_parser("health", help="check a running server's health service")
+    health.add_argument("--target", help="host:port (default: AUTHSVC_LISTEN)")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(run=_health)
     args = parser.parse_args(argv)
     try:
         settings = Settings()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from authsvc.app import SERVICES
 from authsvc.api.access import access_table
+from authsvc.app import SERVICES
 from authsvc.errors import AuthError
 from authsvc_client.errors import REASONS
 from authsvc_client.v1 import errors_pb2
@@ -59,3 +59,21 @@ def test_every_method_declares_its_access() -> None:
     table = access_table(SERVICES)
     declared = {f"/{s.full_name}/{m.name}" for s in SERVICES for m in s.methods}
     assert set(table) == declared
+
+
+def test_readme_lists_every_setting_with_its_default() -> None:
+    from authsvc.config import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    rows = {
+        line.split("|")[1].strip().strip("`"): line.split("|")[2].strip()
+        for line in readme.splitlines()
+        if line.startswith("| `AUTHSVC_")
+    }
+    assert set(rows) == {f"AUTHSVC_{name.upper()}" for name in Settings.model_fields}
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, bool):
+            assert rows[f"AUTHSVC_{name.upper()}"].startswith(f"`{str(default).lower()}`"), name
+        elif isinstance(default, int | float) and not isinstance(default, bool):
+            assert rows[f"AUTHSVC_{name.upper()}"].startswith(f"`{default:g}`"), name

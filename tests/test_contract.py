@@ -76,4 +76,4 @@ def test_readme_lists_every_setting_with_its_default() -> None:
         if isinstance(default, bool):
             assert rows[f"AUTHSVC_{name.upper()}"].startswith(f"`{str(default).lower()}`"), name
         elif isinstance(default, int | float) and not isinstance(default, bool):
-            assert rows[f"AUTHSVC_{name.upper()}"].startswith(f"`{default:g}`"), name
+            assert rows[f"AUTHSVC_{name.upper()}"].startswith(f"`{default:.12g}`"), name

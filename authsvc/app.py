@@ -13,14 +13,6 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import redis.asyncio as aioredis
 import structlog
-from authsvc_client.v1 import (
-    auth_pb2,
-    auth_pb2_grpc,
-    sessions_pb2,
-    sessions_pb2_grpc,
-    users_pb2,
-    users_pb2_grpc,
-)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -44,6 +36,14 @@ from authsvc.storage import migrate
 from authsvc.storage.database import SqlDatabase, create_engine
 from authsvc.storage.memory import MemoryEventBus, MemoryRateLimiter
 from authsvc.storage.redis_store import RedisEventBus, RedisRateLimiter
+from authsvc_client.v1 import (
+    auth_pb2,
+    auth_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
+    users_pb2,
+    users_pb2_grpc,
+)
 
 log = structlog.get_logger("authsvc.app")
 

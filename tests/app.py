@@ -18,8 +18,6 @@ from typing import Any
 
 import grpc
 import pytest
-from authsvc_client.errors import AuthsvcError, from_rpc_error
-from authsvc_client.v1 import auth_pb2, auth_pb2_grpc, sessions_pb2_grpc, users_pb2_grpc
 from sqlalchemy import delete, select
 
 from authsvc import logs
@@ -27,6 +25,8 @@ from authsvc.app import Server, build_server
 from authsvc.config import Settings
 from authsvc.storage import migrate
 from authsvc.storage.tables import refresh_tokens, sessions, signing_keys, users
+from authsvc_client.errors import AuthsvcError, from_rpc_error
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc, sessions_pb2_grpc, users_pb2_grpc
 
 SECRET_KEY = "test-secret-key-0123456789-abcdefghijklmnop"
 API_KEY = "ak_test_service_key_0123456789abcdef"

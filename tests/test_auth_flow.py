@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import grpc
-from authsvc_client.v1 import auth_pb2, sessions_pb2, users_pb2
 
+from authsvc_client.v1 import auth_pb2, sessions_pb2, users_pb2
 from tests.app import PASSWORD, Api, bearer, failure, remember
 
 

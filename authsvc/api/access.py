@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from authsvc_client.v1 import options_pb2
 from google.protobuf.descriptor import ServiceDescriptor
+
+from authsvc_client.v1 import options_pb2
 
 PUBLIC = options_pb2.ACCESS_PUBLIC
 USER = options_pb2.ACCESS_USER

@@ -7,7 +7,6 @@ from datetime import datetime
 from typing import Any
 
 import grpc
-from authsvc_client.v1 import auth_pb2, sessions_pb2, users_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from authsvc.domain.models import ClientMeta, Role, Session, User
@@ -15,6 +14,7 @@ from authsvc.domain.principal import Principal, SessionInfo
 from authsvc.errors import InvalidArgument
 from authsvc.services.auth import IssuedTokens
 from authsvc.services.validation import MAX_IP, MAX_USER_AGENT
+from authsvc_client.v1 import auth_pb2, sessions_pb2, users_pb2
 
 _ROLE_TO_PROTO = {Role.USER: users_pb2.ROLE_USER, Role.ADMIN: users_pb2.ROLE_ADMIN}
 _ROLE_FROM_PROTO = {v: k for k, v in _ROLE_TO_PROTO.items()}

@@ -9,6 +9,7 @@ and no status codes.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hmac
 import re
@@ -127,6 +128,9 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 if access is not None:
                     _principal.set(await self._resolve(access, bearer, api_key))
                 return await behavior(request, context)
+            except asyncio.CancelledError:
+                code = "CANCELLED"  # the client went away or the deadline passed
+                raise
             except AuthError as error:
                 code, reason = error.code, error.reason
                 status = to_status(error, request_id)

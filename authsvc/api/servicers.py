@@ -8,6 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
+from authsvc.api import convert
+from authsvc.api.edge import current_principal
+from authsvc.services.auth import AuthService
+from authsvc.services.keys import KeyStore
+from authsvc.services.sessions import SessionService
+from authsvc.services.users import UserService
 from authsvc_client.v1 import (
     auth_pb2,
     auth_pb2_grpc,
@@ -16,13 +23,6 @@ from authsvc_client.v1 import (
     users_pb2,
     users_pb2_grpc,
 )
-
-from authsvc.api import convert
-from authsvc.api.edge import current_principal
-from authsvc.services.auth import AuthService
-from authsvc.services.keys import KeyStore
-from authsvc.services.sessions import SessionService
-from authsvc.services.users import UserService
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

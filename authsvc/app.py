@@ -16,6 +16,10 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from authsvc.api.access import access_table
 from authsvc.api.edge import ApiKeys, EdgeInterceptor
@@ -109,7 +113,14 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
     limiter: RateLimiter
     if settings.redis_url is not None:
         redis_client = aioredis.from_url(
-            settings.redis_url.get_secret_value(), socket_timeout=5, socket_connect_timeout=5
+            settings.redis_url.get_secret_value(),
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            # Servers and proxies drop idle connections: check one that sat
+            # idle before using it, and retry a call whose connection broke.
+            health_check_interval=10,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         bus = RedisEventBus(redis_client, max_lag=settings.revocation_max_lag)
         limiter = RedisRateLimiter(redis_client)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -49,14 +50,16 @@ class Api:
     backend: str
     target: str
     channel: grpc.aio.Channel
-    auth: auth_pb2_grpc.AuthServiceStub = field(init=False)
-    users: users_pb2_grpc.UserServiceStub = field(init=False)
-    sessions: sessions_pb2_grpc.SessionServiceStub = field(init=False)
+    auth: auth_pb2_grpc.AuthServiceAsyncStub = field(init=False)
+    users: users_pb2_grpc.UserServiceAsyncStub = field(init=False)
+    sessions: sessions_pb2_grpc.SessionServiceAsyncStub = field(init=False)
 
     def __post_init__(self) -> None:
-        self.auth = auth_pb2_grpc.AuthServiceStub(self.channel)
-        self.users = users_pb2_grpc.UserServiceStub(self.channel)
-        self.sessions = sessions_pb2_grpc.SessionServiceStub(self.channel)
+        # The stubs' __new__ overloads pick the sync type for an aio channel
+        # under types-grpcio; these are the asyncio stubs.
+        self.auth = cast(Any, auth_pb2_grpc.AuthServiceStub(self.channel))
+        self.users = cast(Any, users_pb2_grpc.UserServiceStub(self.channel))
+        self.sessions = cast(Any, sessions_pb2_grpc.SessionServiceStub(self.channel))
 
     @property
     def settings(self) -> Settings:
@@ -133,6 +136,8 @@ def log_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert json.loads(text.splitlines()[0]), "the suite logged nothing"
     leaked = sorted(s for s in SECRETS if s in text)
     assert not leaked, f"{len(leaked)} secrets appear in the logs"
+    assert "$argon2" not in text, "a password hash appears in the logs"
+    assert not re.search(r"\brt_[A-Za-z0-9_-]{43}\b", text), "a refresh token appears in the logs"
 
 
 @pytest.fixture(scope="session", params=["embedded", "postgres"])

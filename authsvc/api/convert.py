@@ -38,9 +38,14 @@ def role_filter(value: int, field: str = "role") -> Role | None:
 
 
 def role_from_proto(value: int, field: str = "role") -> Role:
-    role: Role | None = _ROLE_FROM_PROTO.get(value)  # type: ignore[call-overload]
+    role = role_or_none(value)
     if role is None:
         raise InvalidArgument.field(field, "not a role")
+    return role
+
+
+def role_or_none(value: int) -> Role | None:
+    role: Role | None = _ROLE_FROM_PROTO.get(value)  # type: ignore[call-overload]
     return role
 
 
@@ -113,16 +118,24 @@ def client_meta(
     """Where the end user is: request fields from a gateway holding a service
     credential, otherwise the call's own peer and user agent."""
     if has_info and principal.service_name is not None:
-        if info.ip_address:
+        ip = info.ip_address
+        if ip:
             try:
-                ipaddress.ip_address(info.ip_address)
+                # Canonical text, and no IPv6 zone ("fe80::1%eth0"): a zone is
+                # meaningless off the gateway's host and unbounded in length.
+                parsed = ipaddress.ip_address(ip)
+                if "%" in ip:
+                    raise ValueError(ip)
             except ValueError:
                 raise InvalidArgument.field("client_info.ip_address", "not an IP address") from None
+            ip = str(parsed)
         if len(info.user_agent) > MAX_USER_AGENT:
             raise InvalidArgument.field("client_info.user_agent", "too long")
-        return ClientMeta(info.ip_address, info.user_agent)
+        if not info.user_agent.isprintable():
+            raise InvalidArgument.field("client_info.user_agent", "control characters")
+        return ClientMeta(ip, info.user_agent)
     agent = ""
     for key, value in context.invocation_metadata() or ():
         if key == "user-agent" and isinstance(value, str):
-            agent = value[:MAX_USER_AGENT]
+            agent = "".join(ch for ch in value[:MAX_USER_AGENT] if ch.isprintable())
     return ClientMeta(_peer_ip(context.peer() or "")[:MAX_IP], agent)

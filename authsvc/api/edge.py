@@ -20,6 +20,7 @@ from typing import Any, TypeAlias
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 
 from authsvc.api import access as acc
 from authsvc.api.status import to_status
@@ -27,6 +28,7 @@ from authsvc.domain.principal import ANONYMOUS, Principal, PrincipalKind, Sessio
 from authsvc.errors import (
     ApiKeyInvalid,
     AuthError,
+    InvalidArgument,
     NotAuthenticated,
     PermissionDenied,
     TokenInvalid,
@@ -98,18 +100,24 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         access = self._table.get(method)
         if access is None and method.startswith("/authsvc."):
             access = -1  # undeclared: unreachable (cannot happen: the table is built from these)
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            self._wrap(method, access, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+        wrapped: Handler = grpc.unary_unary_rpc_method_handler(
+            self._wrap(method, access, handler.unary_unary, handler.request_deserializer),
+            # Bytes in: a body that does not parse fails inside serve() as
+            # INVALID_ARGUMENT with an ErrorInfo, not as a bare UNKNOWN.
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = wrapped
         return wrapped
 
     def _wrap(
-        self, method: str, access: int | None, behavior: Callable[..., Awaitable[Any]]
+        self,
+        method: str,
+        access: int | None,
+        behavior: Callable[..., Awaitable[Any]],
+        deserialize: Callable[[bytes], Any] | None,
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
-        async def serve(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def serve(body: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             metadata = context.invocation_metadata() or ()
             request_id = ""
@@ -127,6 +135,10 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if access is not None:
                     _principal.set(await self._resolve(access, bearer, api_key))
+                try:
+                    request = deserialize(body) if deserialize is not None else body
+                except DecodeError:
+                    raise InvalidArgument("the request is not a valid message") from None
                 return await behavior(request, context)
             except asyncio.CancelledError:
                 code = "CANCELLED"  # the client went away or the deadline passed

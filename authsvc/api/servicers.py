@@ -124,14 +124,13 @@ class UserServicer(users_pb2_grpc.UserServiceServicer):
     ) -> users_pb2.UpdateUserResponse:
         values = request.user
         paths = list(request.update_mask.paths)
-        role = convert.role_from_proto(values.role, "user.role") if "role" in paths else None
         user = await self._users.update(
             current_principal(),
             values.id,
             paths,
             display_name=values.display_name,
             email=values.email,
-            role=role,
+            role=convert.role_or_none(values.role),
         )
         return users_pb2.UpdateUserResponse(user=convert.user(user))
 

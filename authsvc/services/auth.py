@@ -302,6 +302,7 @@ class AuthService:
             current = await self._grace_successor(tx, record, refresh_token, now)
             if current is not None:
                 await tx.refresh_tokens.count_grace_use(record.id)
+                await tx.sessions.touch(session.id, now, client.ip_address, client.user_agent)
                 return self._tokens(session, user.role, current, now)
             # Reuse outside the grace interval: someone holds a token they
             # should not. Revoke the whole family and commit that (leaving

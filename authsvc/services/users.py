@@ -52,7 +52,9 @@ class UserService:
         size = validation.page_size(page_size)
         if len(email_prefix) > validation.MAX_EMAIL:
             raise InvalidArgument.field("email_prefix", "too long")
-        prefix = email_prefix.casefold()
+        if not email_prefix.isprintable():
+            raise InvalidArgument.field("email_prefix", "control characters")
+        prefix = validation.fold(email_prefix)
         filters = fingerprint(role, prefix)
         now = self._clock.now()
         after = self._pages.decode(page_token, "users", filters, now) if page_token else None
@@ -94,7 +96,9 @@ class UserService:
             changes["display_name"] = validation.display_name(display_name, "user.display_name")
         if "email" in paths:
             changes["email"], changes["email_key"] = validation.email(email, "user.email")
-        if role is not None:
+        if "role" in paths:
+            if role is None:
+                raise InvalidArgument.field("user.role", "not a role")
             changes["role"] = role.value
         async with self._db.transaction() as tx:
             user = await tx.users.update(uid, changes, self._clock.now())

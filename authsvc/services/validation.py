@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 
 from email_validator import EmailNotValidError, validate_email
@@ -24,7 +25,7 @@ def email(value: str, field: str = "email") -> tuple[str, str]:
         normalized = validate_email(value, check_deliverability=False).normalized
     except EmailNotValidError:
         raise InvalidArgument.field(field, "not a valid email address") from None
-    return normalized, normalized.casefold()
+    return normalized, fold(normalized)
 
 
 def email_key(value: str) -> str | None:
@@ -32,9 +33,15 @@ def email_key(value: str) -> str | None:
     if not value or len(value) > MAX_EMAIL:
         return None
     try:
-        return validate_email(value, check_deliverability=False).normalized.casefold()
+        return fold(validate_email(value, check_deliverability=False).normalized)
     except EmailNotValidError:
         return None
+
+
+def fold(value: str) -> str:
+    """The case-insensitive key of an email: NFKC case folding (Unicode's
+    NFKC_Casefold), so every case spelling of an address maps to one key."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", value).casefold())
 
 
 def password(value: str, min_length: int, max_length: int, field: str = "password") -> None:

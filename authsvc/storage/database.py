@@ -29,7 +29,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def create_engine(url: str, *, pool_size: int, pgbouncer: bool) -> AsyncEngine:
     """Builds the engine for a SQLAlchemy URL (SQLite or Postgres)."""
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     connect_args: dict[str, Any] = {}
@@ -49,6 +49,8 @@ def create_engine(url: str, *, pool_size: int, pgbouncer: bool) -> AsyncEngine:
         max_overflow=pool_size,
         pool_recycle=1800,
         connect_args=connect_args,
+        # Parameters include password hashes: keep them out of errors and logs.
+        hide_parameters=True,
     )
 
 

@@ -20,6 +20,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from authsvc.domain.ports import EventHandler
+from authsvc.errors import BackendUnavailable
 
 log = structlog.get_logger("authsvc.events")
 
@@ -99,18 +100,25 @@ class RedisEventBus:
 
 
 class RedisRateLimiter:
-    """Fixed windows: INCR plus EXPIRE NX in one round trip."""
+    """Fixed windows: INCR plus EXPIRE NX in one round trip.
+
+    Raises BackendUnavailable when Redis cannot be reached.
+    """
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
 
     async def hit(self, key: str, limit: int, window: int) -> float | None:
         name = "authsvc:rl:" + key
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.incr(name)
-            pipe.expire(name, window, nx=True)
-            pipe.ttl(name)
-            count, _, ttl = await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.incr(name)
+                pipe.expire(name, window, nx=True)
+                pipe.ttl(name)
+                count, _, ttl = await pipe.execute()
+        except (RedisError, OSError) as error:
+            # Fail closed: no sign-in without the brute-force limit.
+            raise BackendUnavailable() from error
         return float(max(ttl, 1)) if int(count) > limit else None
 
     async def close(self) -> None:

@@ -68,8 +68,9 @@ users = Table(
     metadata,
     Column("id", Uuid, primary_key=True),
     Column("email", String(320), nullable=False),
-    # Case-folded email: the uniqueness key, compared on sign-in.
-    Column("email_key", String(320), nullable=False, unique=True),
+    # Case-folded email: the uniqueness key, compared on sign-in. Folding can
+    # make a string up to three times longer, hence the width.
+    Column("email_key", String(1024), nullable=False, unique=True),
     Column("password_hash", String(255), nullable=False),
     Column("display_name", String(200), nullable=False),
     Column("role", String(16), nullable=False),

@@ -34,7 +34,7 @@ def upgrade() -> None:
         "users",
         sa.Column("id", sa.Uuid(), nullable=False),
         sa.Column("email", sa.String(length=320), nullable=False),
-        sa.Column("email_key", sa.String(length=320), nullable=False),
+        sa.Column("email_key", sa.String(length=1024), nullable=False),
         sa.Column("password_hash", sa.String(length=255), nullable=False),
         sa.Column("display_name", sa.String(length=200), nullable=False),
         sa.Column("role", sa.String(length=16), nullable=False),

@@ -107,6 +107,7 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
             url, pool_size=settings.database_pool_size, pgbouncer=settings.database_pgbouncer
         )
     )
+    await migrate.require_head(db.engine)
     clock = SystemClock()
     redis_client: aioredis.Redis | None = None
     bus: EventBus

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from authsvc import logs
 from authsvc.config import Settings
 from authsvc.errors import AuthError
+from authsvc.storage.migrate import NotMigrated
 
 
 def _serve(settings: Settings, _args: argparse.Namespace) -> int:
@@ -145,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid settings: {error}", file=sys.stderr)
         return 2
     logs.configure(settings.log_format, settings.log_level)
-    return int(args.run(settings, args))
+    try:
+        return int(args.run(settings, args))
+    except NotMigrated as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

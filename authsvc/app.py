@@ -204,10 +204,14 @@ class Server:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight ones finish within ``grace``."""
+        grace = self.core.settings.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        # Let health checkers and load balancers see NOT_SERVING before the
+        # listener closes; in-flight calls carry on meanwhile.
+        await asyncio.sleep(min(0.5, grace))
         for task in self._tasks:
             task.cancel()
-        await self.server.stop(self.core.settings.shutdown_grace if grace is None else grace)
+        await self.server.stop(grace)
         await self.core.close()
         log.info("server.stopped")
 
@@ -229,10 +233,9 @@ async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    if settings.tls_cert_file is None and settings.tls_key_file is None:
-        return None
+    # Settings has already refused half a pair, and a client CA without one.
     if settings.tls_cert_file is None or settings.tls_key_file is None:
-        raise ValueError("set both AUTHSVC_TLS_CERT_FILE and AUTHSVC_TLS_KEY_FILE")
+        return None
     ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
     return grpc.ssl_server_credentials(
         [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
@@ -245,6 +248,9 @@ async def build_server(
     settings: Settings, *, extra: Callable[[grpc.aio.Server], None] | None = None
 ) -> Server:
     """Builds the gRPC server (not started). ``extra`` may register more services."""
+    # Before build_core: a bad TLS setting must not leave a database engine,
+    # thread pool and Redis client behind.
+    credentials = _credentials(settings)
     core = await build_core(settings)
     interceptor = EdgeInterceptor(
         access_table(SERVICES), core.auth.authenticate, ApiKeys(settings.api_keys)
@@ -265,7 +271,6 @@ async def build_server(
         names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         names += [reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, server)
-    credentials = _credentials(settings)
     if credentials is None:
         port = server.add_insecure_port(settings.listen)
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -71,6 +71,17 @@ class Settings(BaseSettings):
         if value not in {"auto", "json", "console"}:
             raise ValueError("must be auto, json or console")
         return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both AUTHSVC_TLS_CERT_FILE and AUTHSVC_TLS_KEY_FILE")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                "AUTHSVC_TLS_CLIENT_CA_FILE (mutual TLS) needs AUTHSVC_TLS_CERT_FILE "
+                "and AUTHSVC_TLS_KEY_FILE"
+            )
+        return self
 
     @property
     def uses_postgres(self) -> bool:

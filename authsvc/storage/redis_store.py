@@ -37,6 +37,9 @@ class RedisEventBus:
     def __init__(self, client: aioredis.Redis, *, max_lag: float) -> None:
         self._redis = client
         self._max_lag = max_lag
+        # An idle XREAD must return (and refresh _last_read) well within
+        # max_lag, or a healthy but quiet stream would look stale.
+        self._block_ms = max(10, min(_BLOCK_MS, int(max_lag * 1000 / 2)))
         self._handlers: list[EventHandler] = []
         self._resets: list[Callable[[], None]] = []
         self._last_read = 0.0
@@ -83,7 +86,7 @@ class RedisEventBus:
                     for reset in self._resets:
                         reset()
                 replies: Any = await self._redis.xread(
-                    {STREAM: last_id}, block=_BLOCK_MS, count=1000
+                    {STREAM: last_id}, block=self._block_ms, count=1000
                 )
                 self._last_read = time.monotonic()
                 backoff = 0.1

@@ -21,12 +21,22 @@ Public fixtures (all lazy: a server starts only when a test asks for it):
 ``redis_url`` (session)
     ``redis://127.0.0.1:PORT/0`` of a redis-server private to this session
     (pytest-redis's ``redis_proc`` factory).
+``pgbouncer_server`` (session)
+    A :class:`PgBouncer` in front of that PostgreSQL server, private to this
+    session: ``pool_mode = transaction`` with only ``PGBOUNCER_POOL_SIZE``
+    server connections per database, so client connections really share
+    server connections. Any database of the server is reachable through it
+    (``url(dbname)``), with the same credentials.
+``pgbouncer_dsn`` (session)
+    ``postgresql+asyncpg://USER:PASS@127.0.0.1:PORT/authsvc_test`` through that
+    PgBouncer: the session database with the Alembic chain applied (the
+    ``migrated_postgres`` fixture of ``tests.app``, the same database).
 
 Helper: :func:`asyncpg_dsn` turns one of those SQLAlchemy URLs into a DSN that
 ``asyncpg.connect`` accepts.
 
-Tests that use the Postgres or Redis fixtures get the ``postgres`` / ``redis``
-marker automatically (when those markers are registered), so
+Tests that use the Postgres (or PgBouncer) or Redis fixtures get the
+``postgres`` / ``redis`` marker automatically (when those markers are registered), so
 ``-m "not postgres"`` deselects them.
 
 How PostgreSQL is started
@@ -41,13 +51,27 @@ How PostgreSQL is started
   is readable by that user. Databases are created/dropped with
   pytest-postgresql's ``DatabaseJanitor`` in both cases.
 
+How PgBouncer is started
+------------------------
+``/usr/sbin/pgbouncer`` (Debian's ``pgbouncer`` package, which ./tests/run
+installs) runs in the foreground as a child of pytest, on a free loopback port,
+with its ini file, auth file, log and pid file in a directory of its own. It
+refuses to run as root: a root pytest runs it as the same unprivileged user as
+PostgreSQL, and that user owns the directory. Clients authenticate with SCRAM
+against a userlist (``auth_file``) that holds the superuser's password in
+plain text, which PgBouncer also uses to log in to PostgreSQL. Its own
+prepared-statement support (``max_prepared_statements``, PgBouncer >= 1.21,
+on by default since 1.24) is turned off, so protocol-level prepared statements
+break across transactions as they do on classic transaction pooling.
+
 Cleanup when the run is interrupted
 -----------------------------------
 Ctrl-C: pytest still tears session fixtures down, which stops the servers.
 For harder deaths (SIGTERM, SIGKILL, a CI timeout) a small reaper process,
 started in its own session, holds the read end of a pipe from this pytest
 process; when the pipe closes without the servers having been stopped, it
-stops them (and removes the root-mode data directory).
+stops them (and removes the root-mode data directory and PgBouncer's
+directory).
 """
 
 from __future__ import annotations
@@ -59,14 +83,16 @@ import pwd
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import port_for
 import pytest
@@ -76,7 +102,7 @@ from pytest_postgresql.executors import PostgreSQLExecutor
 from pytest_postgresql.janitor import DatabaseJanitor
 from pytest_redis import factories as redis_factories
 
-__all__ = ["PostgresServer", "asyncpg_dsn"]
+__all__ = ["PgBouncer", "PostgresServer", "asyncpg_dsn"]
 
 PG_HOST = "127.0.0.1"
 PG_USER = "postgres"
@@ -91,6 +117,10 @@ PG_SERVER_OPTIONS = (
 PG_OS_USER_DEFAULT = "postgres"
 PG_OS_USER_FALLBACK = "authsvc-pgtest"
 PG_OS_USER_ENV = "AUTHSVC_TEST_PG_OS_USER"
+# Server connections PgBouncer keeps per (database, user) pool: fewer than a
+# server's connection pool, so transactions of different client connections
+# take turns on the same server connections.
+PGBOUNCER_POOL_SIZE = 3
 
 
 # --------------------------------------------------------------------------- helpers
@@ -306,7 +336,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 _POSTGRES_FIXTURES = frozenset(
-    {"postgres_dsn", "postgres_admin_dsn", "postgres_server", "make_postgres_db"}
+    {
+        "postgres_dsn",
+        "postgres_admin_dsn",
+        "postgres_server",
+        "make_postgres_db",
+        "pgbouncer_server",
+        "pgbouncer_dsn",
+    }
 )
 
 
@@ -527,6 +564,203 @@ def make_postgres_db(postgres_server: PostgresServer) -> Iterator[Callable[..., 
 
 
 _extra_db_ids = itertools.count(1)
+
+
+# --------------------------------------------------------------------------- PgBouncer
+
+PGBOUNCER_BIN = "/usr/sbin/pgbouncer"
+
+
+def _find_pgbouncer() -> str | None:
+    """Debian's ``/usr/sbin/pgbouncer``, else one on PATH."""
+    if os.access(PGBOUNCER_BIN, os.X_OK):
+        return PGBOUNCER_BIN
+    return shutil.which("pgbouncer")
+
+
+def _pgbouncer_version(binary: str) -> tuple[int, int]:
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, check=False, timeout=30
+    ).stdout
+    found = re.search(r"PgBouncer (\d+)\.(\d+)", out)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+@dataclass(frozen=True)
+class PgBouncer:
+    """The session's PgBouncer: where it listens, and PostgreSQL's superuser credentials."""
+
+    server: PostgresServer  # PgBouncer's host and port; PostgreSQL's user and password
+    pool_size: int  # server connections per (database, user) pool
+    logfile: Path
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def url(self, dbname: str) -> str:
+        """SQLAlchemy URL (asyncpg driver) of ``dbname`` through PgBouncer."""
+        return self.server.url(dbname)
+
+    def show(self, what: str) -> list[dict[str, Any]]:
+        """``SHOW <what>`` on PgBouncer's admin console (``pools``, ``servers``...), as dicts.
+
+        Blocking (psycopg); from async code, call it through ``asyncio.to_thread``.
+        """
+        import psycopg
+        from psycopg.rows import dict_row
+
+        if not re.fullmatch(r"[a-z_]+", what):
+            raise ValueError(f"not a SHOW command: {what!r}")
+        # The admin console speaks only the simple query protocol: autocommit
+        # (no BEGIN) and a client-side-binding cursor.
+        with (
+            psycopg.connect(
+                asyncpg_dsn(self.url("pgbouncer")),
+                autocommit=True,
+                cursor_factory=psycopg.ClientCursor,
+                connect_timeout=10,
+            ) as conn,
+            conn.cursor(row_factory=dict_row) as cursor,
+        ):
+            cursor.execute(f"SHOW {what}")  # a checked keyword
+            return cursor.fetchall()
+
+
+def _pgbouncer_config(
+    *, server: PostgresServer, port: int, userlist: Path, version: tuple[int, int]
+) -> str:
+    lines = [
+        "[databases]",
+        # Every database of the server, under its own name.
+        f"* = host={server.host} port={server.port}",
+        "",
+        "[pgbouncer]",
+        f"listen_addr = {PG_HOST}",
+        f"listen_port = {port}",
+        "unix_socket_dir =",
+        "auth_type = scram-sha-256",
+        f"auth_file = {userlist}",
+        f"admin_users = {server.user}",
+        "pool_mode = transaction",
+        f"default_pool_size = {PGBOUNCER_POOL_SIZE}",
+        "min_pool_size = 0",
+        "reserve_pool_size = 0",
+        "max_client_conn = 500",
+        # asyncpg and libpq clients may send it; PgBouncer rejects unknown ones.
+        "ignore_startup_parameters = extra_float_digits",
+    ]
+    if version >= (1, 21):
+        lines.append("max_prepared_statements = 0")
+    return "\n".join(lines) + "\n"
+
+
+def _wait_for_port(proc: subprocess.Popen[bytes], port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"pgbouncer exited with status {proc.returncode}")
+        try:
+            with socket.create_connection((PG_HOST, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"pgbouncer did not listen on port {port} in {timeout}s"
+                ) from None
+            time.sleep(0.05)
+
+
+def _stop_process(proc: subprocess.Popen[bytes], grace: float) -> None:
+    if proc.poll() is None:
+        proc.terminate()  # SIGTERM: PgBouncer's immediate shutdown
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_server(postgres_server: PostgresServer) -> Iterator[PgBouncer]:
+    """PgBouncer in front of the session's PostgreSQL (started on first use)."""
+    binary = _find_pgbouncer()
+    if binary is None:
+        pytest.fail(f"pgbouncer not found (no {PGBOUNCER_BIN}); run ./tests/run, which installs it")
+    # PgBouncer refuses to run as root: the same unprivileged user as PostgreSQL.
+    os_user = _pg_os_user() if os.geteuid() == 0 else None
+
+    # workdir/  0700, owned by the user PgBouncer runs as
+    #   pgbouncer.ini, userlist.txt (the password: 0600)
+    #   pgbouncer.log  PgBouncer's stderr, written through a descriptor of ours
+    workdir = Path(tempfile.mkdtemp(prefix="authsvc-pgbouncer-"))
+    reaper_keys: list[str | None] = [_reaper.add("rmtree", str(workdir))]
+    proc: subprocess.Popen[bytes] | None = None
+    logfile = workdir / "pgbouncer.log"
+    try:
+        port = port_for.select_random()
+        userlist = workdir / "userlist.txt"
+        userlist.write_text(
+            '"{}" "{}"\n'.format(
+                *(v.replace('"', '""') for v in (postgres_server.user, postgres_server.password))
+            )
+        )
+        userlist.chmod(0o600)
+        ini = workdir / "pgbouncer.ini"
+        ini.write_text(
+            _pgbouncer_config(
+                server=postgres_server,
+                port=port,
+                userlist=userlist,
+                version=_pgbouncer_version(binary),
+            )
+        )
+        ini.chmod(0o600)
+        user_args: dict[str, Any] = {}
+        if os_user is not None:
+            for path in (workdir, userlist, ini):
+                os.chown(path, os_user.pw_uid, os_user.pw_gid)
+            user_args = {"user": os_user.pw_uid, "group": os_user.pw_gid, "extra_groups": []}
+        with logfile.open("ab") as log:
+            proc = subprocess.Popen(
+                [binary, str(ini)],
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # not hit by the terminal's Ctrl-C
+                **user_args,
+            )
+        reaper_keys.insert(0, _reaper.add_pid(proc.pid))
+        try:
+            _wait_for_port(proc, port, timeout=30)
+        except RuntimeError as exc:
+            tail = logfile.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"PgBouncer did not start: {exc}\n--- its log ---\n{tail}") from exc
+        yield PgBouncer(
+            server=PostgresServer(
+                host=PG_HOST,
+                port=port,
+                user=postgres_server.user,
+                password=postgres_server.password,
+            ),
+            pool_size=PGBOUNCER_POOL_SIZE,
+            logfile=logfile,
+        )
+    finally:
+        if proc is not None:
+            _stop_process(proc, grace=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+        if not workdir.exists() and (proc is None or proc.poll() is not None):
+            for key in reaper_keys:
+                _reaper.forget(key)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_dsn(pgbouncer_server: PgBouncer, migrated_postgres: str) -> str:
+    """URL through PgBouncer of the session database, migrated (``tests.app``'s fixture)."""
+    dbname = unquote(urlsplit(migrated_postgres).path.lstrip("/"))
+    return pgbouncer_server.url(dbname)
 
 
 # --------------------------------------------------------------------------- Redis

@@ -6,9 +6,6 @@ import enum
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, TypeVar
-
-T = TypeVar("T")
 
 
 class Role(enum.StrEnum):
@@ -77,9 +74,3 @@ class Cursor:
 
     created_at: datetime
     id: uuid.UUID
-
-
-@dataclass(frozen=True, slots=True)
-class Page(Generic[T]):
-    items: list[T]
-    next_cursor: Cursor | None

@@ -70,6 +70,18 @@ class SignedIn:
     tokens: IssuedTokens
 
 
+def _new_user(email: str, display_name: str, role: Role, now: datetime) -> User:
+    return User(
+        id=uuid.uuid4(),
+        email=email,
+        display_name=display_name,
+        role=role,
+        email_verified=False,
+        created_at=now,
+        updated_at=now,
+    )
+
+
 class AuthService:
     def __init__(
         self,
@@ -115,15 +127,7 @@ class AuthService:
         await self._limit(f"ip:{client.ip_address}", p.signin_attempts_per_ip)
         password_hash = await self._hasher.hash(password)
         now = self._clock.now()
-        user = User(
-            id=uuid.uuid4(),
-            email=normalized,
-            display_name=name,
-            role=Role.USER,
-            email_verified=False,
-            created_at=now,
-            updated_at=now,
-        )
+        user = _new_user(normalized, name, Role.USER, now)
         async with self._db.transaction() as tx:
             await tx.users.add(user, email_key, password_hash)
             tokens = await self._start_session(tx, user, client, now)
@@ -242,15 +246,7 @@ class AuthService:
             assert user is not None
             await self.publish_user_changed(user.id)
             return user, False
-        user = User(
-            id=uuid.uuid4(),
-            email=normalized,
-            display_name="",
-            role=Role.ADMIN,
-            email_verified=False,
-            created_at=now,
-            updated_at=now,
-        )
+        user = _new_user(normalized, "", Role.ADMIN, now)
         password_hash = await self._hasher.hash(password)
         async with self._db.transaction() as tx:
             await tx.users.add(user, email_key, password_hash)

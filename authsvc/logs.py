@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -14,9 +15,15 @@ import structlog
 _SECRET_KEYS = ("password", "token", "secret", "hash", "api_key", "authorization")
 
 
+@functools.lru_cache(maxsize=1024)
+def _is_secret_key(key: str) -> bool:
+    lowered = key.lower()
+    return any(part in lowered for part in _SECRET_KEYS)
+
+
 def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in event:
-        if any(part in key.lower() for part in _SECRET_KEYS):
+        if _is_secret_key(key):
             event[key] = "[redacted]"
     return event
 

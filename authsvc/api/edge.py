@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hmac
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeAlias
 
@@ -129,7 +129,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     api_key = value
                 elif key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
                     request_id = value
-            request_id = request_id or uuid.uuid4().hex
+            request_id = request_id or os.urandom(16).hex()
             code = "OK"
             reason = ""
             try:

@@ -105,7 +105,8 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
     db = SqlDatabase(
         create_engine(
             url, pool_size=settings.database_pool_size, pgbouncer=settings.database_pgbouncer
-        )
+        ),
+        pgbouncer=settings.database_pgbouncer,
     )
     await migrate.require_head(db.engine)
     clock = SystemClock()

@@ -63,10 +63,19 @@ class SqlDatabase:
     transactions (refresh rotation) as safe as Postgres row locks make them.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, pgbouncer: bool = False) -> None:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Reads run outside a transaction (autocommit): no BEGIN and COMMIT
+        # round trips. Not behind PgBouncer in transaction mode: SQLAlchemy's
+        # asyncpg dialect prepares each statement as a named prepared
+        # statement in one round trip and executes it in the next; outside a
+        # transaction PgBouncer may give the server connection to another
+        # client in between, and the execution fails with 'prepared statement
+        # "..." does not exist'. Inside one, both run on the same connection.
+        self._reads = (
+            engine if pgbouncer else engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
     @asynccontextmanager
@@ -80,7 +89,7 @@ class SqlDatabase:
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[SqlTransaction]:
-        async with _translated(), self._autocommit.connect() as conn:
+        async with _translated(), self._reads.connect() as conn:
             yield SqlTransaction(conn)
 
     async def ping(self) -> None:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -106,6 +106,26 @@ async def failure(call: Awaitable[Any]) -> AuthsvcError:
     except grpc.aio.AioRpcError as error:
         return from_rpc_error(error)
     raise AssertionError("the call succeeded")
+
+
+async def all_pages(
+    fetch: Callable[[str], Awaitable[Any]], field: str
+) -> tuple[list[Any], list[int]]:
+    """Follows ``next_page_token`` from the first page to the last.
+
+    Returns every item (the response's ``field``) and the size of each page.
+    """
+    items: list[Any] = []
+    sizes: list[int] = []
+    token = ""
+    for _ in range(1000):
+        page = await fetch(token)
+        items.extend(getattr(page, field))
+        sizes.append(len(getattr(page, field)))
+        token = page.next_page_token
+        if not token:
+            return items, sizes
+    raise AssertionError(f"paging {field} never ended")
 
 
 def test_settings(tmp: Path, **overrides: Any) -> Settings:
@@ -205,3 +225,44 @@ async def api(_api_server: Api) -> Api:
     if core.redis is not None:
         await core.redis.delete(*[k async for k in core.redis.scan_iter("authsvc:rl:*")] or ["_"])
     return _api_server
+
+
+@dataclass
+class Storage:
+    """A store of one test's own, shared by its in-process servers and CLI runs."""
+
+    backend: Backend
+    data_dir: Path
+    env: dict[str, str]  # the AUTHSVC_* a CLI on the same store needs
+
+
+@pytest.fixture
+def storage(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Storage:
+    """An empty store on this backend: a data dir, and on postgres a fresh,
+    unmigrated database (servers on it share the session's Redis)."""
+    data_dir = tmp_path / "data"
+    env = {"AUTHSVC_DATA_DIR": str(data_dir), "AUTHSVC_SECRET_KEY": SECRET_KEY}
+    if backend == "postgres":
+        url = request.getfixturevalue("make_postgres_db")()
+        env["AUTHSVC_DATABASE_URL"] = url
+        urls = {"database_url": url, "redis_url": request.getfixturevalue("redis_url")}
+        return Storage(Backend(backend, urls), data_dir, env)
+    return Storage(Backend(backend, {}), data_dir, env)
+
+
+@pytest.fixture
+async def servers(storage: Storage, log_file: Path) -> AsyncIterator[Callable[..., Awaitable[Api]]]:
+    """Starts in-process servers on the test's store; stops them afterwards.
+
+    ``log_file`` routes their logs to the suite's log, which is checked for secrets.
+    """
+    started: list[Api] = []
+
+    async def start(**overrides: Any) -> Api:
+        api = await start_api(storage.backend, storage.data_dir, **overrides)
+        started.append(api)
+        return api
+
+    yield start
+    for api in reversed(started):
+        await stop_api(api)

@@ -13,38 +13,36 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import re
-import shutil
 import signal
 import stat
-import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc, users_pb2, users_pb2_grpc
 from tests.app import (
     PASSWORD,
     SECRET_KEY,
-    SECRETS,
     Api,
-    Backend,
+    Storage,
     bearer,
     failure,
     remember,
-    start_api,
-    stop_api,
+)
+from tests.processes import (
+    Result,
+    assert_no_secrets,
+    clean_env,
+    env_secrets,
+    run_authsvc,
+    spawn_authsvc,
 )
 
-VENV_BIN = Path(sys.prefix) / "bin"
 # Cheap hashing, the same as the in-process test servers use (test_settings),
 # so that signing in on them does not rehash what the CLI stored.
 FAST_ARGON2 = {"AUTHSVC_ARGON2_MEMORY_KIB": "1024", "AUTHSVC_ARGON2_TIME_COST": "1"}
@@ -52,63 +50,9 @@ FAST_ARGON2 = {"AUTHSVC_ARGON2_MEMORY_KIB": "1024", "AUTHSVC_ARGON2_TIME_COST": 
 # --------------------------------------------------------------------------- helpers
 
 
-def authsvc_bin() -> str:
-    found = shutil.which("authsvc", path=str(VENV_BIN))
-    if found is None:
-        pytest.fail(f"the authsvc console script is not in {VENV_BIN}; pip install -e .")
-    return found
-
-
-def clean_env(**settings: str) -> dict[str, str]:
-    """This process's environment without any AUTHSVC_*, plus ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHSVC_")}
-    env.update(settings)
-    return env
-
-
-def assert_no_secrets(text: str, *extra: str) -> None:
-    leaked = [s for s in (*SECRETS, *extra) if s and s in text]
-    assert not leaked, f"{len(leaked)} secret(s) appear in a subprocess's output"
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-
-async def run_authsvc(
-    *args: str, env: dict[str, str], stdin: str | None = None, seconds: float = 90
-) -> Result:
-    """Runs ``authsvc ARGS`` to completion without blocking the event loop."""
-    proc = await asyncio.create_subprocess_exec(
-        authsvc_bin(),
-        *args,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        out, err = await asyncio.wait_for(
-            proc.communicate(stdin.encode() if stdin is not None else None), seconds
-        )
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError(f"authsvc {' '.join(args)} did not finish in {seconds}s") from None
-    assert proc.returncode is not None
-    result = Result(proc.returncode, out.decode(), err.decode())
-    assert_no_secrets(result.stderr, *_env_secrets(env))
-    return result
-
-
-def _env_secrets(env: dict[str, str]) -> list[str]:
-    """Secrets handed to a subprocess in its environment (the database password)."""
-    url = env.get("AUTHSVC_DATABASE_URL")
-    password = urlsplit(url).password if url else None
-    return [password] if password and len(password) >= 8 else []
+def cli_settings(storage: Storage, **extra: str) -> dict[str, str]:
+    """The AUTHSVC_* for a command on the test's store."""
+    return {**storage.env, **FAST_ARGON2, **extra}
 
 
 @dataclass
@@ -124,15 +68,7 @@ class ServeProcess:
 
     @classmethod
     async def start(cls, env: dict[str, str], cwd: Path, seconds: float = 60) -> ServeProcess:
-        proc = await asyncio.create_subprocess_exec(
-            authsvc_bin(),
-            "serve",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd=cwd,
-        )
+        proc = await spawn_authsvc("serve", env=env, cwd=cwd)
         served = cls(proc, env)
         served._reader = asyncio.create_task(served._read())
         try:
@@ -187,7 +123,7 @@ class ServeProcess:
             await self.kill()
             raise AssertionError(f"authsvc serve ignored SIGTERM for {seconds}s") from None
         await self._drain()
-        assert_no_secrets(self.stderr, *_env_secrets(self.env))
+        assert_no_secrets(self.stderr, *env_secrets(self.env))
         return code
 
     async def kill(self) -> None:
@@ -202,50 +138,8 @@ class ServeProcess:
                 await asyncio.wait_for(self._reader, 10)
 
 
-@dataclass
-class Storage:
-    """Where one test's commands and servers keep their data."""
-
-    backend: Backend
-    data_dir: Path
-    env: dict[str, str]  # AUTHSVC_* for the commands
-
-    def settings(self, **extra: str) -> dict[str, str]:
-        return {**self.env, **FAST_ARGON2, **extra}
-
-
-@pytest.fixture
-def storage(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Storage:
-    """An empty store on this backend: a data dir, and on postgres a fresh database."""
-    data_dir = tmp_path / "data"
-    env = {"AUTHSVC_DATA_DIR": str(data_dir), "AUTHSVC_SECRET_KEY": SECRET_KEY}
-    if backend == "postgres":
-        url = request.getfixturevalue("make_postgres_db")()
-        env["AUTHSVC_DATABASE_URL"] = url
-        return Storage(Backend(backend, {"database_url": url}), data_dir, env)
-    return Storage(Backend(backend, {}), data_dir, env)
-
-
-@pytest.fixture
-async def servers(storage: Storage, log_file: Path) -> AsyncIterator[Callable[..., Awaitable[Api]]]:
-    """Starts in-process servers on the test's storage; stops them afterwards.
-
-    ``log_file`` routes their logs to the suite's log, which is checked for secrets.
-    """
-    started: list[Api] = []
-
-    async def start(**overrides: Any) -> Api:
-        api = await start_api(storage.backend, storage.data_dir, **overrides)
-        started.append(api)
-        return api
-
-    yield start
-    for api in reversed(started):
-        await stop_api(api)
-
-
 async def migrate(storage: Storage) -> None:
-    result = await run_authsvc("migrate", env=clean_env(**storage.settings()))
+    result = await run_authsvc("migrate", env=clean_env(**cli_settings(storage)))
     assert result.code == 0, result.stderr
     assert result.stdout.strip() == "database migrated to head"
 
@@ -263,7 +157,7 @@ async def create_admin(storage: Storage, email: str, password: str) -> Result:
         "--email",
         email,
         "--password-stdin",
-        env=clean_env(**storage.settings()),
+        env=clean_env(**cli_settings(storage)),
         stdin=password + "\n",
     )
     assert password not in result.stdout
@@ -388,7 +282,7 @@ async def test_api_key_new_entry_lets_a_service_list_users(
 
     await prepare(storage)  # serve migrates only the embedded default
     server = await ServeProcess.start(
-        clean_env(**storage.settings(AUTHSVC_LISTEN="127.0.0.1:0", AUTHSVC_API_KEYS=entry)),
+        clean_env(**cli_settings(storage, AUTHSVC_LISTEN="127.0.0.1:0", AUTHSVC_API_KEYS=entry)),
         cwd=tmp_path,
     )
     try:

@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import re
-import shutil
-import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -44,16 +39,13 @@ from authsvc_client.v1 import auth_pb2
 from tests.app import (
     PASSWORD,
     SECRET_KEY,
-    SECRETS,
     Api,
-    Backend,
+    Storage,
     failure,
     remember,
-    start_api,
-    stop_api,
 )
+from tests.processes import assert_no_secrets, clean_env, run_authsvc
 
-VENV_BIN = Path(sys.prefix) / "bin"
 JWK_FIELDS = {"kty", "crv", "x", "kid", "use", "alg"}
 
 # --------------------------------------------------------------------------- helpers
@@ -104,71 +96,24 @@ def verify_with_jwks(token: str, keys: dict[str, dict[str, str]], api: Api) -> d
     return claims
 
 
-@dataclass
-class Storage:
-    backend: Backend
-    data_dir: Path
-    env: dict[str, str]  # the AUTHSVC_* a CLI on the same store needs
-
-
 @pytest.fixture
-def storage(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Storage:
-    """A store of this test's own: a SQLite file, or a fresh, migrated Postgres database."""
-    data_dir = tmp_path / "data"
-    env = {"AUTHSVC_DATA_DIR": str(data_dir), "AUTHSVC_SECRET_KEY": SECRET_KEY}
-    if backend == "postgres":
-        url = request.getfixturevalue("make_postgres_db")()
+def storage(storage: Storage) -> Storage:
+    """This module's store, migrated up front (on the embedded default the
+    first server migrates it anyway)."""
+    url = storage.env.get("AUTHSVC_DATABASE_URL")
+    if url is not None:
         with ThreadPoolExecutor(1) as pool:  # Alembic's env runs its own event loop
             pool.submit(migrate.upgrade, url).result()
-        env["AUTHSVC_DATABASE_URL"] = url
-        urls = {"database_url": url, "redis_url": request.getfixturevalue("redis_url")}
-        return Storage(Backend(backend, urls), data_dir, env)
-    return Storage(Backend(backend, {}), data_dir, env)
-
-
-@pytest.fixture
-async def servers(storage: Storage, log_file: Path) -> AsyncIterator[Callable[..., Awaitable[Api]]]:
-    """Starts servers on the test's store (logging to the suite's checked log)."""
-    started: list[Api] = []
-
-    async def start(**overrides: Any) -> Api:
-        api = await start_api(storage.backend, storage.data_dir, **overrides)
-        started.append(api)
-        return api
-
-    yield start
-    for api in reversed(started):
-        await stop_api(api)
+    return storage
 
 
 async def cli_rotate(storage: Storage) -> str:
     """``authsvc keys rotate`` as a subprocess; returns the new kid."""
-    exe = shutil.which("authsvc", path=str(VENV_BIN))
-    if exe is None:
-        pytest.fail(f"the authsvc console script is not in {VENV_BIN}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHSVC_")}
-    env.update(storage.env)
-    proc = await asyncio.create_subprocess_exec(
-        exe,
-        "keys",
-        "rotate",
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 90)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError("authsvc keys rotate did not finish in 90s") from None
-    stdout, stderr = out.decode(), err.decode()
-    leaked = [s for s in SECRETS if s in stderr + stdout]
-    assert not leaked, f"{len(leaked)} secret(s) in the output of authsvc keys rotate"
-    assert proc.returncode == 0, stderr
-    match = re.match(r"new signing key ([0-9a-f]{32}) is active; ", stdout)
-    assert match, stdout
+    result = await run_authsvc("keys", "rotate", env=clean_env(**storage.env))
+    assert_no_secrets(result.stdout)
+    assert result.code == 0, result.stderr
+    match = re.match(r"new signing key ([0-9a-f]{32}) is active; ", result.stdout)
+    assert match, result.stdout
     return match.group(1)
 
 

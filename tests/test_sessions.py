@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from authsvc_client.v1 import auth_pb2, sessions_pb2, users_pb2
-from tests.app import PASSWORD, Api, bearer, failure, remember, service
+from tests.app import PASSWORD, Api, all_pages, bearer, failure, remember, service
 
 PD = (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
 REVOKED = (grpc.StatusCode.UNAUTHENTICATED, "SESSION_REVOKED")
@@ -40,17 +40,9 @@ async def _list(api: Api, metadata: Any, **fields: Any) -> Any:
 
 
 async def _list_all(api: Api, metadata: Any, **fields: Any) -> tuple[list[Any], list[int]]:
-    sessions: list[Any] = []
-    sizes: list[int] = []
-    token = ""
-    for _ in range(100):
-        page = await _list(api, metadata, page_token=token, **fields)
-        sessions.extend(page.sessions)
-        sizes.append(len(page.sessions))
-        token = page.next_page_token
-        if not token:
-            return sessions, sizes
-    raise AssertionError("ListSessions never ended")
+    return await all_pages(
+        lambda token: _list(api, metadata, page_token=token, **fields), "sessions"
+    )
 
 
 async def _authenticate_fails_revoked(api: Api, token: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from tests.app import SECRETS, remember
+from tests.processes import spawn_authsvc
 
 GRACE = 10.0
 # A SignUp costs one Argon2 hash of this size: about 1.4 s on an idle 2-core box.
@@ -97,16 +97,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Proc]:
         AUTHSVC_LOG_FORMAT="json",
         AUTHSVC_LOG_LEVEL="debug",
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "authsvc",
-        "serve",
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await spawn_authsvc("serve", env=env, console_script=False)
     proc = Proc(process, f"127.0.0.1:{port}")
     proc.readers = [
         asyncio.create_task(_drain(process.stdout, proc.out)),

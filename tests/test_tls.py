@@ -10,7 +10,6 @@ import asyncio
 import datetime as dt
 import ipaddress
 import os
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from authsvc.app import Core, Server, build_core, build_server
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from tests.app import Api, Backend, remember, start_api, stop_api
 from tests.app import test_settings as make_settings
+from tests.processes import spawn_authsvc
 
 EMBEDDED = Backend("embedded", {})
 TIMEOUT = 5.0
@@ -332,16 +332,7 @@ async def test_half_a_key_pair_stops_the_cli_with_a_clear_message(
         AUTHSVC_LOG_FORMAT="json",
     )
     env[f"AUTHSVC_TLS_{given}_FILE"] = str(pki.server.cert if given == "CERT" else pki.server.key)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "authsvc",
-        "serve",
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await spawn_authsvc("serve", env=env, console_script=False)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,7 +13,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 
 from authsvc.domain.models import Role, User
 from authsvc_client.v1 import auth_pb2, sessions_pb2, users_pb2
-from tests.app import PASSWORD, Api, bearer, failure, remember, service
+from tests.app import PASSWORD, Api, all_pages, bearer, failure, remember, service
 
 PD = (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
 USER_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND")
@@ -40,19 +41,12 @@ async def _sign_up_many(api: Api, emails: list[str], batch: int = 30) -> list[An
 
 async def _list_all(api: Api, metadata: Any, **filters: Any) -> tuple[list[Any], list[int]]:
     """Every page of ListUsers; returns the users and the size of each page."""
-    users: list[Any] = []
-    sizes: list[int] = []
-    token = ""
-    for _ in range(100):
-        page = await api.users.ListUsers(
-            users_pb2.ListUsersRequest(page_token=token, **filters), metadata=metadata
-        )
-        users.extend(page.users)
-        sizes.append(len(page.users))
-        token = page.next_page_token
-        if not token:
-            return users, sizes
-    raise AssertionError("ListUsers never ended")
+
+    def fetch(token: str) -> Awaitable[Any]:
+        request = users_pb2.ListUsersRequest(page_token=token, **filters)
+        return api.users.ListUsers(request, metadata=metadata)
+
+    return await all_pages(fetch, "users")
 
 
 def _sort_key(user: Any) -> tuple[int, int, str]:

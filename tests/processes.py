@@ -1,0 +1,97 @@
+"""``authsvc`` as a subprocess, exactly as an operator runs it.
+
+Subprocesses log to their own stderr; ``run_authsvc`` checks that for secrets
+like the suite's own log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.app import SECRETS
+
+VENV_BIN = Path(sys.prefix) / "bin"
+
+
+def authsvc_bin() -> str:
+    """The installed console script (what the README tells operators to run)."""
+    found = shutil.which("authsvc", path=str(VENV_BIN))
+    if found is None:
+        pytest.fail(f"the authsvc console script is not in {VENV_BIN}; pip install -e .")
+    return found
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """This process's environment without any AUTHSVC_*, plus ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHSVC_")}
+    env.update(settings)
+    return env
+
+
+def assert_no_secrets(text: str, *extra: str) -> None:
+    leaked = [s for s in (*SECRETS, *extra) if s and s in text]
+    assert not leaked, f"{len(leaked)} secret(s) appear in a subprocess's output"
+
+
+def env_secrets(env: dict[str, str]) -> list[str]:
+    """Secrets handed to a subprocess in its environment (the database password)."""
+    url = env.get("AUTHSVC_DATABASE_URL")
+    password = urlsplit(url).password if url else None
+    return [password] if password and len(password) >= 8 else []
+
+
+async def spawn_authsvc(
+    *args: str,
+    env: dict[str, str],
+    stdin: bool = False,
+    cwd: Path | None = None,
+    console_script: bool = True,
+) -> asyncio.subprocess.Process:
+    """Starts ``authsvc ARGS`` with piped output, without blocking the event loop.
+
+    ``console_script=False`` runs ``python -m authsvc`` instead of the script.
+    """
+    program = [authsvc_bin()] if console_script else [sys.executable, "-m", "authsvc"]
+    return await asyncio.create_subprocess_exec(
+        *program,
+        *args,
+        stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+    )
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+async def run_authsvc(
+    *args: str, env: dict[str, str], stdin: str | None = None, seconds: float = 90
+) -> Result:
+    """Runs ``authsvc ARGS`` to completion; its stderr must hold no secret."""
+    proc = await spawn_authsvc(*args, env=env, stdin=stdin is not None)
+    try:
+        out, err = await asyncio.wait_for(
+            proc.communicate(stdin.encode() if stdin is not None else None), seconds
+        )
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"authsvc {' '.join(args)} did not finish in {seconds}s") from None
+    assert proc.returncode is not None
+    result = Result(proc.returncode, out.decode(), err.decode())
+    assert_no_secrets(result.stderr, *env_secrets(env))
+    return result

@@ -28,13 +28,15 @@ from . import users_pb2 as authsvc_dot_v1_dot_users__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61uthsvc/v1/auth.proto\x12\nauthsvc.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a\x19\x61uthsvc/v1/sessions.proto\x1a\x16\x61uthsvc/v1/users.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\nClientInfo\x12\x12\n\nip_address\x18\x01 \x01(\t\x12\x12\n\nuser_agent\x18\x02 \x01(\t\"\xa5\x01\n\tTokenPair\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrefresh_token\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\"s\n\rSignUpRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12+\n\x0b\x63lient_info\x18\x04 \x01(\x0b\x32\x16.authsvc.v1.ClientInfo\"W\n\x0eSignUpResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x15.authsvc.v1.TokenPair\"i\n\x19SignInWithPasswordRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12+\n\x0b\x63lient_info\x18\x03 \x01(\x0b\x32\x16.authsvc.v1.ClientInfo\"c\n\x1aSignInWithPasswordResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x15.authsvc.v1.TokenPair\"Y\n\x13RefreshTokenRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\x12+\n\x0b\x63lient_info\x18\x02 \x01(\x0b\x32\x16.authsvc.v1.ClientInfo\"=\n\x14RefreshTokenResponse\x12%\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.authsvc.v1.TokenPair\"\x10\n\x0eSignOutRequest\"\x11\n\x0fSignOutResponse\"+\n\x13\x41uthenticateRequest\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\"@\n\x14\x41uthenticateResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.authsvc.v1.SessionInfo\"\x10\n\x0eGetJwksRequest\"0\n\x0fGetJwksResponse\x12\x1d\n\x04keys\x18\x01 \x03(\x0b\x32\x0f.authsvc.v1.Jwk\"Q\n\x03Jwk\x12\x0b\n\x03kty\x18\x01 \x01(\t\x12\x0b\n\x03\x63rv\x18\x02 \x01(\t\x12\t\n\x01x\x18\x03 \x01(\t\x12\x0b\n\x03kid\x18\x04 \x01(\t\x12\x0b\n\x03use\x18\x05 \x01(\t\x12\x0b\n\x03\x61lg\x18\x06 \x01(\t2\x85\x04\n\x0b\x41uthService\x12\x45\n\x06SignUp\x12\x19.authsvc.v1.SignUpRequest\x1a\x1a.authsvc.v1.SignUpResponse\"\x04\xa8\xbb\x18\x01\x12i\n\x12SignInWithPassword\x12%.authsvc.v1.SignInWithPasswordRequest\x1a&.authsvc.v1.SignInWithPasswordResponse\"\x04\xa8\xbb\x18\x01\x12W\n\x0cRefreshToken\x12\x1f.authsvc.v1.RefreshTokenRequest\x1a .authsvc.v1.RefreshTokenResponse\"\x04\xa8\xbb\x18\x01\x12H\n\x07SignOut\x12\x1a.authsvc.v1.SignOutRequest\x1a\x1b.authsvc.v1.SignOutResponse\"\x04\xa8\xbb\x18\x02\x12W\n\x0c\x41uthenticate\x12\x1f.authsvc.v1.AuthenticateRequest\x1a .authsvc.v1.AuthenticateResponse\"\x04\xa8\xbb\x18\x01\x12H\n\x07GetJwks\x12\x1a.authsvc.v1.GetJwksRequest\x1a\x1b.authsvc.v1.GetJwksResponse\"\x04\xa8\xbb\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61uthsvc/v1/auth.proto\x12\nauthsvc.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a\x19\x61uthsvc/v1/sessions.proto\x1a\x16\x61uthsvc/v1/users.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\nClientInfo\x12\x12\n\nip_address\x18\x01 \x01(\t\x12\x12\n\nuser_agent\x18\x02 \x01(\t\"\xa5\x01\n\tTokenPair\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrefresh_token\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\"s\n\rSignUpRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12+\n\x0b\x63lient_info\x18\x04 \x01(\x0b\x32\x16.authsvc.v1.ClientInfo\"W\n\x0eSignUpResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x15.authsvc.v1.TokenPair\"i\n\x19SignInWithPasswordRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12+\n\x0b\x63lient_info\x18\x03 \x01(\x0b\x32\x16.authsvc.v1.ClientInfo\"c\n\x1aSignInWithPasswordResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x15.authsvc.v1.TokenPair\"Y\n\x13RefreshTokenRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\x12+\n\x0b\x63lient_info\x18\x02 \x01(\x0b\x32\x16.authsvc.v1.ClientInfo\"=\n\x14RefreshTokenResponse\x12%\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.authsvc.v1.TokenPair\"\x10\n\x0eSignOutRequest\"\x11\n\x0fSignOutResponse\"+\n\x13\x41uthenticateRequest\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\"@\n\x14\x41uthenticateResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.authsvc.v1.SessionInfo\"o\n\x13SetActiveOrgRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\x12\x14\n\x06org_id\x18\x02 \x01(\tB\x04\xb0\xbb\x18\x00\x12+\n\x0b\x63lient_info\x18\x03 \x01(\x0b\x32\x16.authsvc.v1.ClientInfo\"=\n\x14SetActiveOrgResponse\x12%\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.authsvc.v1.TokenPair\"(\n\x17WatchRevocationsRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\"\x81\x01\n\x18WatchRevocationsResponse\x12+\n\x0brevocations\x18\x01 \x03(\x0b\x32\x16.authsvc.v1.Revocation\x12\x10\n\x08position\x18\x02 \x01(\t\x12\x0b\n\x03gap\x18\x03 \x01(\x08\x12\x19\n\x11retention_seconds\x18\x04 \x01(\x03\"x\n\nRevocation\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07revoked\x18\x02 \x01(\x08\x12\x1b\n\x13stale_below_version\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x10\n\x0eGetJwksRequest\"0\n\x0fGetJwksResponse\x12\x1d\n\x04keys\x18\x01 \x03(\x0b\x32\x0f.authsvc.v1.Jwk\"Q\n\x03Jwk\x12\x0b\n\x03kty\x18\x01 \x01(\t\x12\x0b\n\x03\x63rv\x18\x02 \x01(\t\x12\t\n\x01x\x18\x03 \x01(\t\x12\x0b\n\x03kid\x18\x04 \x01(\t\x12\x0b\n\x03use\x18\x05 \x01(\t\x12\x0b\n\x03\x61lg\x18\x06 \x01(\t2\xc5\x05\n\x0b\x41uthService\x12\x45\n\x06SignUp\x12\x19.authsvc.v1.SignUpRequest\x1a\x1a.authsvc.v1.SignUpResponse\"\x04\xa8\xbb\x18\x01\x12i\n\x12SignInWithPassword\x12%.authsvc.v1.SignInWithPasswordRequest\x1a&.authsvc.v1.SignInWithPasswordResponse\"\x04\xa8\xbb\x18\x01\x12W\n\x0cRefreshToken\x12\x1f.authsvc.v1.RefreshTokenRequest\x1a .authsvc.v1.RefreshTokenResponse\"\x04\xa8\xbb\x18\x01\x12H\n\x07SignOut\x12\x1a.authsvc.v1.SignOutRequest\x1a\x1b.authsvc.v1.SignOutResponse\"\x04\xa8\xbb\x18\x02\x12W\n\x0c\x41uthenticate\x12\x1f.authsvc.v1.AuthenticateRequest\x1a .authsvc.v1.AuthenticateResponse\"\x04\xa8\xbb\x18\x01\x12W\n\x0cSetActiveOrg\x12\x1f.authsvc.v1.SetActiveOrgRequest\x1a .authsvc.v1.SetActiveOrgResponse\"\x04\xa8\xbb\x18\x01\x12\x65\n\x10WatchRevocations\x12#.authsvc.v1.WatchRevocationsRequest\x1a$.authsvc.v1.WatchRevocationsResponse\"\x04\xa8\xbb\x18\x04\x30\x01\x12H\n\x07GetJwks\x12\x1a.authsvc.v1.GetJwksRequest\x1a\x1b.authsvc.v1.GetJwksResponse\"\x04\xa8\xbb\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'auth_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SETACTIVEORGREQUEST'].fields_by_name['org_id']._loaded_options = None
+  _globals['_SETACTIVEORGREQUEST'].fields_by_name['org_id']._serialized_options = b'\260\273\030\000'
   _globals['_AUTHSERVICE'].methods_by_name['SignUp']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['SignUp']._serialized_options = b'\250\273\030\001'
   _globals['_AUTHSERVICE'].methods_by_name['SignInWithPassword']._loaded_options = None
@@ -45,6 +47,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHSERVICE'].methods_by_name['SignOut']._serialized_options = b'\250\273\030\002'
   _globals['_AUTHSERVICE'].methods_by_name['Authenticate']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['Authenticate']._serialized_options = b'\250\273\030\001'
+  _globals['_AUTHSERVICE'].methods_by_name['SetActiveOrg']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['SetActiveOrg']._serialized_options = b'\250\273\030\001'
+  _globals['_AUTHSERVICE'].methods_by_name['WatchRevocations']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['WatchRevocations']._serialized_options = b'\250\273\030\004'
   _globals['_AUTHSERVICE'].methods_by_name['GetJwks']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['GetJwks']._serialized_options = b'\250\273\030\001'
   _globals['_CLIENTINFO']._serialized_start=147
@@ -71,12 +77,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHENTICATEREQUEST']._serialized_end=1017
   _globals['_AUTHENTICATERESPONSE']._serialized_start=1019
   _globals['_AUTHENTICATERESPONSE']._serialized_end=1083
-  _globals['_GETJWKSREQUEST']._serialized_start=1085
-  _globals['_GETJWKSREQUEST']._serialized_end=1101
-  _globals['_GETJWKSRESPONSE']._serialized_start=1103
-  _globals['_GETJWKSRESPONSE']._serialized_end=1151
-  _globals['_JWK']._serialized_start=1153
-  _globals['_JWK']._serialized_end=1234
-  _globals['_AUTHSERVICE']._serialized_start=1237
-  _globals['_AUTHSERVICE']._serialized_end=1754
+  _globals['_SETACTIVEORGREQUEST']._serialized_start=1085
+  _globals['_SETACTIVEORGREQUEST']._serialized_end=1196
+  _globals['_SETACTIVEORGRESPONSE']._serialized_start=1198
+  _globals['_SETACTIVEORGRESPONSE']._serialized_end=1259
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_start=1261
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_end=1301
+  _globals['_WATCHREVOCATIONSRESPONSE']._serialized_start=1304
+  _globals['_WATCHREVOCATIONSRESPONSE']._serialized_end=1433
+  _globals['_REVOCATION']._serialized_start=1435
+  _globals['_REVOCATION']._serialized_end=1555
+  _globals['_GETJWKSREQUEST']._serialized_start=1557
+  _globals['_GETJWKSREQUEST']._serialized_end=1573
+  _globals['_GETJWKSRESPONSE']._serialized_start=1575
+  _globals['_GETJWKSRESPONSE']._serialized_end=1623
+  _globals['_JWK']._serialized_start=1625
+  _globals['_JWK']._serialized_end=1706
+  _globals['_AUTHSERVICE']._serialized_start=1709
+  _globals['_AUTHSERVICE']._serialized_end=2418
 # @@protoc_insertion_point(module_scope)

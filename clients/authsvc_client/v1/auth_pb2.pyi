@@ -355,6 +355,169 @@ class AuthenticateResponse(_message.Message):
 Global___AuthenticateResponse: _TypeAlias = AuthenticateResponse  # noqa: Y015
 
 @_typing.final
+class SetActiveOrgRequest(_message.Message):
+    """Request of AuthService.SetActiveOrg."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_INFO_FIELD_NUMBER: _builtins.int
+    refresh_token: _builtins.str
+    """The refresh token of the session's latest TokenPair."""
+    org_id: _builtins.str
+    """The org to switch to; empty clears the active org."""
+    @_builtins.property
+    def client_info(self) -> Global___ClientInfo:
+        """See ClientInfo."""
+
+    def __init__(
+        self,
+        *,
+        refresh_token: _builtins.str = ...,
+        org_id: _builtins.str = ...,
+        client_info: Global___ClientInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["client_info", b"client_info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_info", b"client_info", "org_id", b"org_id", "refresh_token", b"refresh_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetActiveOrgRequest: _TypeAlias = SetActiveOrgRequest  # noqa: Y015
+
+@_typing.final
+class SetActiveOrgResponse(_message.Message):
+    """Response of AuthService.SetActiveOrg."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tokens(self) -> Global___TokenPair:
+        """The new pair, carrying the active org; the presented refresh token is now
+        spent.
+        """
+
+    def __init__(
+        self,
+        *,
+        tokens: Global___TokenPair | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetActiveOrgResponse: _TypeAlias = SetActiveOrgResponse  # noqa: Y015
+
+@_typing.final
+class WatchRevocationsRequest(_message.Message):
+    """Request of AuthService.WatchRevocations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_FIELD_NUMBER: _builtins.int
+    after: _builtins.str
+    """Resume after this position: the `position` of the last response
+    processed. Empty: start with the events published from now on.
+    """
+    def __init__(
+        self,
+        *,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRevocationsRequest: _TypeAlias = WatchRevocationsRequest  # noqa: Y015
+
+@_typing.final
+class WatchRevocationsResponse(_message.Message):
+    """Response of AuthService.WatchRevocations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOCATIONS_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    GAP_FIELD_NUMBER: _builtins.int
+    RETENTION_SECONDS_FIELD_NUMBER: _builtins.int
+    position: _builtins.str
+    """The position after this response; send it as `after` to resume."""
+    gap: _builtins.bool
+    """Set on the first response when events after `after` may be lost (the
+    server's log no longer holds that position, for example after an
+    embedded server restarted). A verifier should then check every token
+    minted before now online (Authenticate) until it expires.
+    """
+    retention_seconds: _builtins.int
+    """How long a revocation must be kept: the longest an access token lives."""
+    @_builtins.property
+    def revocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Revocation]:
+        """New events, oldest first; empty in a heartbeat."""
+
+    def __init__(
+        self,
+        *,
+        revocations: _abc.Iterable[Global___Revocation] | None = ...,
+        position: _builtins.str = ...,
+        gap: _builtins.bool = ...,
+        retention_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gap", b"gap", "position", b"position", "retention_seconds", b"retention_seconds", "revocations", b"revocations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRevocationsResponse: _TypeAlias = WatchRevocationsResponse  # noqa: Y015
+
+@_typing.final
+class Revocation(_message.Message):
+    """One event of WatchRevocations: a session's tokens no longer stand as minted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    STALE_BELOW_VERSION_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session."""
+    revoked: _builtins.bool
+    """True: the session is revoked; refuse each of its access tokens
+    (SESSION_REVOKED).
+    """
+    stale_below_version: _builtins.int
+    """When not revoked: the session's claims (platform role, org, org role)
+    changed; refuse its access tokens whose `ver` claim is below this
+    (TOKEN_STALE), so that the client refreshes.
+    """
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the event happened."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        revoked: _builtins.bool = ...,
+        stale_below_version: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoked", b"revoked", "session_id", b"session_id", "stale_below_version", b"stale_below_version", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Revocation: _TypeAlias = Revocation  # noqa: Y015
+
+@_typing.final
 class GetJwksRequest(_message.Message):
     """Request of AuthService.GetJwks."""
 

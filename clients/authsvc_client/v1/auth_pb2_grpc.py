@@ -30,10 +30,12 @@ class AuthServiceStub:
     belongs to.
 
     Access tokens are JWTs signed with Ed25519 (`alg: EdDSA`, `kid` in the
-    header) carrying iss, aud, sub, sid, iat, exp, jti and role, and org_id and
-    org_role when the session has an active org. Verify them locally with the
-    keys of GetJwks, or ask Authenticate, which also knows about sign-out.
-    Refresh tokens are opaque; each one works once (see RefreshToken).
+    header) carrying iss, aud, sub, sid, iat, exp, jti, role and ver (the
+    session's claims version), and org_id and org_role when the session has an
+    active org. Verify them locally with the keys of GetJwks and the events of
+    WatchRevocations (the `authsvc_client` sidecar interceptor does both), or
+    ask Authenticate, which reads the live session. Refresh tokens are opaque;
+    each one works once (see RefreshToken).
     """
 
     def __init__(self, channel):
@@ -67,6 +69,16 @@ class AuthServiceStub:
                 request_serializer=authsvc_dot_v1_dot_auth__pb2.AuthenticateRequest.SerializeToString,
                 response_deserializer=authsvc_dot_v1_dot_auth__pb2.AuthenticateResponse.FromString,
                 _registered_method=True)
+        self.SetActiveOrg = channel.unary_unary(
+                '/authsvc.v1.AuthService/SetActiveOrg',
+                request_serializer=authsvc_dot_v1_dot_auth__pb2.SetActiveOrgRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_auth__pb2.SetActiveOrgResponse.FromString,
+                _registered_method=True)
+        self.WatchRevocations = channel.unary_stream(
+                '/authsvc.v1.AuthService/WatchRevocations',
+                request_serializer=authsvc_dot_v1_dot_auth__pb2.WatchRevocationsRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_auth__pb2.WatchRevocationsResponse.FromString,
+                _registered_method=True)
         self.GetJwks = channel.unary_unary(
                 '/authsvc.v1.AuthService/GetJwks',
                 request_serializer=authsvc_dot_v1_dot_auth__pb2.GetJwksRequest.SerializeToString,
@@ -79,10 +91,12 @@ class AuthServiceServicer:
     belongs to.
 
     Access tokens are JWTs signed with Ed25519 (`alg: EdDSA`, `kid` in the
-    header) carrying iss, aud, sub, sid, iat, exp, jti and role, and org_id and
-    org_role when the session has an active org. Verify them locally with the
-    keys of GetJwks, or ask Authenticate, which also knows about sign-out.
-    Refresh tokens are opaque; each one works once (see RefreshToken).
+    header) carrying iss, aud, sub, sid, iat, exp, jti, role and ver (the
+    session's claims version), and org_id and org_role when the session has an
+    active org. Verify them locally with the keys of GetJwks and the events of
+    WatchRevocations (the `authsvc_client` sidecar interceptor does both), or
+    ask Authenticate, which reads the live session. Refresh tokens are opaque;
+    each one works once (see RefreshToken).
     """
 
     def SignUp(self, request, context):
@@ -144,6 +158,38 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetActiveOrg(self, request, context):
+        """Switches the active organization of a session, or clears it.
+
+        Public: the refresh token is the credential, and it is rotated exactly as
+        RefreshToken rotates it (same reuse detection and grace interval). The
+        returned pair carries `org_id` and `org_role`; the active org belongs to
+        the session and every later refresh keeps it. Needs a membership in the
+        org; a missing org and a missing membership both fail with
+        MEMBER_NOT_FOUND. An empty `org_id` clears the active org.
+        Fails with INVALID_ARGUMENT, TOKEN_INVALID, REFRESH_TOKEN_REUSED,
+        SESSION_REVOKED, SESSION_EXPIRED, MEMBER_NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRevocations(self, request, context):
+        """Streams revocations so that local token verifiers refuse revoked and stale
+        tokens at once, without a call per request.
+
+        Needs an admin token or API key. The first response ends the replay of
+        everything after `after` (or is empty when `after` is empty); later
+        responses carry new events as they happen, from every replica, and an
+        empty response every few seconds as a heartbeat. Keep each revocation
+        until `retention_seconds` after receiving it: by then every token it
+        covers has expired. Reconnect with the last `position` to miss nothing.
+        Fails with PERMISSION_DENIED, INVALID_ARGUMENT (malformed `after`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetJwks(self, request, context):
         """Returns the public keys that verify access tokens, as an RFC 7517 JWK set.
 
@@ -182,6 +228,16 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     request_deserializer=authsvc_dot_v1_dot_auth__pb2.AuthenticateRequest.FromString,
                     response_serializer=authsvc_dot_v1_dot_auth__pb2.AuthenticateResponse.SerializeToString,
             ),
+            'SetActiveOrg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetActiveOrg,
+                    request_deserializer=authsvc_dot_v1_dot_auth__pb2.SetActiveOrgRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_auth__pb2.SetActiveOrgResponse.SerializeToString,
+            ),
+            'WatchRevocations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRevocations,
+                    request_deserializer=authsvc_dot_v1_dot_auth__pb2.WatchRevocationsRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_auth__pb2.WatchRevocationsResponse.SerializeToString,
+            ),
             'GetJwks': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJwks,
                     request_deserializer=authsvc_dot_v1_dot_auth__pb2.GetJwksRequest.FromString,
@@ -200,10 +256,12 @@ class AuthService:
     belongs to.
 
     Access tokens are JWTs signed with Ed25519 (`alg: EdDSA`, `kid` in the
-    header) carrying iss, aud, sub, sid, iat, exp, jti and role, and org_id and
-    org_role when the session has an active org. Verify them locally with the
-    keys of GetJwks, or ask Authenticate, which also knows about sign-out.
-    Refresh tokens are opaque; each one works once (see RefreshToken).
+    header) carrying iss, aud, sub, sid, iat, exp, jti, role and ver (the
+    session's claims version), and org_id and org_role when the session has an
+    active org. Verify them locally with the keys of GetJwks and the events of
+    WatchRevocations (the `authsvc_client` sidecar interceptor does both), or
+    ask Authenticate, which reads the live session. Refresh tokens are opaque;
+    each one works once (see RefreshToken).
     """
 
     @staticmethod
@@ -331,6 +389,60 @@ class AuthService:
             '/authsvc.v1.AuthService/Authenticate',
             authsvc_dot_v1_dot_auth__pb2.AuthenticateRequest.SerializeToString,
             authsvc_dot_v1_dot_auth__pb2.AuthenticateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetActiveOrg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.AuthService/SetActiveOrg',
+            authsvc_dot_v1_dot_auth__pb2.SetActiveOrgRequest.SerializeToString,
+            authsvc_dot_v1_dot_auth__pb2.SetActiveOrgResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/authsvc.v1.AuthService/WatchRevocations',
+            authsvc_dot_v1_dot_auth__pb2.WatchRevocationsRequest.SerializeToString,
+            authsvc_dot_v1_dot_auth__pb2.WatchRevocationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,10 +31,12 @@ class AuthServiceStub:
     belongs to.
 
     Access tokens are JWTs signed with Ed25519 (`alg: EdDSA`, `kid` in the
-    header) carrying iss, aud, sub, sid, iat, exp, jti and role, and org_id and
-    org_role when the session has an active org. Verify them locally with the
-    keys of GetJwks, or ask Authenticate, which also knows about sign-out.
-    Refresh tokens are opaque; each one works once (see RefreshToken).
+    header) carrying iss, aud, sub, sid, iat, exp, jti, role and ver (the
+    session's claims version), and org_id and org_role when the session has an
+    active org. Verify them locally with the keys of GetJwks and the events of
+    WatchRevocations (the `authsvc_client` sidecar interceptor does both), or
+    ask Authenticate, which reads the live session. Refresh tokens are opaque;
+    each one works once (see RefreshToken).
     """
 
     @_typing.overload
@@ -80,6 +82,30 @@ class AuthServiceStub:
     token fails here at once rather than at its expiry.
     Fails with TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED, SESSION_EXPIRED.
     """
+    SetActiveOrg: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SetActiveOrgRequest, _auth_pb2.SetActiveOrgResponse]
+    """Switches the active organization of a session, or clears it.
+
+    Public: the refresh token is the credential, and it is rotated exactly as
+    RefreshToken rotates it (same reuse detection and grace interval). The
+    returned pair carries `org_id` and `org_role`; the active org belongs to
+    the session and every later refresh keeps it. Needs a membership in the
+    org; a missing org and a missing membership both fail with
+    MEMBER_NOT_FOUND. An empty `org_id` clears the active org.
+    Fails with INVALID_ARGUMENT, TOKEN_INVALID, REFRESH_TOKEN_REUSED,
+    SESSION_REVOKED, SESSION_EXPIRED, MEMBER_NOT_FOUND.
+    """
+    WatchRevocations: _grpc.UnaryStreamMultiCallable[_auth_pb2.WatchRevocationsRequest, _auth_pb2.WatchRevocationsResponse]
+    """Streams revocations so that local token verifiers refuse revoked and stale
+    tokens at once, without a call per request.
+
+    Needs an admin token or API key. The first response ends the replay of
+    everything after `after` (or is empty when `after` is empty); later
+    responses carry new events as they happen, from every replica, and an
+    empty response every few seconds as a heartbeat. Keep each revocation
+    until `retention_seconds` after receiving it: by then every token it
+    covers has expired. Reconnect with the last `position` to miss nothing.
+    Fails with PERMISSION_DENIED, INVALID_ARGUMENT (malformed `after`).
+    """
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
     """Returns the public keys that verify access tokens, as an RFC 7517 JWK set.
 
@@ -93,10 +119,12 @@ class AuthServiceAsyncStub(AuthServiceStub):
     belongs to.
 
     Access tokens are JWTs signed with Ed25519 (`alg: EdDSA`, `kid` in the
-    header) carrying iss, aud, sub, sid, iat, exp, jti and role, and org_id and
-    org_role when the session has an active org. Verify them locally with the
-    keys of GetJwks, or ask Authenticate, which also knows about sign-out.
-    Refresh tokens are opaque; each one works once (see RefreshToken).
+    header) carrying iss, aud, sub, sid, iat, exp, jti, role and ver (the
+    session's claims version), and org_id and org_role when the session has an
+    active org. Verify them locally with the keys of GetJwks and the events of
+    WatchRevocations (the `authsvc_client` sidecar interceptor does both), or
+    ask Authenticate, which reads the live session. Refresh tokens are opaque;
+    each one works once (see RefreshToken).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -139,6 +167,30 @@ class AuthServiceAsyncStub(AuthServiceStub):
     token fails here at once rather than at its expiry.
     Fails with TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED, SESSION_EXPIRED.
     """
+    SetActiveOrg: _aio.UnaryUnaryMultiCallable[_auth_pb2.SetActiveOrgRequest, _auth_pb2.SetActiveOrgResponse]  # type: ignore[assignment]
+    """Switches the active organization of a session, or clears it.
+
+    Public: the refresh token is the credential, and it is rotated exactly as
+    RefreshToken rotates it (same reuse detection and grace interval). The
+    returned pair carries `org_id` and `org_role`; the active org belongs to
+    the session and every later refresh keeps it. Needs a membership in the
+    org; a missing org and a missing membership both fail with
+    MEMBER_NOT_FOUND. An empty `org_id` clears the active org.
+    Fails with INVALID_ARGUMENT, TOKEN_INVALID, REFRESH_TOKEN_REUSED,
+    SESSION_REVOKED, SESSION_EXPIRED, MEMBER_NOT_FOUND.
+    """
+    WatchRevocations: _aio.UnaryStreamMultiCallable[_auth_pb2.WatchRevocationsRequest, _auth_pb2.WatchRevocationsResponse]  # type: ignore[assignment]
+    """Streams revocations so that local token verifiers refuse revoked and stale
+    tokens at once, without a call per request.
+
+    Needs an admin token or API key. The first response ends the replay of
+    everything after `after` (or is empty when `after` is empty); later
+    responses carry new events as they happen, from every replica, and an
+    empty response every few seconds as a heartbeat. Keep each revocation
+    until `retention_seconds` after receiving it: by then every token it
+    covers has expired. Reconnect with the last `position` to miss nothing.
+    Fails with PERMISSION_DENIED, INVALID_ARGUMENT (malformed `after`).
+    """
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]  # type: ignore[assignment]
     """Returns the public keys that verify access tokens, as an RFC 7517 JWK set.
 
@@ -151,10 +203,12 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     belongs to.
 
     Access tokens are JWTs signed with Ed25519 (`alg: EdDSA`, `kid` in the
-    header) carrying iss, aud, sub, sid, iat, exp, jti and role, and org_id and
-    org_role when the session has an active org. Verify them locally with the
-    keys of GetJwks, or ask Authenticate, which also knows about sign-out.
-    Refresh tokens are opaque; each one works once (see RefreshToken).
+    header) carrying iss, aud, sub, sid, iat, exp, jti, role and ver (the
+    session's claims version), and org_id and org_role when the session has an
+    active org. Verify them locally with the keys of GetJwks and the events of
+    WatchRevocations (the `authsvc_client` sidecar interceptor does both), or
+    ask Authenticate, which reads the live session. Refresh tokens are opaque;
+    each one works once (see RefreshToken).
     """
 
     @_abc_1.abstractmethod
@@ -224,6 +278,42 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         issuer, audience, expiry, and that the session is live, so a signed-out
         token fails here at once rather than at its expiry.
         Fails with TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED, SESSION_EXPIRED.
+        """
+
+    @_abc_1.abstractmethod
+    def SetActiveOrg(
+        self,
+        request: _auth_pb2.SetActiveOrgRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.SetActiveOrgResponse, _abc.Awaitable[_auth_pb2.SetActiveOrgResponse]]:
+        """Switches the active organization of a session, or clears it.
+
+        Public: the refresh token is the credential, and it is rotated exactly as
+        RefreshToken rotates it (same reuse detection and grace interval). The
+        returned pair carries `org_id` and `org_role`; the active org belongs to
+        the session and every later refresh keeps it. Needs a membership in the
+        org; a missing org and a missing membership both fail with
+        MEMBER_NOT_FOUND. An empty `org_id` clears the active org.
+        Fails with INVALID_ARGUMENT, TOKEN_INVALID, REFRESH_TOKEN_REUSED,
+        SESSION_REVOKED, SESSION_EXPIRED, MEMBER_NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchRevocations(
+        self,
+        request: _auth_pb2.WatchRevocationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_auth_pb2.WatchRevocationsResponse], _abc.AsyncIterator[_auth_pb2.WatchRevocationsResponse]]:
+        """Streams revocations so that local token verifiers refuse revoked and stale
+        tokens at once, without a call per request.
+
+        Needs an admin token or API key. The first response ends the replay of
+        everything after `after` (or is empty when `after` is empty); later
+        responses carry new events as they happen, from every replica, and an
+        empty response every few seconds as a heartbeat. Keep each revocation
+        until `retention_seconds` after receiving it: by then every token it
+        covers has expired. Reconnect with the last `position` to miss nothing.
+        Fails with PERMISSION_DENIED, INVALID_ARGUMENT (malformed `after`).
         """
 
     @_abc_1.abstractmethod

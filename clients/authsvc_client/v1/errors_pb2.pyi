@@ -76,6 +76,27 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INTERNAL: an unexpected failure; the server log has the details under the
     call's request id.
     """
+    ERROR_REASON_ORG_NOT_FOUND: _ErrorReason.ValueType  # 20
+    """NOT_FOUND: no organization with that id or slug."""
+    ERROR_REASON_ORG_SLUG_CONFLICT: _ErrorReason.ValueType  # 21
+    """ALREADY_EXISTS: another organization has this slug."""
+    ERROR_REASON_MEMBER_ALREADY_EXISTS: _ErrorReason.ValueType  # 22
+    """ALREADY_EXISTS: the user is already a member of the organization."""
+    ERROR_REASON_MEMBER_NOT_FOUND: _ErrorReason.ValueType  # 23
+    """NOT_FOUND: the user is not a member of the organization."""
+    ERROR_REASON_LAST_OWNER: _ErrorReason.ValueType  # 24
+    """FAILED_PRECONDITION: the change would leave the organization without an
+    owner.
+    """
+    ERROR_REASON_ORG_MISMATCH: _ErrorReason.ValueType  # 25
+    """PERMISSION_DENIED: the request names an organization other than the
+    session's active org, or the session has no active org.
+    """
+    ERROR_REASON_TOKEN_STALE: _ErrorReason.ValueType  # 26
+    """UNAUTHENTICATED: the token's claims (platform role, org, org role) changed
+    after it was minted; refresh to get a token with the current claims.
+    Sent by verifiers that check tokens locally (the sidecar interceptor).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call failed.
@@ -140,5 +161,26 @@ ERROR_REASON_BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 18
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 19
 """INTERNAL: an unexpected failure; the server log has the details under the
 call's request id.
+"""
+ERROR_REASON_ORG_NOT_FOUND: ErrorReason.ValueType  # 20
+"""NOT_FOUND: no organization with that id or slug."""
+ERROR_REASON_ORG_SLUG_CONFLICT: ErrorReason.ValueType  # 21
+"""ALREADY_EXISTS: another organization has this slug."""
+ERROR_REASON_MEMBER_ALREADY_EXISTS: ErrorReason.ValueType  # 22
+"""ALREADY_EXISTS: the user is already a member of the organization."""
+ERROR_REASON_MEMBER_NOT_FOUND: ErrorReason.ValueType  # 23
+"""NOT_FOUND: the user is not a member of the organization."""
+ERROR_REASON_LAST_OWNER: ErrorReason.ValueType  # 24
+"""FAILED_PRECONDITION: the change would leave the organization without an
+owner.
+"""
+ERROR_REASON_ORG_MISMATCH: ErrorReason.ValueType  # 25
+"""PERMISSION_DENIED: the request names an organization other than the
+session's active org, or the session has no active org.
+"""
+ERROR_REASON_TOKEN_STALE: ErrorReason.ValueType  # 26
+"""UNAUTHENTICATED: the token's claims (platform role, org, org role) changed
+after it was minted; refresh to get a token with the current claims.
+Sent by verifiers that check tokens locally (the sidecar interceptor).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -25,13 +25,13 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61uthsvc/v1/options.proto\x12\nauthsvc.v1\x1a google/protobuf/descriptor.proto*p\n\x06\x41\x63\x63\x65ss\x12\x16\n\x12\x41\x43\x43\x45SS_UNSPECIFIED\x10\x00\x12\x11\n\rACCESS_PUBLIC\x10\x01\x12\x0f\n\x0b\x41\x43\x43\x45SS_USER\x10\x02\x12\x18\n\x14\x41\x43\x43\x45SS_SELF_OR_ADMIN\x10\x03\x12\x10\n\x0c\x41\x43\x43\x45SS_ADMIN\x10\x04:D\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\xb5\x87\x03 \x01(\x0e\x32\x12.authsvc.v1.Accessb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61uthsvc/v1/options.proto\x12\nauthsvc.v1\x1a google/protobuf/descriptor.proto*\x80\x01\n\x06\x41\x63\x63\x65ss\x12\x16\n\x12\x41\x43\x43\x45SS_UNSPECIFIED\x10\x00\x12\x11\n\rACCESS_PUBLIC\x10\x01\x12\x0f\n\x0b\x41\x43\x43\x45SS_USER\x10\x02\x12\x18\n\x14\x41\x43\x43\x45SS_SELF_OR_ADMIN\x10\x03\x12\x10\n\x0c\x41\x43\x43\x45SS_ADMIN\x10\x04\x12\x0e\n\nACCESS_ORG\x10\x05:D\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\xb5\x87\x03 \x01(\x0e\x32\x12.authsvc.v1.Access:/\n\x06tenant\x12\x1d.google.protobuf.FieldOptions\x18\xb6\x87\x03 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'options_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACCESS']._serialized_start=74
-  _globals['_ACCESS']._serialized_end=186
+  _globals['_ACCESS']._serialized_start=75
+  _globals['_ACCESS']._serialized_end=203
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,14 @@ class _AccessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Access.ValueTy
     """
     ACCESS_ADMIN: _Access.ValueType  # 4
     """An admin access token or a service API key."""
+    ACCESS_ORG: _Access.ValueType  # 5
+    """Acts inside one organization, named by the request's `org_id` or
+    `org_slug`. A user's access token needs that org as its session's active
+    org (see AuthService.SetActiveOrg) and an org role high enough for what
+    the call does (the role table of OrgService); another active org, or
+    none, fails with ORG_MISMATCH before any lookup. An admin access token or
+    a service API key acts on any org.
+    """
 
 class Access(_Access, metaclass=_AccessEnumTypeWrapper):
     """Who may call an RPC.
@@ -66,8 +74,25 @@ before any lookup, so a user cannot probe which ids exist.
 """
 ACCESS_ADMIN: Access.ValueType  # 4
 """An admin access token or a service API key."""
+ACCESS_ORG: Access.ValueType  # 5
+"""Acts inside one organization, named by the request's `org_id` or
+`org_slug`. A user's access token needs that org as its session's active
+org (see AuthService.SetActiveOrg) and an org role high enough for what
+the call does (the role table of OrgService); another active org, or
+none, fails with ORG_MISMATCH before any lookup. An admin access token or
+a service API key acts on any org.
+"""
 Global___Access: _TypeAlias = Access  # noqa: Y015
 
 ACCESS_FIELD_NUMBER: _builtins.int
+TENANT_FIELD_NUMBER: _builtins.int
 access: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, Global___Access.ValueType]
 """The credential the method needs."""
+tenant: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.bool]
+"""Whether a request field names the tenant (the organization) the call acts
+in. The tenant-scoping client interceptor (`authsvc_client.scoping`)
+refuses, before sending, a request whose tenant field is set to anything
+but the caller's active org. Without this option a string field named
+`org_id` is a tenant field; set it to false on an `org_id` that is not
+one (for example the org a session switches to).
+"""

@@ -22,15 +22,86 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from . import options_pb2 as authsvc_dot_v1_dot_options__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61uthsvc/v1/orgs.proto\x12\nauthsvc.v1*`\n\x07OrgRole\x12\x18\n\x14ORG_ROLE_UNSPECIFIED\x10\x00\x12\x12\n\x0eORG_ROLE_OWNER\x10\x01\x12\x12\n\x0eORG_ROLE_ADMIN\x10\x02\x12\x13\n\x0fORG_ROLE_MEMBER\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61uthsvc/v1/orgs.proto\x12\nauthsvc.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8f\x01\n\x03Org\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04slug\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd9\x01\n\x06Member\x12\x14\n\x06org_id\x18\x01 \x01(\tB\x04\xb0\xbb\x18\x00\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12!\n\x04role\x18\x03 \x01(\x0e\x32\x13.authsvc.v1.OrgRole\x12\r\n\x05\x65mail\x18\x04 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"E\n\x10\x43reateOrgRequest\x12\x0c\n\x04slug\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\rowner_user_id\x18\x03 \x01(\t\"1\n\x11\x43reateOrgResponse\x12\x1c\n\x03org\x18\x01 \x01(\x0b\x32\x0f.authsvc.v1.Org\"1\n\rGetOrgRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x10\n\x08org_slug\x18\x02 \x01(\t\".\n\x0eGetOrgResponse\x12\x1c\n\x03org\x18\x01 \x01(\x0b\x32\x0f.authsvc.v1.Org\"\x83\x01\n\x10UpdateOrgRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x10\n\x08org_slug\x18\x02 \x01(\t\x12\x1c\n\x03org\x18\x03 \x01(\x0b\x32\x0f.authsvc.v1.Org\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"1\n\x11UpdateOrgResponse\x12\x1c\n\x03org\x18\x01 \x01(\x0b\x32\x0f.authsvc.v1.Org\"4\n\x10\x44\x65leteOrgRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x10\n\x08org_slug\x18\x02 \x01(\t\"\x13\n\x11\x44\x65leteOrgResponse\"I\n\x0fListOrgsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"J\n\x10ListOrgsResponse\x12\x1d\n\x04orgs\x18\x01 \x03(\x0b\x32\x0f.authsvc.v1.Org\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"h\n\x10\x41\x64\x64MemberRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x10\n\x08org_slug\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12!\n\x04role\x18\x04 \x01(\x0e\x32\x13.authsvc.v1.OrgRole\"7\n\x11\x41\x64\x64MemberResponse\x12\"\n\x06member\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.Member\"k\n\x13UpdateMemberRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x10\n\x08org_slug\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12!\n\x04role\x18\x04 \x01(\x0e\x32\x13.authsvc.v1.OrgRole\":\n\x14UpdateMemberResponse\x12\"\n\x06member\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.Member\"H\n\x13RemoveMemberRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x10\n\x08org_slug\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\"\x16\n\x14RemoveMemberResponse\"E\n\x10GetMemberRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x10\n\x08org_slug\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\"7\n\x11GetMemberResponse\x12\"\n\x06member\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.Member\"]\n\x12ListMembersRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x10\n\x08org_slug\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"S\n\x13ListMembersResponse\x12#\n\x07members\x18\x01 \x03(\x0b\x32\x12.authsvc.v1.Member\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*`\n\x07OrgRole\x12\x18\n\x14ORG_ROLE_UNSPECIFIED\x10\x00\x12\x12\n\x0eORG_ROLE_OWNER\x10\x01\x12\x12\n\x0eORG_ROLE_ADMIN\x10\x02\x12\x13\n\x0fORG_ROLE_MEMBER\x10\x03\x32\xb8\x06\n\nOrgService\x12N\n\tCreateOrg\x12\x1c.authsvc.v1.CreateOrgRequest\x1a\x1d.authsvc.v1.CreateOrgResponse\"\x04\xa8\xbb\x18\x03\x12\x45\n\x06GetOrg\x12\x19.authsvc.v1.GetOrgRequest\x1a\x1a.authsvc.v1.GetOrgResponse\"\x04\xa8\xbb\x18\x05\x12N\n\tUpdateOrg\x12\x1c.authsvc.v1.UpdateOrgRequest\x1a\x1d.authsvc.v1.UpdateOrgResponse\"\x04\xa8\xbb\x18\x05\x12N\n\tDeleteOrg\x12\x1c.authsvc.v1.DeleteOrgRequest\x1a\x1d.authsvc.v1.DeleteOrgResponse\"\x04\xa8\xbb\x18\x05\x12K\n\x08ListOrgs\x12\x1b.authsvc.v1.ListOrgsRequest\x1a\x1c.authsvc.v1.ListOrgsResponse\"\x04\xa8\xbb\x18\x03\x12N\n\tAddMember\x12\x1c.authsvc.v1.AddMemberRequest\x1a\x1d.authsvc.v1.AddMemberResponse\"\x04\xa8\xbb\x18\x05\x12W\n\x0cUpdateMember\x12\x1f.authsvc.v1.UpdateMemberRequest\x1a .authsvc.v1.UpdateMemberResponse\"\x04\xa8\xbb\x18\x05\x12W\n\x0cRemoveMember\x12\x1f.authsvc.v1.RemoveMemberRequest\x1a .authsvc.v1.RemoveMemberResponse\"\x04\xa8\xbb\x18\x05\x12N\n\tGetMember\x12\x1c.authsvc.v1.GetMemberRequest\x1a\x1d.authsvc.v1.GetMemberResponse\"\x04\xa8\xbb\x18\x05\x12T\n\x0bListMembers\x12\x1e.authsvc.v1.ListMembersRequest\x1a\x1f.authsvc.v1.ListMembersResponse\"\x04\xa8\xbb\x18\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orgs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ORGROLE']._serialized_start=37
-  _globals['_ORGROLE']._serialized_end=133
+  _globals['_MEMBER'].fields_by_name['org_id']._loaded_options = None
+  _globals['_MEMBER'].fields_by_name['org_id']._serialized_options = b'\260\273\030\000'
+  _globals['_ORGSERVICE'].methods_by_name['CreateOrg']._loaded_options = None
+  _globals['_ORGSERVICE'].methods_by_name['CreateOrg']._serialized_options = b'\250\273\030\003'
+  _globals['_ORGSERVICE'].methods_by_name['GetOrg']._loaded_options = None
+  _globals['_ORGSERVICE'].methods_by_name['GetOrg']._serialized_options = b'\250\273\030\005'
+  _globals['_ORGSERVICE'].methods_by_name['UpdateOrg']._loaded_options = None
+  _globals['_ORGSERVICE'].methods_by_name['UpdateOrg']._serialized_options = b'\250\273\030\005'
+  _globals['_ORGSERVICE'].methods_by_name['DeleteOrg']._loaded_options = None
+  _globals['_ORGSERVICE'].methods_by_name['DeleteOrg']._serialized_options = b'\250\273\030\005'
+  _globals['_ORGSERVICE'].methods_by_name['ListOrgs']._loaded_options = None
+  _globals['_ORGSERVICE'].methods_by_name['ListOrgs']._serialized_options = b'\250\273\030\003'
+  _globals['_ORGSERVICE'].methods_by_name['AddMember']._loaded_options = None
+  _globals['_ORGSERVICE'].methods_by_name['AddMember']._serialized_options = b'\250\273\030\005'
+  _globals['_ORGSERVICE'].methods_by_name['UpdateMember']._loaded_options = None
+  _globals['_ORGSERVICE'].methods_by_name['UpdateMember']._serialized_options = b'\250\273\030\005'
+  _globals['_ORGSERVICE'].methods_by_name['RemoveMember']._loaded_options = None
+  _globals['_ORGSERVICE'].methods_by_name['RemoveMember']._serialized_options = b'\250\273\030\005'
+  _globals['_ORGSERVICE'].methods_by_name['GetMember']._loaded_options = None
+  _globals['_ORGSERVICE'].methods_by_name['GetMember']._serialized_options = b'\250\273\030\005'
+  _globals['_ORGSERVICE'].methods_by_name['ListMembers']._loaded_options = None
+  _globals['_ORGSERVICE'].methods_by_name['ListMembers']._serialized_options = b'\250\273\030\005'
+  _globals['_ORGROLE']._serialized_start=1866
+  _globals['_ORGROLE']._serialized_end=1962
+  _globals['_ORG']._serialized_start=131
+  _globals['_ORG']._serialized_end=274
+  _globals['_MEMBER']._serialized_start=277
+  _globals['_MEMBER']._serialized_end=494
+  _globals['_CREATEORGREQUEST']._serialized_start=496
+  _globals['_CREATEORGREQUEST']._serialized_end=565
+  _globals['_CREATEORGRESPONSE']._serialized_start=567
+  _globals['_CREATEORGRESPONSE']._serialized_end=616
+  _globals['_GETORGREQUEST']._serialized_start=618
+  _globals['_GETORGREQUEST']._serialized_end=667
+  _globals['_GETORGRESPONSE']._serialized_start=669
+  _globals['_GETORGRESPONSE']._serialized_end=715
+  _globals['_UPDATEORGREQUEST']._serialized_start=718
+  _globals['_UPDATEORGREQUEST']._serialized_end=849
+  _globals['_UPDATEORGRESPONSE']._serialized_start=851
+  _globals['_UPDATEORGRESPONSE']._serialized_end=900
+  _globals['_DELETEORGREQUEST']._serialized_start=902
+  _globals['_DELETEORGREQUEST']._serialized_end=954
+  _globals['_DELETEORGRESPONSE']._serialized_start=956
+  _globals['_DELETEORGRESPONSE']._serialized_end=975
+  _globals['_LISTORGSREQUEST']._serialized_start=977
+  _globals['_LISTORGSREQUEST']._serialized_end=1050
+  _globals['_LISTORGSRESPONSE']._serialized_start=1052
+  _globals['_LISTORGSRESPONSE']._serialized_end=1126
+  _globals['_ADDMEMBERREQUEST']._serialized_start=1128
+  _globals['_ADDMEMBERREQUEST']._serialized_end=1232
+  _globals['_ADDMEMBERRESPONSE']._serialized_start=1234
+  _globals['_ADDMEMBERRESPONSE']._serialized_end=1289
+  _globals['_UPDATEMEMBERREQUEST']._serialized_start=1291
+  _globals['_UPDATEMEMBERREQUEST']._serialized_end=1398
+  _globals['_UPDATEMEMBERRESPONSE']._serialized_start=1400
+  _globals['_UPDATEMEMBERRESPONSE']._serialized_end=1458
+  _globals['_REMOVEMEMBERREQUEST']._serialized_start=1460
+  _globals['_REMOVEMEMBERREQUEST']._serialized_end=1532
+  _globals['_REMOVEMEMBERRESPONSE']._serialized_start=1534
+  _globals['_REMOVEMEMBERRESPONSE']._serialized_end=1556
+  _globals['_GETMEMBERREQUEST']._serialized_start=1558
+  _globals['_GETMEMBERREQUEST']._serialized_end=1627
+  _globals['_GETMEMBERRESPONSE']._serialized_start=1629
+  _globals['_GETMEMBERRESPONSE']._serialized_end=1684
+  _globals['_LISTMEMBERSREQUEST']._serialized_start=1686
+  _globals['_LISTMEMBERSREQUEST']._serialized_end=1779
+  _globals['_LISTMEMBERSRESPONSE']._serialized_start=1781
+  _globals['_LISTMEMBERSRESPONSE']._serialized_end=1864
+  _globals['_ORGSERVICE']._serialized_start=1965
+  _globals['_ORGSERVICE']._serialized_end=2789
 # @@protoc_insertion_point(module_scope)

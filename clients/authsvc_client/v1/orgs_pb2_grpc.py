@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from . import orgs_pb2 as authsvc_dot_v1_dot_orgs__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,580 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class OrgServiceStub:
+    """Organizations (tenants) and their members.
+
+    Org-scoped calls (ACCESS_ORG) name one org by `org_id` or `org_slug`
+    (exactly one). A user acts in an org through a session whose active org it
+    is (AuthService.SetActiveOrg), with the role they hold there now:
+
+    | action                                        | member | admin | owner |
+    |-----------------------------------------------|--------|-------|-------|
+    | read the org, its members, one member         | yes    | yes   | yes   |
+    | leave the org (remove oneself)                | yes    | yes   | yes   |
+    | update the org's name or slug                 | no     | yes   | yes   |
+    | add a member or admin                         | no     | yes   | yes   |
+    | change a role between member and admin        | no     | yes   | yes   |
+    | remove a member or admin                      | no     | yes   | yes   |
+    | add an owner, make or unmake an owner         | no     | no    | yes   |
+    | remove an owner                               | no     | no    | yes   |
+    | delete the org                                | no     | no    | yes   |
+
+    A platform admin's access token and a service API key may do everything
+    on every org, without an active org. An org never loses its last owner:
+    removing or demoting it fails with LAST_OWNER.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateOrg = channel.unary_unary(
+                '/authsvc.v1.OrgService/CreateOrg',
+                request_serializer=authsvc_dot_v1_dot_orgs__pb2.CreateOrgRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_orgs__pb2.CreateOrgResponse.FromString,
+                _registered_method=True)
+        self.GetOrg = channel.unary_unary(
+                '/authsvc.v1.OrgService/GetOrg',
+                request_serializer=authsvc_dot_v1_dot_orgs__pb2.GetOrgRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_orgs__pb2.GetOrgResponse.FromString,
+                _registered_method=True)
+        self.UpdateOrg = channel.unary_unary(
+                '/authsvc.v1.OrgService/UpdateOrg',
+                request_serializer=authsvc_dot_v1_dot_orgs__pb2.UpdateOrgRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_orgs__pb2.UpdateOrgResponse.FromString,
+                _registered_method=True)
+        self.DeleteOrg = channel.unary_unary(
+                '/authsvc.v1.OrgService/DeleteOrg',
+                request_serializer=authsvc_dot_v1_dot_orgs__pb2.DeleteOrgRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_orgs__pb2.DeleteOrgResponse.FromString,
+                _registered_method=True)
+        self.ListOrgs = channel.unary_unary(
+                '/authsvc.v1.OrgService/ListOrgs',
+                request_serializer=authsvc_dot_v1_dot_orgs__pb2.ListOrgsRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_orgs__pb2.ListOrgsResponse.FromString,
+                _registered_method=True)
+        self.AddMember = channel.unary_unary(
+                '/authsvc.v1.OrgService/AddMember',
+                request_serializer=authsvc_dot_v1_dot_orgs__pb2.AddMemberRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_orgs__pb2.AddMemberResponse.FromString,
+                _registered_method=True)
+        self.UpdateMember = channel.unary_unary(
+                '/authsvc.v1.OrgService/UpdateMember',
+                request_serializer=authsvc_dot_v1_dot_orgs__pb2.UpdateMemberRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_orgs__pb2.UpdateMemberResponse.FromString,
+                _registered_method=True)
+        self.RemoveMember = channel.unary_unary(
+                '/authsvc.v1.OrgService/RemoveMember',
+                request_serializer=authsvc_dot_v1_dot_orgs__pb2.RemoveMemberRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_orgs__pb2.RemoveMemberResponse.FromString,
+                _registered_method=True)
+        self.GetMember = channel.unary_unary(
+                '/authsvc.v1.OrgService/GetMember',
+                request_serializer=authsvc_dot_v1_dot_orgs__pb2.GetMemberRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_orgs__pb2.GetMemberResponse.FromString,
+                _registered_method=True)
+        self.ListMembers = channel.unary_unary(
+                '/authsvc.v1.OrgService/ListMembers',
+                request_serializer=authsvc_dot_v1_dot_orgs__pb2.ListMembersRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_orgs__pb2.ListMembersResponse.FromString,
+                _registered_method=True)
+
+
+class OrgServiceServicer:
+    """Organizations (tenants) and their members.
+
+    Org-scoped calls (ACCESS_ORG) name one org by `org_id` or `org_slug`
+    (exactly one). A user acts in an org through a session whose active org it
+    is (AuthService.SetActiveOrg), with the role they hold there now:
+
+    | action                                        | member | admin | owner |
+    |-----------------------------------------------|--------|-------|-------|
+    | read the org, its members, one member         | yes    | yes   | yes   |
+    | leave the org (remove oneself)                | yes    | yes   | yes   |
+    | update the org's name or slug                 | no     | yes   | yes   |
+    | add a member or admin                         | no     | yes   | yes   |
+    | change a role between member and admin        | no     | yes   | yes   |
+    | remove a member or admin                      | no     | yes   | yes   |
+    | add an owner, make or unmake an owner         | no     | no    | yes   |
+    | remove an owner                               | no     | no    | yes   |
+    | delete the org                                | no     | no    | yes   |
+
+    A platform admin's access token and a service API key may do everything
+    on every org, without an active org. An org never loses its last owner:
+    removing or demoting it fails with LAST_OWNER.
+    """
+
+    def CreateOrg(self, request, context):
+        """Creates an organization; its creator becomes its owner.
+
+        A user creates an org they own (leave `owner_user_id` empty or give their
+        own id); an admin token or API key may name any user as owner (an API key
+        must name one).
+        Fails with INVALID_ARGUMENT, PERMISSION_DENIED, ORG_SLUG_CONFLICT,
+        USER_NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOrg(self, request, context):
+        """Returns one organization, by id or by slug.
+
+        Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
+        PERMISSION_DENIED, ORG_NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateOrg(self, request, context):
+        """Changes the fields of an organization named in `update_mask` (AIP-134).
+
+        The org is named by `org_id` or `org_slug`; `org.slug`, with `slug` in the
+        mask, is its new slug. Needs admin or owner.
+        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+        ORG_NOT_FOUND, ORG_SLUG_CONFLICT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteOrg(self, request, context):
+        """Deletes an organization and every membership in it.
+
+        Sessions whose active org it was lose it: Authenticate shows no org for
+        them at once, and their next refresh carries none. Needs owner.
+        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+        ORG_NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOrgs(self, request, context):
+        """Lists organizations, oldest first, a page at a time (AIP-158).
+
+        A user lists the orgs they belong to (leave `user_id` empty or give their
+        own id); an admin token or API key lists a user's orgs, or every org when
+        `user_id` is empty.
+        Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddMember(self, request, context):
+        """Adds a user to an organization.
+
+        Needs admin or owner; adding an owner needs owner.
+        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+        ORG_NOT_FOUND, USER_NOT_FOUND, MEMBER_ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateMember(self, request, context):
+        """Changes a member's role.
+
+        Needs admin or owner; a change to or from owner needs owner. The member's
+        Authenticate shows the new role at once and their next refresh carries it.
+        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+        ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveMember(self, request, context):
+        """Removes a user from an organization.
+
+        Any member may remove themselves (leave); removing someone else needs
+        admin or owner, and removing an owner needs owner. Sessions of the user
+        whose active org it was lose it at once.
+        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+        ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMember(self, request, context):
+        """Returns one membership.
+
+        Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
+        PERMISSION_DENIED, ORG_NOT_FOUND, MEMBER_NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMembers(self, request, context):
+        """Lists an organization's members, oldest membership first (AIP-158).
+
+        Needs any role in the org. Fails with INVALID_ARGUMENT,
+        INVALID_PAGE_TOKEN, ORG_MISMATCH, PERMISSION_DENIED, ORG_NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_OrgServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateOrg': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateOrg,
+                    request_deserializer=authsvc_dot_v1_dot_orgs__pb2.CreateOrgRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_orgs__pb2.CreateOrgResponse.SerializeToString,
+            ),
+            'GetOrg': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOrg,
+                    request_deserializer=authsvc_dot_v1_dot_orgs__pb2.GetOrgRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_orgs__pb2.GetOrgResponse.SerializeToString,
+            ),
+            'UpdateOrg': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateOrg,
+                    request_deserializer=authsvc_dot_v1_dot_orgs__pb2.UpdateOrgRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_orgs__pb2.UpdateOrgResponse.SerializeToString,
+            ),
+            'DeleteOrg': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteOrg,
+                    request_deserializer=authsvc_dot_v1_dot_orgs__pb2.DeleteOrgRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_orgs__pb2.DeleteOrgResponse.SerializeToString,
+            ),
+            'ListOrgs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOrgs,
+                    request_deserializer=authsvc_dot_v1_dot_orgs__pb2.ListOrgsRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_orgs__pb2.ListOrgsResponse.SerializeToString,
+            ),
+            'AddMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddMember,
+                    request_deserializer=authsvc_dot_v1_dot_orgs__pb2.AddMemberRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_orgs__pb2.AddMemberResponse.SerializeToString,
+            ),
+            'UpdateMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateMember,
+                    request_deserializer=authsvc_dot_v1_dot_orgs__pb2.UpdateMemberRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_orgs__pb2.UpdateMemberResponse.SerializeToString,
+            ),
+            'RemoveMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveMember,
+                    request_deserializer=authsvc_dot_v1_dot_orgs__pb2.RemoveMemberRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_orgs__pb2.RemoveMemberResponse.SerializeToString,
+            ),
+            'GetMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMember,
+                    request_deserializer=authsvc_dot_v1_dot_orgs__pb2.GetMemberRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_orgs__pb2.GetMemberResponse.SerializeToString,
+            ),
+            'ListMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMembers,
+                    request_deserializer=authsvc_dot_v1_dot_orgs__pb2.ListMembersRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_orgs__pb2.ListMembersResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'authsvc.v1.OrgService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('authsvc.v1.OrgService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class OrgService:
+    """Organizations (tenants) and their members.
+
+    Org-scoped calls (ACCESS_ORG) name one org by `org_id` or `org_slug`
+    (exactly one). A user acts in an org through a session whose active org it
+    is (AuthService.SetActiveOrg), with the role they hold there now:
+
+    | action                                        | member | admin | owner |
+    |-----------------------------------------------|--------|-------|-------|
+    | read the org, its members, one member         | yes    | yes   | yes   |
+    | leave the org (remove oneself)                | yes    | yes   | yes   |
+    | update the org's name or slug                 | no     | yes   | yes   |
+    | add a member or admin                         | no     | yes   | yes   |
+    | change a role between member and admin        | no     | yes   | yes   |
+    | remove a member or admin                      | no     | yes   | yes   |
+    | add an owner, make or unmake an owner         | no     | no    | yes   |
+    | remove an owner                               | no     | no    | yes   |
+    | delete the org                                | no     | no    | yes   |
+
+    A platform admin's access token and a service API key may do everything
+    on every org, without an active org. An org never loses its last owner:
+    removing or demoting it fails with LAST_OWNER.
+    """
+
+    @staticmethod
+    def CreateOrg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.OrgService/CreateOrg',
+            authsvc_dot_v1_dot_orgs__pb2.CreateOrgRequest.SerializeToString,
+            authsvc_dot_v1_dot_orgs__pb2.CreateOrgResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOrg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.OrgService/GetOrg',
+            authsvc_dot_v1_dot_orgs__pb2.GetOrgRequest.SerializeToString,
+            authsvc_dot_v1_dot_orgs__pb2.GetOrgResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateOrg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.OrgService/UpdateOrg',
+            authsvc_dot_v1_dot_orgs__pb2.UpdateOrgRequest.SerializeToString,
+            authsvc_dot_v1_dot_orgs__pb2.UpdateOrgResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteOrg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.OrgService/DeleteOrg',
+            authsvc_dot_v1_dot_orgs__pb2.DeleteOrgRequest.SerializeToString,
+            authsvc_dot_v1_dot_orgs__pb2.DeleteOrgResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOrgs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.OrgService/ListOrgs',
+            authsvc_dot_v1_dot_orgs__pb2.ListOrgsRequest.SerializeToString,
+            authsvc_dot_v1_dot_orgs__pb2.ListOrgsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.OrgService/AddMember',
+            authsvc_dot_v1_dot_orgs__pb2.AddMemberRequest.SerializeToString,
+            authsvc_dot_v1_dot_orgs__pb2.AddMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.OrgService/UpdateMember',
+            authsvc_dot_v1_dot_orgs__pb2.UpdateMemberRequest.SerializeToString,
+            authsvc_dot_v1_dot_orgs__pb2.UpdateMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.OrgService/RemoveMember',
+            authsvc_dot_v1_dot_orgs__pb2.RemoveMemberRequest.SerializeToString,
+            authsvc_dot_v1_dot_orgs__pb2.RemoveMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.OrgService/GetMember',
+            authsvc_dot_v1_dot_orgs__pb2.GetMemberRequest.SerializeToString,
+            authsvc_dot_v1_dot_orgs__pb2.GetMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.OrgService/ListMembers',
+            authsvc_dot_v1_dot_orgs__pb2.ListMembersRequest.SerializeToString,
+            authsvc_dot_v1_dot_orgs__pb2.ListMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

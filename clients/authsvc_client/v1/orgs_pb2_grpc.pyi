@@ -3,11 +3,18 @@
 isort:skip_file
 """
 
+from . import orgs_pb2 as _orgs_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
+import sys
 import typing as _typing
+
+if sys.version_info >= (3, 11):
+    from typing import Self as _Self
+else:
+    from typing_extensions import Self as _Self
 
 _T = _typing.TypeVar("_T")
 
@@ -18,3 +25,370 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
+
+class OrgServiceStub:
+    """Organizations (tenants) and their members.
+
+    Org-scoped calls (ACCESS_ORG) name one org by `org_id` or `org_slug`
+    (exactly one). A user acts in an org through a session whose active org it
+    is (AuthService.SetActiveOrg), with the role they hold there now:
+
+    | action                                        | member | admin | owner |
+    |-----------------------------------------------|--------|-------|-------|
+    | read the org, its members, one member         | yes    | yes   | yes   |
+    | leave the org (remove oneself)                | yes    | yes   | yes   |
+    | update the org's name or slug                 | no     | yes   | yes   |
+    | add a member or admin                         | no     | yes   | yes   |
+    | change a role between member and admin        | no     | yes   | yes   |
+    | remove a member or admin                      | no     | yes   | yes   |
+    | add an owner, make or unmake an owner         | no     | no    | yes   |
+    | remove an owner                               | no     | no    | yes   |
+    | delete the org                                | no     | no    | yes   |
+
+    A platform admin's access token and a service API key may do everything
+    on every org, without an active org. An org never loses its last owner:
+    removing or demoting it fails with LAST_OWNER.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> OrgServiceAsyncStub: ...
+    CreateOrg: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.CreateOrgRequest, _orgs_pb2.CreateOrgResponse]
+    """Creates an organization; its creator becomes its owner.
+
+    A user creates an org they own (leave `owner_user_id` empty or give their
+    own id); an admin token or API key may name any user as owner (an API key
+    must name one).
+    Fails with INVALID_ARGUMENT, PERMISSION_DENIED, ORG_SLUG_CONFLICT,
+    USER_NOT_FOUND.
+    """
+    GetOrg: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.GetOrgRequest, _orgs_pb2.GetOrgResponse]
+    """Returns one organization, by id or by slug.
+
+    Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
+    PERMISSION_DENIED, ORG_NOT_FOUND.
+    """
+    UpdateOrg: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.UpdateOrgRequest, _orgs_pb2.UpdateOrgResponse]
+    """Changes the fields of an organization named in `update_mask` (AIP-134).
+
+    The org is named by `org_id` or `org_slug`; `org.slug`, with `slug` in the
+    mask, is its new slug. Needs admin or owner.
+    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+    ORG_NOT_FOUND, ORG_SLUG_CONFLICT.
+    """
+    DeleteOrg: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.DeleteOrgRequest, _orgs_pb2.DeleteOrgResponse]
+    """Deletes an organization and every membership in it.
+
+    Sessions whose active org it was lose it: Authenticate shows no org for
+    them at once, and their next refresh carries none. Needs owner.
+    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+    ORG_NOT_FOUND.
+    """
+    ListOrgs: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.ListOrgsRequest, _orgs_pb2.ListOrgsResponse]
+    """Lists organizations, oldest first, a page at a time (AIP-158).
+
+    A user lists the orgs they belong to (leave `user_id` empty or give their
+    own id); an admin token or API key lists a user's orgs, or every org when
+    `user_id` is empty.
+    Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
+    """
+    AddMember: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.AddMemberRequest, _orgs_pb2.AddMemberResponse]
+    """Adds a user to an organization.
+
+    Needs admin or owner; adding an owner needs owner.
+    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+    ORG_NOT_FOUND, USER_NOT_FOUND, MEMBER_ALREADY_EXISTS.
+    """
+    UpdateMember: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.UpdateMemberRequest, _orgs_pb2.UpdateMemberResponse]
+    """Changes a member's role.
+
+    Needs admin or owner; a change to or from owner needs owner. The member's
+    Authenticate shows the new role at once and their next refresh carries it.
+    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+    ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
+    """
+    RemoveMember: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.RemoveMemberRequest, _orgs_pb2.RemoveMemberResponse]
+    """Removes a user from an organization.
+
+    Any member may remove themselves (leave); removing someone else needs
+    admin or owner, and removing an owner needs owner. Sessions of the user
+    whose active org it was lose it at once.
+    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+    ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
+    """
+    GetMember: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.GetMemberRequest, _orgs_pb2.GetMemberResponse]
+    """Returns one membership.
+
+    Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
+    PERMISSION_DENIED, ORG_NOT_FOUND, MEMBER_NOT_FOUND.
+    """
+    ListMembers: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.ListMembersRequest, _orgs_pb2.ListMembersResponse]
+    """Lists an organization's members, oldest membership first (AIP-158).
+
+    Needs any role in the org. Fails with INVALID_ARGUMENT,
+    INVALID_PAGE_TOKEN, ORG_MISMATCH, PERMISSION_DENIED, ORG_NOT_FOUND.
+    """
+
+@_typing.type_check_only
+class OrgServiceAsyncStub(OrgServiceStub):
+    """Organizations (tenants) and their members.
+
+    Org-scoped calls (ACCESS_ORG) name one org by `org_id` or `org_slug`
+    (exactly one). A user acts in an org through a session whose active org it
+    is (AuthService.SetActiveOrg), with the role they hold there now:
+
+    | action                                        | member | admin | owner |
+    |-----------------------------------------------|--------|-------|-------|
+    | read the org, its members, one member         | yes    | yes   | yes   |
+    | leave the org (remove oneself)                | yes    | yes   | yes   |
+    | update the org's name or slug                 | no     | yes   | yes   |
+    | add a member or admin                         | no     | yes   | yes   |
+    | change a role between member and admin        | no     | yes   | yes   |
+    | remove a member or admin                      | no     | yes   | yes   |
+    | add an owner, make or unmake an owner         | no     | no    | yes   |
+    | remove an owner                               | no     | no    | yes   |
+    | delete the org                                | no     | no    | yes   |
+
+    A platform admin's access token and a service API key may do everything
+    on every org, without an active org. An org never loses its last owner:
+    removing or demoting it fails with LAST_OWNER.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateOrg: _aio.UnaryUnaryMultiCallable[_orgs_pb2.CreateOrgRequest, _orgs_pb2.CreateOrgResponse]  # type: ignore[assignment]
+    """Creates an organization; its creator becomes its owner.
+
+    A user creates an org they own (leave `owner_user_id` empty or give their
+    own id); an admin token or API key may name any user as owner (an API key
+    must name one).
+    Fails with INVALID_ARGUMENT, PERMISSION_DENIED, ORG_SLUG_CONFLICT,
+    USER_NOT_FOUND.
+    """
+    GetOrg: _aio.UnaryUnaryMultiCallable[_orgs_pb2.GetOrgRequest, _orgs_pb2.GetOrgResponse]  # type: ignore[assignment]
+    """Returns one organization, by id or by slug.
+
+    Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
+    PERMISSION_DENIED, ORG_NOT_FOUND.
+    """
+    UpdateOrg: _aio.UnaryUnaryMultiCallable[_orgs_pb2.UpdateOrgRequest, _orgs_pb2.UpdateOrgResponse]  # type: ignore[assignment]
+    """Changes the fields of an organization named in `update_mask` (AIP-134).
+
+    The org is named by `org_id` or `org_slug`; `org.slug`, with `slug` in the
+    mask, is its new slug. Needs admin or owner.
+    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+    ORG_NOT_FOUND, ORG_SLUG_CONFLICT.
+    """
+    DeleteOrg: _aio.UnaryUnaryMultiCallable[_orgs_pb2.DeleteOrgRequest, _orgs_pb2.DeleteOrgResponse]  # type: ignore[assignment]
+    """Deletes an organization and every membership in it.
+
+    Sessions whose active org it was lose it: Authenticate shows no org for
+    them at once, and their next refresh carries none. Needs owner.
+    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+    ORG_NOT_FOUND.
+    """
+    ListOrgs: _aio.UnaryUnaryMultiCallable[_orgs_pb2.ListOrgsRequest, _orgs_pb2.ListOrgsResponse]  # type: ignore[assignment]
+    """Lists organizations, oldest first, a page at a time (AIP-158).
+
+    A user lists the orgs they belong to (leave `user_id` empty or give their
+    own id); an admin token or API key lists a user's orgs, or every org when
+    `user_id` is empty.
+    Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
+    """
+    AddMember: _aio.UnaryUnaryMultiCallable[_orgs_pb2.AddMemberRequest, _orgs_pb2.AddMemberResponse]  # type: ignore[assignment]
+    """Adds a user to an organization.
+
+    Needs admin or owner; adding an owner needs owner.
+    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+    ORG_NOT_FOUND, USER_NOT_FOUND, MEMBER_ALREADY_EXISTS.
+    """
+    UpdateMember: _aio.UnaryUnaryMultiCallable[_orgs_pb2.UpdateMemberRequest, _orgs_pb2.UpdateMemberResponse]  # type: ignore[assignment]
+    """Changes a member's role.
+
+    Needs admin or owner; a change to or from owner needs owner. The member's
+    Authenticate shows the new role at once and their next refresh carries it.
+    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+    ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
+    """
+    RemoveMember: _aio.UnaryUnaryMultiCallable[_orgs_pb2.RemoveMemberRequest, _orgs_pb2.RemoveMemberResponse]  # type: ignore[assignment]
+    """Removes a user from an organization.
+
+    Any member may remove themselves (leave); removing someone else needs
+    admin or owner, and removing an owner needs owner. Sessions of the user
+    whose active org it was lose it at once.
+    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+    ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
+    """
+    GetMember: _aio.UnaryUnaryMultiCallable[_orgs_pb2.GetMemberRequest, _orgs_pb2.GetMemberResponse]  # type: ignore[assignment]
+    """Returns one membership.
+
+    Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
+    PERMISSION_DENIED, ORG_NOT_FOUND, MEMBER_NOT_FOUND.
+    """
+    ListMembers: _aio.UnaryUnaryMultiCallable[_orgs_pb2.ListMembersRequest, _orgs_pb2.ListMembersResponse]  # type: ignore[assignment]
+    """Lists an organization's members, oldest membership first (AIP-158).
+
+    Needs any role in the org. Fails with INVALID_ARGUMENT,
+    INVALID_PAGE_TOKEN, ORG_MISMATCH, PERMISSION_DENIED, ORG_NOT_FOUND.
+    """
+
+class OrgServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Organizations (tenants) and their members.
+
+    Org-scoped calls (ACCESS_ORG) name one org by `org_id` or `org_slug`
+    (exactly one). A user acts in an org through a session whose active org it
+    is (AuthService.SetActiveOrg), with the role they hold there now:
+
+    | action                                        | member | admin | owner |
+    |-----------------------------------------------|--------|-------|-------|
+    | read the org, its members, one member         | yes    | yes   | yes   |
+    | leave the org (remove oneself)                | yes    | yes   | yes   |
+    | update the org's name or slug                 | no     | yes   | yes   |
+    | add a member or admin                         | no     | yes   | yes   |
+    | change a role between member and admin        | no     | yes   | yes   |
+    | remove a member or admin                      | no     | yes   | yes   |
+    | add an owner, make or unmake an owner         | no     | no    | yes   |
+    | remove an owner                               | no     | no    | yes   |
+    | delete the org                                | no     | no    | yes   |
+
+    A platform admin's access token and a service API key may do everything
+    on every org, without an active org. An org never loses its last owner:
+    removing or demoting it fails with LAST_OWNER.
+    """
+
+    @_abc_1.abstractmethod
+    def CreateOrg(
+        self,
+        request: _orgs_pb2.CreateOrgRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orgs_pb2.CreateOrgResponse, _abc.Awaitable[_orgs_pb2.CreateOrgResponse]]:
+        """Creates an organization; its creator becomes its owner.
+
+        A user creates an org they own (leave `owner_user_id` empty or give their
+        own id); an admin token or API key may name any user as owner (an API key
+        must name one).
+        Fails with INVALID_ARGUMENT, PERMISSION_DENIED, ORG_SLUG_CONFLICT,
+        USER_NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def GetOrg(
+        self,
+        request: _orgs_pb2.GetOrgRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orgs_pb2.GetOrgResponse, _abc.Awaitable[_orgs_pb2.GetOrgResponse]]:
+        """Returns one organization, by id or by slug.
+
+        Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
+        PERMISSION_DENIED, ORG_NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateOrg(
+        self,
+        request: _orgs_pb2.UpdateOrgRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orgs_pb2.UpdateOrgResponse, _abc.Awaitable[_orgs_pb2.UpdateOrgResponse]]:
+        """Changes the fields of an organization named in `update_mask` (AIP-134).
+
+        The org is named by `org_id` or `org_slug`; `org.slug`, with `slug` in the
+        mask, is its new slug. Needs admin or owner.
+        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+        ORG_NOT_FOUND, ORG_SLUG_CONFLICT.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteOrg(
+        self,
+        request: _orgs_pb2.DeleteOrgRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orgs_pb2.DeleteOrgResponse, _abc.Awaitable[_orgs_pb2.DeleteOrgResponse]]:
+        """Deletes an organization and every membership in it.
+
+        Sessions whose active org it was lose it: Authenticate shows no org for
+        them at once, and their next refresh carries none. Needs owner.
+        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+        ORG_NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ListOrgs(
+        self,
+        request: _orgs_pb2.ListOrgsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orgs_pb2.ListOrgsResponse, _abc.Awaitable[_orgs_pb2.ListOrgsResponse]]:
+        """Lists organizations, oldest first, a page at a time (AIP-158).
+
+        A user lists the orgs they belong to (leave `user_id` empty or give their
+        own id); an admin token or API key lists a user's orgs, or every org when
+        `user_id` is empty.
+        Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def AddMember(
+        self,
+        request: _orgs_pb2.AddMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orgs_pb2.AddMemberResponse, _abc.Awaitable[_orgs_pb2.AddMemberResponse]]:
+        """Adds a user to an organization.
+
+        Needs admin or owner; adding an owner needs owner.
+        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+        ORG_NOT_FOUND, USER_NOT_FOUND, MEMBER_ALREADY_EXISTS.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateMember(
+        self,
+        request: _orgs_pb2.UpdateMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orgs_pb2.UpdateMemberResponse, _abc.Awaitable[_orgs_pb2.UpdateMemberResponse]]:
+        """Changes a member's role.
+
+        Needs admin or owner; a change to or from owner needs owner. The member's
+        Authenticate shows the new role at once and their next refresh carries it.
+        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+        ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveMember(
+        self,
+        request: _orgs_pb2.RemoveMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orgs_pb2.RemoveMemberResponse, _abc.Awaitable[_orgs_pb2.RemoveMemberResponse]]:
+        """Removes a user from an organization.
+
+        Any member may remove themselves (leave); removing someone else needs
+        admin or owner, and removing an owner needs owner. Sessions of the user
+        whose active org it was lose it at once.
+        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
+        ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
+        """
+
+    @_abc_1.abstractmethod
+    def GetMember(
+        self,
+        request: _orgs_pb2.GetMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orgs_pb2.GetMemberResponse, _abc.Awaitable[_orgs_pb2.GetMemberResponse]]:
+        """Returns one membership.
+
+        Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
+        PERMISSION_DENIED, ORG_NOT_FOUND, MEMBER_NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ListMembers(
+        self,
+        request: _orgs_pb2.ListMembersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orgs_pb2.ListMembersResponse, _abc.Awaitable[_orgs_pb2.ListMembersResponse]]:
+        """Lists an organization's members, oldest membership first (AIP-158).
+
+        Needs any role in the org. Fails with INVALID_ARGUMENT,
+        INVALID_PAGE_TOKEN, ORG_MISMATCH, PERMISSION_DENIED, ORG_NOT_FOUND.
+        """
+
+def add_OrgServiceServicer_to_server(servicer: OrgServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

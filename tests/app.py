@@ -25,9 +25,22 @@ from authsvc import logs
 from authsvc.app import Server, build_server
 from authsvc.config import Settings
 from authsvc.storage import migrate
-from authsvc.storage.tables import refresh_tokens, sessions, signing_keys, users
+from authsvc.storage.tables import (
+    memberships,
+    orgs,
+    refresh_tokens,
+    sessions,
+    signing_keys,
+    users,
+)
 from authsvc_client.errors import AuthsvcError, from_rpc_error
-from authsvc_client.v1 import auth_pb2, auth_pb2_grpc, sessions_pb2_grpc, users_pb2_grpc
+from authsvc_client.v1 import (
+    auth_pb2,
+    auth_pb2_grpc,
+    orgs_pb2_grpc,
+    sessions_pb2_grpc,
+    users_pb2_grpc,
+)
 
 SECRET_KEY = "test-secret-key-0123456789-abcdefghijklmnop"
 API_KEY = "ak_test_service_key_0123456789abcdef"
@@ -53,6 +66,7 @@ class Api:
     auth: auth_pb2_grpc.AuthServiceAsyncStub = field(init=False)
     users: users_pb2_grpc.UserServiceAsyncStub = field(init=False)
     sessions: sessions_pb2_grpc.SessionServiceAsyncStub = field(init=False)
+    orgs: orgs_pb2_grpc.OrgServiceAsyncStub = field(init=False)
 
     def __post_init__(self) -> None:
         # The stubs' __new__ overloads pick the sync type for an aio channel
@@ -60,6 +74,7 @@ class Api:
         self.auth = cast(Any, auth_pb2_grpc.AuthServiceStub(self.channel))
         self.users = cast(Any, users_pb2_grpc.UserServiceStub(self.channel))
         self.sessions = cast(Any, sessions_pb2_grpc.SessionServiceStub(self.channel))
+        self.orgs = cast(Any, orgs_pb2_grpc.OrgServiceStub(self.channel))
 
     @property
     def settings(self) -> Settings:
@@ -85,7 +100,7 @@ class Api:
         """Every row of every table, to prove a failed call changed nothing."""
         out: dict[str, list[tuple[Any, ...]]] = {}
         async with self.server.core.db.reader() as tx:
-            for table in (users, sessions, refresh_tokens, signing_keys):
+            for table in (users, sessions, refresh_tokens, signing_keys, orgs, memberships):
                 rows = await tx.conn.execute(select(table))
                 out[table.name] = sorted(tuple(r) for r in rows)
         return out
@@ -219,7 +234,7 @@ async def api(_api_server: Api) -> Api:
     """The shared server of this backend, with empty tables (signing keys kept)."""
     core = _api_server.server.core
     async with core.db.transaction() as tx:
-        for table in (refresh_tokens, sessions, users):
+        for table in (memberships, orgs, refresh_tokens, sessions, users):
             await tx.conn.execute(delete(table))
     core.cache.clear()
     if core.redis is not None:

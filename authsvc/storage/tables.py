@@ -92,9 +92,17 @@ sessions = Table(
     Column("revoke_reason", String(32), nullable=True),
     Column("ip_address", String(64), nullable=False),
     Column("user_agent", String(512), nullable=False),
+    # The active org. No foreign key: removing a membership or an org clears
+    # it in the same transaction (authsvc.storage.sql), which also bumps
+    # claims_version.
     Column("org_id", Uuid, nullable=True),
+    # Bumped whenever the claims of the session's tokens (platform role, org,
+    # org role) change; tokens carry it as `ver`, so local verifiers can tell
+    # a stale token (WatchRevocations).
+    Column("claims_version", Integer, nullable=False, server_default="0"),
     Index(None, "user_id", "created_at", "id"),
     Index(None, "created_at", "id"),
+    Index(None, "org_id"),
 )
 
 refresh_tokens = Table(
@@ -121,4 +129,27 @@ signing_keys = Table(
     # AUTHSVC_SECRET_KEY.
     Column("private_key_sealed", LargeBinary, nullable=False),
     Column("public_key", LargeBinary(32), nullable=False),
+)
+
+orgs = Table(
+    "orgs",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("slug", String(63), nullable=False, unique=True),
+    Column("name", String(200), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index(None, "created_at", "id"),
+)
+
+memberships = Table(
+    "memberships",
+    metadata,
+    Column("org_id", Uuid, ForeignKey("orgs.id", ondelete="CASCADE"), primary_key=True),
+    Column("user_id", Uuid, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index(None, "org_id", "created_at", "user_id"),
+    Index(None, "user_id", "created_at", "org_id"),
 )

@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from authsvc.api.access import access_table
 from authsvc.api.edge import ApiKeys, EdgeInterceptor
-from authsvc.api.servicers import AuthServicer, SessionServicer, UserServicer
+from authsvc.api.servicers import AuthServicer, OrgServicer, SessionServicer, UserServicer
 from authsvc.config import Settings
 from authsvc.domain.ports import EventBus, RateLimiter
 from authsvc.security.jwt_tokens import AccessTokenCodec
@@ -34,6 +34,8 @@ from authsvc.security.secrets import Secrets, load_or_create_secret
 from authsvc.services.auth import AuthPolicy, AuthService
 from authsvc.services.auth_cache import AuthCache
 from authsvc.services.keys import KeyStore
+from authsvc.services.orgs import OrgService
+from authsvc.services.revocations import RevocationFeed
 from authsvc.services.sessions import SessionService
 from authsvc.services.users import UserService
 from authsvc.storage import migrate
@@ -43,6 +45,8 @@ from authsvc.storage.redis_store import RedisEventBus, RedisRateLimiter
 from authsvc_client.v1 import (
     auth_pb2,
     auth_pb2_grpc,
+    orgs_pb2,
+    orgs_pb2_grpc,
     sessions_pb2,
     sessions_pb2_grpc,
     users_pb2,
@@ -55,6 +59,7 @@ SERVICES = (
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
     users_pb2.DESCRIPTOR.services_by_name["UserService"],
     sessions_pb2.DESCRIPTOR.services_by_name["SessionService"],
+    orgs_pb2.DESCRIPTOR.services_by_name["OrgService"],
 )
 
 
@@ -74,6 +79,8 @@ class Core:
     auth: AuthService
     users: UserService
     sessions: SessionService
+    orgs: OrgService
+    feed: RevocationFeed
     cache: AuthCache
     bus: EventBus
     limiter: RateLimiter
@@ -110,6 +117,8 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
     )
     await migrate.require_head(db.engine)
     clock = SystemClock()
+    # Events are kept as long as the tokens they concern can live.
+    retention = settings.access_token_ttl + 60.0
     redis_client: aioredis.Redis | None = None
     bus: EventBus
     limiter: RateLimiter
@@ -124,10 +133,10 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
-        bus = RedisEventBus(redis_client, max_lag=settings.revocation_max_lag)
+        bus = RedisEventBus(redis_client, max_lag=settings.revocation_max_lag, retention=retention)
         limiter = RedisRateLimiter(redis_client)
     else:
-        bus = MemoryEventBus()
+        bus = MemoryEventBus(retention=retention)
         limiter = MemoryRateLimiter()
     access_ttl = timedelta(seconds=settings.access_token_ttl)
     keys = KeyStore(db, secrets, clock, access_ttl=access_ttl)
@@ -140,7 +149,7 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
         executor=executor,
     )
     cache = AuthCache(max_entries=settings.auth_cache_size, ttl=settings.auth_cache_ttl)
-    bus.subscribe(lambda _kind, key: cache.mark(key), cache.clear)
+    bus.subscribe(lambda event: cache.mark(event.key), cache.clear)
     pages = PageTokens(secrets.subkey("page-token"))
     auth = AuthService(
         db=db,
@@ -173,6 +182,8 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
         auth=auth,
         users=UserService(db=db, auth=auth, pages=pages, clock=clock),
         sessions=SessionService(db=db, auth=auth, pages=pages, clock=clock),
+        orgs=OrgService(db=db, auth=auth, pages=pages, clock=clock),
+        feed=RevocationFeed(bus, heartbeat=settings.revocation_heartbeat),
         cache=cache,
         bus=bus,
         limiter=limiter,
@@ -260,9 +271,12 @@ async def build_server(
         interceptors=[interceptor],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
     )
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(core.auth, core.keys), server)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(
+        AuthServicer(core.auth, core.keys, core.feed), server
+    )
     users_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(core.users), server)
     sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(core.sessions), server)
+    orgs_pb2_grpc.add_OrgServiceServicer_to_server(OrgServicer(core.orgs), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if extra is not None:

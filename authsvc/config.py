@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     auth_cache_size: int = Field(default=100_000, ge=0)
     auth_cache_ttl: float = Field(default=60.0, ge=0)
     revocation_max_lag: float = Field(default=2.0, gt=0)
+    revocation_heartbeat: float = Field(default=5.0, gt=0)
 
     # Passwords
     password_min_length: int = Field(default=8, ge=1)

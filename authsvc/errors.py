@@ -164,3 +164,45 @@ class BackendUnavailable(AuthError):
     code = "UNAVAILABLE"
     reason = "BACKEND_UNAVAILABLE"
     default_message = "a backing store is unavailable; retry"
+
+
+class OrgNotFound(AuthError):
+    code = "NOT_FOUND"
+    reason = "ORG_NOT_FOUND"
+    default_message = "organization not found"
+
+
+class OrgSlugConflict(AuthError):
+    code = "ALREADY_EXISTS"
+    reason = "ORG_SLUG_CONFLICT"
+    default_message = "another organization has this slug"
+
+
+class MemberAlreadyExists(AuthError):
+    code = "ALREADY_EXISTS"
+    reason = "MEMBER_ALREADY_EXISTS"
+    default_message = "the user is already a member of the organization"
+
+
+class MemberNotFound(AuthError):
+    code = "NOT_FOUND"
+    reason = "MEMBER_NOT_FOUND"
+    default_message = "the user is not a member of the organization"
+
+
+class LastOwner(AuthError):
+    code = "FAILED_PRECONDITION"
+    reason = "LAST_OWNER"
+    default_message = "the organization would be left without an owner"
+
+
+class OrgMismatch(AuthError):
+    code = "PERMISSION_DENIED"
+    reason = "ORG_MISMATCH"
+    default_message = "the request names an organization other than the session's active org"
+
+
+class TokenStale(AuthError):
+    code = "UNAUTHENTICATED"
+    reason = "TOKEN_STALE"
+    default_message = "the token's claims changed; refresh it"

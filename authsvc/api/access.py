@@ -12,6 +12,7 @@ PUBLIC = options_pb2.ACCESS_PUBLIC
 USER = options_pb2.ACCESS_USER
 SELF_OR_ADMIN = options_pb2.ACCESS_SELF_OR_ADMIN
 ADMIN = options_pb2.ACCESS_ADMIN
+ORG = options_pb2.ACCESS_ORG
 
 
 def access_table(services: Iterable[ServiceDescriptor]) -> dict[str, int]:

@@ -9,15 +9,22 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from authsvc.domain.models import ClientMeta, Role, Session, User
+from authsvc.domain.events import CLAIMS_CHANGED, SESSION_REVOKED, Event
+from authsvc.domain.models import ClientMeta, Member, Org, OrgRole, Role, Session, User
 from authsvc.domain.principal import Principal, SessionInfo
 from authsvc.errors import InvalidArgument
 from authsvc.services.auth import IssuedTokens
 from authsvc.services.validation import MAX_IP, MAX_USER_AGENT
-from authsvc_client.v1 import auth_pb2, sessions_pb2, users_pb2
+from authsvc_client.v1 import auth_pb2, orgs_pb2, sessions_pb2, users_pb2
 
 _ROLE_TO_PROTO = {Role.USER: users_pb2.ROLE_USER, Role.ADMIN: users_pb2.ROLE_ADMIN}
 _ROLE_FROM_PROTO = {v: k for k, v in _ROLE_TO_PROTO.items()}
+_ORG_ROLE_TO_PROTO = {
+    OrgRole.OWNER: orgs_pb2.ORG_ROLE_OWNER,
+    OrgRole.ADMIN: orgs_pb2.ORG_ROLE_ADMIN,
+    OrgRole.MEMBER: orgs_pb2.ORG_ROLE_MEMBER,
+}
+_ORG_ROLE_FROM_PROTO = {int(v): k for k, v in _ORG_ROLE_TO_PROTO.items()}
 
 
 def timestamp(value: datetime) -> Timestamp:
@@ -46,6 +53,44 @@ def role_from_proto(value: int, field: str = "role") -> Role:
 def role_or_none(value: int) -> Role | None:
     role: Role | None = _ROLE_FROM_PROTO.get(value)  # type: ignore[call-overload]
     return role
+
+
+def org_role_to_proto(role: OrgRole | None) -> orgs_pb2.OrgRole.ValueType:
+    return _ORG_ROLE_TO_PROTO[role] if role is not None else orgs_pb2.ORG_ROLE_UNSPECIFIED
+
+
+def org_role_from_proto(
+    value: int, field: str = "role", *, default: OrgRole | None = None
+) -> OrgRole:
+    """An org role from a request; ORG_ROLE_UNSPECIFIED means ``default``."""
+    if value == orgs_pb2.ORG_ROLE_UNSPECIFIED and default is not None:
+        return default
+    role = _ORG_ROLE_FROM_PROTO.get(value)
+    if role is None:
+        raise InvalidArgument.field(field, "not an org role")
+    return role
+
+
+def org(value: Org) -> orgs_pb2.Org:
+    return orgs_pb2.Org(
+        id=str(value.id),
+        slug=value.slug,
+        name=value.name,
+        create_time=timestamp(value.created_at),
+        update_time=timestamp(value.updated_at),
+    )
+
+
+def member(value: Member) -> orgs_pb2.Member:
+    return orgs_pb2.Member(
+        org_id=str(value.org_id),
+        user_id=str(value.user_id),
+        role=org_role_to_proto(value.role),
+        email=value.email,
+        display_name=value.display_name,
+        create_time=timestamp(value.created_at),
+        update_time=timestamp(value.updated_at),
+    )
 
 
 def user(value: User) -> users_pb2.User:
@@ -82,8 +127,19 @@ def session_info(value: SessionInfo) -> sessions_pb2.SessionInfo:
         email=value.email,
         role=role_to_proto(value.role),
         org_id=str(value.org_id) if value.org_id else "",
+        org_role=org_role_to_proto(value.org_role),
         expire_time=timestamp(value.expires_at),
         session_expire_time=timestamp(value.session_expires_at),
+    )
+
+
+def revocation(value: Event) -> auth_pb2.Revocation:
+    seconds = int(value.at)
+    return auth_pb2.Revocation(
+        session_id=value.key,
+        revoked=value.kind == SESSION_REVOKED,
+        stale_below_version=value.version if value.kind == CLAIMS_CHANGED else 0,
+        time=Timestamp(seconds=seconds, nanos=int((value.at - seconds) * 1e9)),
     )
 
 

@@ -15,8 +15,8 @@ import hmac
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeAlias
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeAlias, cast
 
 import grpc
 import structlog
@@ -94,21 +94,99 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         if cached is not None:
             return cached
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            # Health and reflection: infrastructure, open to every caller.
+        if handler is None:
             return handler
         access = self._table.get(method)
         if access is None and method.startswith("/authsvc."):
             access = -1  # undeclared: unreachable (cannot happen: the table is built from these)
-        wrapped: Handler = grpc.unary_unary_rpc_method_handler(
-            self._wrap(method, access, handler.unary_unary, handler.request_deserializer),
-            # Bytes in: a body that does not parse fails inside serve() as
-            # INVALID_ARGUMENT with an ErrorInfo, not as a bare UNKNOWN.
-            request_deserializer=None,
-            response_serializer=handler.response_serializer,
-        )
+        # access None: health and reflection, infrastructure open to every caller.
+        wrapped: Handler
+        # Bytes in: a body that does not parse fails inside the wrapper as
+        # INVALID_ARGUMENT with an ErrorInfo, not as a bare UNKNOWN.
+        if handler.unary_unary is not None:
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._wrap(method, access, handler.unary_unary, handler.request_deserializer),
+                request_deserializer=None,
+                response_serializer=handler.response_serializer,
+            )
+        elif handler.unary_stream is not None and access is not None:
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(
+                    method,
+                    access,
+                    cast(Callable[..., AsyncIterator[Any]], handler.unary_stream),
+                    handler.request_deserializer,
+                ),
+                request_deserializer=None,
+                response_serializer=handler.response_serializer,
+            )
+        else:
+            return handler
         self._wrapped[method] = wrapped
         return wrapped
+
+    def _begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, Any, Any]:
+        """The call's request id and credentials, from its metadata."""
+        request_id = ""
+        bearer = api_key = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                bearer = value
+            elif key == "x-api-key":
+                api_key = value
+            elif key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
+                request_id = value
+        return request_id or os.urandom(16).hex(), bearer, api_key
+
+    async def _admit(
+        self,
+        access: int | None,
+        bearer: Any,
+        api_key: Any,
+        body: Any,
+        deserialize: Callable[[bytes], Any] | None,
+    ) -> Any:
+        """Checks the credential, then parses the request."""
+        if access is not None:
+            _principal.set(await self._resolve(access, bearer, api_key))
+        try:
+            return deserialize(body) if deserialize is not None else body
+        except DecodeError:
+            raise InvalidArgument("the request is not a valid message") from None
+
+    async def _fail(
+        self,
+        error: Exception,
+        method: str,
+        request_id: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        """Aborts the call with the status of ``error``."""
+        if isinstance(error, AuthError):
+            status = to_status(error, request_id)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        log.exception("rpc.failed", method=method, request_id=request_id)
+        status = to_status(AuthError(), request_id)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    def _log(
+        self,
+        method: str,
+        code: str,
+        reason: str,
+        started: float,
+        context: grpc.aio.ServicerContext[Any, Any],
+        request_id: str,
+    ) -> None:
+        log.info(
+            "rpc",
+            method=method,
+            code=code,
+            reason=reason,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            peer=context.peer(),
+            request_id=request_id,
+        )
 
     def _wrap(
         self,
@@ -119,51 +197,51 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         async def serve(body: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
-            metadata = context.invocation_metadata() or ()
-            request_id = ""
-            bearer = api_key = None
-            for key, value in metadata:
-                if key == "authorization":
-                    bearer = value
-                elif key == "x-api-key":
-                    api_key = value
-                elif key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
-                    request_id = value
-            request_id = request_id or os.urandom(16).hex()
+            request_id, bearer, api_key = self._begin(context)
             code = "OK"
             reason = ""
             try:
-                if access is not None:
-                    _principal.set(await self._resolve(access, bearer, api_key))
-                try:
-                    request = deserialize(body) if deserialize is not None else body
-                except DecodeError:
-                    raise InvalidArgument("the request is not a valid message") from None
+                request = await self._admit(access, bearer, api_key, body, deserialize)
                 return await behavior(request, context)
             except asyncio.CancelledError:
                 code = "CANCELLED"  # the client went away or the deadline passed
                 raise
-            except AuthError as error:
-                code, reason = error.code, error.reason
-                status = to_status(error, request_id)
-                await context.abort(status.code, status.details, status.trailing_metadata)
+            except grpc.aio.AbortError:
+                raise
             except Exception as error:
-                if isinstance(error, grpc.aio.AbortError):
-                    raise
-                code, reason = "INTERNAL", "INTERNAL"
-                log.exception("rpc.failed", method=method, request_id=request_id)
-                status = to_status(AuthError(), request_id)
-                await context.abort(status.code, status.details, status.trailing_metadata)
+                code, reason = _outcome(error)
+                await self._fail(error, method, request_id, context)
             finally:
-                log.info(
-                    "rpc",
-                    method=method,
-                    code=code,
-                    reason=reason,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                    peer=context.peer(),
-                    request_id=request_id,
-                )
+                self._log(method, code, reason, started, context, request_id)
+
+        return serve
+
+    def _wrap_stream(
+        self,
+        method: str,
+        access: int,
+        behavior: Callable[..., AsyncIterator[Any]],
+        deserialize: Callable[[bytes], Any] | None,
+    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+        async def serve(body: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            request_id, bearer, api_key = self._begin(context)
+            code = "OK"
+            reason = ""
+            try:
+                request = await self._admit(access, bearer, api_key, body, deserialize)
+                async for response in behavior(request, context):
+                    yield response
+            except asyncio.CancelledError:
+                code = "CANCELLED"  # the watcher went away: the usual end of a stream
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                code, reason = _outcome(error)
+                await self._fail(error, method, request_id, context)
+            finally:
+                self._log(method, code, reason, started, context, request_id)
 
         return serve
 
@@ -188,7 +266,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             if session is None:
                 raise NotAuthenticated()
             return Principal(PrincipalKind.USER, session, service_name)
-        if access in (acc.SELF_OR_ADMIN, acc.ADMIN):
+        if access in (acc.SELF_OR_ADMIN, acc.ADMIN, acc.ORG):
             if service_name is not None:
                 return Principal(PrincipalKind.SERVICE, session, service_name)
             if session is None:
@@ -198,3 +276,9 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 raise PermissionDenied()
             return principal
         raise PermissionDenied()
+
+
+def _outcome(error: Exception) -> tuple[str, str]:
+    if isinstance(error, AuthError):
+        return error.code, error.reason
+    return "INTERNAL", "INTERNAL"

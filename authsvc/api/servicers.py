@@ -5,19 +5,25 @@ Credentials, statuses and logging live in ``authsvc.api.edge``.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from authsvc.api import convert
 from authsvc.api.edge import current_principal
+from authsvc.domain.models import OrgRole
 from authsvc.services.auth import AuthService
 from authsvc.services.keys import KeyStore
+from authsvc.services.orgs import OrgService
+from authsvc.services.revocations import RevocationFeed
 from authsvc.services.sessions import SessionService
 from authsvc.services.users import UserService
 from authsvc_client.v1 import (
     auth_pb2,
     auth_pb2_grpc,
+    orgs_pb2,
+    orgs_pb2_grpc,
     sessions_pb2,
     sessions_pb2_grpc,
     users_pb2,
@@ -28,9 +34,10 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, auth: AuthService, keys: KeyStore) -> None:
+    def __init__(self, auth: AuthService, keys: KeyStore, feed: RevocationFeed) -> None:
         self._auth = auth
         self._keys = keys
+        self._feed = feed
 
     async def SignUp(
         self, request: auth_pb2.SignUpRequest, context: Context
@@ -69,6 +76,29 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         )
         issued = await self._auth.refresh(refresh_token=request.refresh_token, client=client)
         return auth_pb2.RefreshTokenResponse(tokens=convert.tokens(issued))
+
+    async def SetActiveOrg(
+        self, request: auth_pb2.SetActiveOrgRequest, context: Context
+    ) -> auth_pb2.SetActiveOrgResponse:
+        client = convert.client_meta(
+            context, request.client_info, request.HasField("client_info"), current_principal()
+        )
+        issued = await self._auth.set_active_org(
+            refresh_token=request.refresh_token, org_id=request.org_id, client=client
+        )
+        return auth_pb2.SetActiveOrgResponse(tokens=convert.tokens(issued))
+
+    async def WatchRevocations(
+        self, request: auth_pb2.WatchRevocationsRequest, context: Context
+    ) -> AsyncIterator[auth_pb2.WatchRevocationsResponse]:
+        retention = int(self._feed.retention)
+        async for batch in self._feed.watch(request.after):
+            yield auth_pb2.WatchRevocationsResponse(
+                revocations=[convert.revocation(e) for e in batch.events],
+                position=batch.position,
+                gap=batch.gap,
+                retention_seconds=retention,
+            )
 
     async def SignOut(
         self, request: auth_pb2.SignOutRequest, context: Context
@@ -176,3 +206,119 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     ) -> sessions_pb2.RevokeAllSessionsResponse:
         count = await self._sessions.revoke_all(current_principal(), request.user_id)
         return sessions_pb2.RevokeAllSessionsResponse(revoked_count=count)
+
+
+class OrgServicer(orgs_pb2_grpc.OrgServiceServicer):
+    def __init__(self, orgs: OrgService) -> None:
+        self._orgs = orgs
+
+    async def CreateOrg(
+        self, request: orgs_pb2.CreateOrgRequest, context: Context
+    ) -> orgs_pb2.CreateOrgResponse:
+        org = await self._orgs.create(
+            current_principal(),
+            slug=request.slug,
+            name=request.name,
+            owner_user_id=request.owner_user_id,
+        )
+        return orgs_pb2.CreateOrgResponse(org=convert.org(org))
+
+    async def GetOrg(
+        self, request: orgs_pb2.GetOrgRequest, context: Context
+    ) -> orgs_pb2.GetOrgResponse:
+        org = await self._orgs.get(
+            current_principal(), org_id=request.org_id, org_slug=request.org_slug
+        )
+        return orgs_pb2.GetOrgResponse(org=convert.org(org))
+
+    async def UpdateOrg(
+        self, request: orgs_pb2.UpdateOrgRequest, context: Context
+    ) -> orgs_pb2.UpdateOrgResponse:
+        org = await self._orgs.update(
+            current_principal(),
+            org_id=request.org_id,
+            org_slug=request.org_slug,
+            paths=list(request.update_mask.paths),
+            name=request.org.name,
+            slug=request.org.slug,
+        )
+        return orgs_pb2.UpdateOrgResponse(org=convert.org(org))
+
+    async def DeleteOrg(
+        self, request: orgs_pb2.DeleteOrgRequest, context: Context
+    ) -> orgs_pb2.DeleteOrgResponse:
+        await self._orgs.delete(
+            current_principal(), org_id=request.org_id, org_slug=request.org_slug
+        )
+        return orgs_pb2.DeleteOrgResponse()
+
+    async def ListOrgs(
+        self, request: orgs_pb2.ListOrgsRequest, context: Context
+    ) -> orgs_pb2.ListOrgsResponse:
+        orgs, token = await self._orgs.list_orgs(
+            current_principal(),
+            user_id=request.user_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return orgs_pb2.ListOrgsResponse(orgs=[convert.org(o) for o in orgs], next_page_token=token)
+
+    async def AddMember(
+        self, request: orgs_pb2.AddMemberRequest, context: Context
+    ) -> orgs_pb2.AddMemberResponse:
+        member = await self._orgs.add_member(
+            current_principal(),
+            org_id=request.org_id,
+            org_slug=request.org_slug,
+            user_id=request.user_id,
+            role=convert.org_role_from_proto(request.role, default=OrgRole.MEMBER),
+        )
+        return orgs_pb2.AddMemberResponse(member=convert.member(member))
+
+    async def UpdateMember(
+        self, request: orgs_pb2.UpdateMemberRequest, context: Context
+    ) -> orgs_pb2.UpdateMemberResponse:
+        member = await self._orgs.update_member(
+            current_principal(),
+            org_id=request.org_id,
+            org_slug=request.org_slug,
+            user_id=request.user_id,
+            role=convert.org_role_from_proto(request.role),
+        )
+        return orgs_pb2.UpdateMemberResponse(member=convert.member(member))
+
+    async def RemoveMember(
+        self, request: orgs_pb2.RemoveMemberRequest, context: Context
+    ) -> orgs_pb2.RemoveMemberResponse:
+        await self._orgs.remove_member(
+            current_principal(),
+            org_id=request.org_id,
+            org_slug=request.org_slug,
+            user_id=request.user_id,
+        )
+        return orgs_pb2.RemoveMemberResponse()
+
+    async def GetMember(
+        self, request: orgs_pb2.GetMemberRequest, context: Context
+    ) -> orgs_pb2.GetMemberResponse:
+        member = await self._orgs.get_member(
+            current_principal(),
+            org_id=request.org_id,
+            org_slug=request.org_slug,
+            user_id=request.user_id,
+        )
+        return orgs_pb2.GetMemberResponse(member=convert.member(member))
+
+    async def ListMembers(
+        self, request: orgs_pb2.ListMembersRequest, context: Context
+    ) -> orgs_pb2.ListMembersResponse:
+        members, token = await self._orgs.list_members(
+            current_principal(),
+            org_id=request.org_id,
+            org_slug=request.org_slug,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return orgs_pb2.ListMembersResponse(
+            members=[convert.member(m) for m in members], next_page_token=token
+        )

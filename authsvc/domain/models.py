@@ -13,6 +13,21 @@ class Role(enum.StrEnum):
     ADMIN = "admin"
 
 
+class OrgRole(enum.StrEnum):
+    """A member's role in an org; ``rank`` orders them (owner highest)."""
+
+    MEMBER = "member"
+    ADMIN = "admin"
+    OWNER = "owner"
+
+    @property
+    def rank(self) -> int:
+        return _ORG_RANK[self]
+
+
+_ORG_RANK = {OrgRole.MEMBER: 1, OrgRole.ADMIN: 2, OrgRole.OWNER: 3}
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     id: uuid.UUID
@@ -35,6 +50,7 @@ class Session:
     ip_address: str
     user_agent: str
     org_id: uuid.UUID | None = None
+    claims_version: int = 0
 
     def is_live(self, now: datetime) -> bool:
         return self.revoked_at is None and self.expires_at > now
@@ -74,3 +90,25 @@ class Cursor:
 
     created_at: datetime
     id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Org:
+    id: uuid.UUID
+    slug: str
+    name: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A membership, with the user's email and name for listing."""
+
+    org_id: uuid.UUID
+    user_id: uuid.UUID
+    role: OrgRole
+    email: str
+    display_name: str
+    created_at: datetime
+    updated_at: datetime

@@ -7,13 +7,17 @@ Implementations: ``authsvc.storage.sql`` (SQLite and Postgres),
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Protocol
 
+from authsvc.domain.events import Event, Replay
 from authsvc.domain.models import (
     Cursor,
+    Member,
+    Org,
+    OrgRole,
     RefreshTokenRecord,
     Role,
     Session,
@@ -51,7 +55,21 @@ class SessionRepository(Protocol):
 
     async def get(self, session_id: uuid.UUID, *, for_update: bool = False) -> Session | None: ...
 
-    async def get_with_user(self, session_id: uuid.UUID) -> tuple[Session, User] | None: ...
+    async def get_with_user(
+        self, session_id: uuid.UUID
+    ) -> tuple[Session, User, OrgRole | None] | None:
+        """The session, its user, and the user's role in the session's active org."""
+
+    async def set_org(self, session_id: uuid.UUID, org_id: uuid.UUID | None) -> None: ...
+
+    async def clear_org(self, org_id: uuid.UUID, user_id: uuid.UUID | None) -> None:
+        """Clears the active org ``org_id`` from the sessions (of one user, or all)."""
+
+    async def bump_claims(
+        self, user_ids: Sequence[uuid.UUID], now: datetime
+    ) -> list[tuple[uuid.UUID, int]]:
+        """Increments the claims version of the users' live sessions; returns
+        each session id with its new version."""
 
     async def touch(
         self, session_id: uuid.UUID, at: datetime, ip_address: str, user_agent: str
@@ -69,6 +87,47 @@ class SessionRepository(Protocol):
         self, user_id: uuid.UUID | None, now: datetime, after: Cursor | None, limit: int
     ) -> list[Session]:
         """Newest first."""
+
+
+class OrgRepository(Protocol):
+    async def add(self, org: Org) -> None:
+        """Raises: OrgSlugConflict."""
+
+    async def get(self, org_id: uuid.UUID, *, for_update: bool = False) -> Org | None: ...
+
+    async def get_by_slug(self, slug: str, *, for_update: bool = False) -> Org | None: ...
+
+    async def update(
+        self, org_id: uuid.UUID, changes: Mapping[str, object], now: datetime
+    ) -> Org | None:
+        """Raises: OrgSlugConflict."""
+
+    async def delete(self, org_id: uuid.UUID) -> bool: ...
+
+    async def list(self, user_id: uuid.UUID | None, after: Cursor | None, limit: int) -> list[Org]:
+        """Oldest first; only the orgs ``user_id`` belongs to when given."""
+
+
+class MembershipRepository(Protocol):
+    async def add(
+        self, org_id: uuid.UUID, user_id: uuid.UUID, role: OrgRole, now: datetime
+    ) -> None:
+        """Raises: MemberAlreadyExists."""
+
+    async def get(self, org_id: uuid.UUID, user_id: uuid.UUID) -> Member | None: ...
+
+    async def set_role(
+        self, org_id: uuid.UUID, user_id: uuid.UUID, role: OrgRole, now: datetime
+    ) -> None: ...
+
+    async def remove(self, org_id: uuid.UUID, user_id: uuid.UUID) -> bool: ...
+
+    async def count_owners(self, org_id: uuid.UUID) -> int: ...
+
+    async def user_ids(self, org_id: uuid.UUID) -> list[uuid.UUID]: ...
+
+    async def list(self, org_id: uuid.UUID, after: Cursor | None, limit: int) -> list[Member]:
+        """Oldest membership first; the cursor's id is the user id."""
 
 
 class RefreshTokenRepository(Protocol):
@@ -111,6 +170,12 @@ class Transaction(Protocol):
     @property
     def keys(self) -> SigningKeyRepository: ...
 
+    @property
+    def orgs(self) -> OrgRepository: ...
+
+    @property
+    def memberships(self) -> MembershipRepository: ...
+
 
 class Database(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[Transaction]:
@@ -135,21 +200,32 @@ class Clock(Protocol):
     def now(self) -> datetime: ...
 
 
-EventHandler = Callable[[str, str], None]
+EventHandler = Callable[[Event], None]
 
 
 class EventBus(Protocol):
-    """Fans invalidation events (session revoked, user changed) out to replicas.
+    """Fans invalidation events (session revoked, claims changed, user changed)
+    out to every replica, and keeps them in a log watchers can replay.
 
     ``publish`` delivers to this process's handlers before it returns, so a
-    revocation is in force locally at once; other replicas get it as fast as
-    the transport carries it. ``healthy`` is false while events may be missed
+    change is in force locally at once; other replicas get it as fast as the
+    transport carries it. ``healthy`` is false while events may be missed
     (the transport is down or lagging), and callers must not trust caches then.
+    Listeners (``listen``) receive events as the log orders them, with their
+    positions; ``replay`` returns what the log holds after a position.
     """
+
+    retention: float
 
     def subscribe(self, handler: EventHandler, on_reset: Callable[[], None]) -> None: ...
 
-    async def publish(self, kind: str, key: str) -> None: ...
+    async def publish(self, *events: Event) -> None: ...
+
+    def listen(self, listener: EventHandler) -> Callable[[], None]:
+        """Adds a listener for logged events; returns its removal."""
+
+    async def replay(self, after: str) -> Replay:
+        """Raises: InvalidArgument (a malformed position)."""
 
     def healthy(self) -> bool: ...
 

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from authsvc.domain.models import Role
+from authsvc.domain.models import OrgRole, Role
 
 
 class PrincipalKind(enum.Enum):
@@ -27,6 +27,8 @@ class SessionInfo:
     org_id: uuid.UUID | None
     expires_at: datetime
     session_expires_at: datetime
+    # The live role in org_id (None without an active org).
+    org_role: OrgRole | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from authsvc.domain.models import Role
+from authsvc.domain.models import OrgRole, Role
 from authsvc.errors import TokenExpired, TokenInvalid
 from authsvc.security.secrets import b64url, b64url_decode_canonical
 
@@ -26,6 +26,8 @@ class AccessClaims:
     issued_at: datetime
     expires_at: datetime
     org_id: uuid.UUID | None = None
+    org_role: OrgRole | None = None
+    version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +73,11 @@ class AccessTokenCodec:
             "exp": int(claims.expires_at.timestamp()),
             "jti": uuid.uuid4().hex,
             "role": claims.role.value,
+            "ver": claims.version,
         }
-        if claims.org_id is not None:
+        if claims.org_id is not None and claims.org_role is not None:
             payload["org_id"] = str(claims.org_id)
+            payload["org_role"] = claims.org_role.value
         return jwt.encode(payload, key.private, algorithm=ALGORITHM, headers={"kid": key.kid})
 
     def verify(self, token: str, keys: dict[str, SigningKey]) -> AccessClaims:
@@ -113,6 +117,10 @@ class AccessTokenCodec:
             raise TokenInvalid() from None
         try:
             org = payload.get("org_id")
+            org_role = payload.get("org_role")
+            version = payload.get("ver", 0)
+            if not isinstance(version, int) or isinstance(version, bool):
+                raise TypeError("ver")
             return AccessClaims(
                 user_id=uuid.UUID(payload["sub"]),
                 session_id=uuid.UUID(payload["sid"]),
@@ -120,6 +128,8 @@ class AccessTokenCodec:
                 issued_at=datetime.fromtimestamp(payload["iat"], UTC),
                 expires_at=datetime.fromtimestamp(payload["exp"], UTC),
                 org_id=uuid.UUID(org) if org else None,
+                org_role=OrgRole(org_role) if org and org_role else None,
+                version=version,
             )
         except (KeyError, ValueError, TypeError):
             raise TokenInvalid() from None

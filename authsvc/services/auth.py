@@ -9,17 +9,20 @@ from __future__ import annotations
 import hmac
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import structlog
 
-from authsvc.domain.models import ClientMeta, RefreshTokenRecord, Role, Session, User
+from authsvc.domain.events import CLAIMS_CHANGED, SESSION_REVOKED, USER_CHANGED, Event
+from authsvc.domain.models import ClientMeta, OrgRole, RefreshTokenRecord, Role, Session, User
 from authsvc.domain.ports import Clock, Database, EventBus, PasswordHasher, RateLimiter, Transaction
 from authsvc.domain.principal import SessionInfo
 from authsvc.errors import (
     InvalidArgument,
     InvalidCredentials,
+    MemberNotFound,
     RateLimited,
     RefreshTokenReused,
     SessionExpired,
@@ -37,8 +40,12 @@ from authsvc.services.keys import KeyStore
 
 log = structlog.get_logger("authsvc.auth")
 
-EVENT_SESSION = "session"
-EVENT_USER = "user"
+
+class _Keep:
+    """The session's active org stays as it is (a plain refresh)."""
+
+
+KEEP_ORG = _Keep()
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,10 +208,15 @@ class AuthService:
         await tx.sessions.add(session)
         refresh_token = self._refresh.new()
         await tx.refresh_tokens.add(session.id, sha256(refresh_token), 0, now)
-        return self._tokens(session, user.role, refresh_token, now)
+        return self._tokens(session, user.role, None, refresh_token, now)
 
     def _tokens(
-        self, session: Session, role: Role, refresh_token: str, now: datetime
+        self,
+        session: Session,
+        role: Role,
+        org_role: OrgRole | None,
+        refresh_token: str,
+        now: datetime,
     ) -> IssuedTokens:
         # An access token never outlives its session.
         expires_at = min(now + self._policy.access_ttl, session.expires_at)
@@ -214,7 +226,9 @@ class AuthService:
             role=role,
             issued_at=now,
             expires_at=expires_at,
-            org_id=session.org_id,
+            org_id=session.org_id if org_role is not None else None,
+            org_role=org_role,
+            version=session.claims_version,
         )
         access = self._codec.issue(self._keys.active, claims)
         return IssuedTokens(
@@ -243,8 +257,9 @@ class AuthService:
         if found is not None:
             async with self._db.transaction() as tx:
                 user = await tx.users.update(found[0].id, {"role": Role.ADMIN.value}, now)
-            assert user is not None
-            await self.publish_user_changed(user.id)
+                assert user is not None
+                bumped = await tx.sessions.bump_claims([user.id], now)
+            await self.publish_claims_changed([user.id], bumped)
             return user, False
         user = _new_user(normalized, "", Role.ADMIN, now)
         password_hash = await self._hasher.hash(password)
@@ -257,13 +272,35 @@ class AuthService:
     async def refresh(self, *, refresh_token: str, client: ClientMeta) -> IssuedTokens:
         """Exchanges a refresh token for a new pair (RFC 9700 rotation).
 
-        Every refresh of a session runs under a lock on the session row, so
-        concurrent refreshes of one token are serialized: the first rotates,
-        the rest see a rotated token and take the grace path, which returns the
-        same successor (derived, not stored) instead of minting another one.
-
         Raises:
             TokenInvalid, SessionRevoked, SessionExpired, RefreshTokenReused.
+        """
+        return await self._rotate(refresh_token, client, KEEP_ORG)
+
+    async def set_active_org(
+        self, *, refresh_token: str, org_id: str, client: ClientMeta
+    ) -> IssuedTokens:
+        """Switches (or, with an empty ``org_id``, clears) the session's active
+        org, rotating its refresh token as a refresh does.
+
+        Raises:
+            InvalidArgument, TokenInvalid, SessionRevoked, SessionExpired,
+            RefreshTokenReused, MemberNotFound.
+        """
+        target = validation.uuid_field(org_id, "org_id") if org_id else None
+        return await self._rotate(refresh_token, client, target)
+
+    async def _rotate(
+        self, refresh_token: str, client: ClientMeta, org: uuid.UUID | _Keep | None
+    ) -> IssuedTokens:
+        """Rotation, under a lock on the session row.
+
+        Concurrent refreshes of one token are serialized: the first rotates,
+        the rest see a rotated token and take the grace path, which returns the
+        same successor (derived, not stored) instead of minting another one.
+        The access token's org claims come from the session's active org and
+        the user's live membership there, so they survive every refresh and
+        follow every membership change.
         """
         if not refresh_token or len(refresh_token) > REFRESH_MAX_LENGTH:
             raise TokenInvalid()
@@ -287,27 +324,57 @@ class AuthService:
             user = await tx.users.get(session.user_id)
             if user is None:
                 raise SessionRevoked()
+            successor: str | None
             if record.rotated_at is None:
-                successor = self._refresh.successor(refresh_token)
+                successor = next_token = self._refresh.successor(refresh_token)
                 await tx.refresh_tokens.mark_rotated(record.id, now)
                 await tx.refresh_tokens.add(
-                    session.id, sha256(successor), record.generation + 1, now
+                    session.id, sha256(next_token), record.generation + 1, now
                 )
+            else:
+                successor = await self._grace_successor(tx, record, refresh_token, now)
+                if successor is not None:
+                    await tx.refresh_tokens.count_grace_use(record.id)
+            if successor is not None:
+                session, org_role = await self._org_claims(tx, session, org)
                 await tx.sessions.touch(session.id, now, client.ip_address, client.user_agent)
-                return self._tokens(session, user.role, successor, now)
-            current = await self._grace_successor(tx, record, refresh_token, now)
-            if current is not None:
-                await tx.refresh_tokens.count_grace_use(record.id)
-                await tx.sessions.touch(session.id, now, client.ip_address, client.user_agent)
-                return self._tokens(session, user.role, current, now)
+                return self._tokens(session, user.role, org_role, successor, now)
             # Reuse outside the grace interval: someone holds a token they
             # should not. Revoke the whole family and commit that (leaving
             # this block commits), then fail the call.
             await tx.sessions.revoke(session.id, now, "refresh_token_reused")
             reused_session = session.id
-        await self._published(EVENT_SESSION, str(reused_session))
+        await self.publish_session_revoked(reused_session)
         log.warning("session.refresh_token_reused", session_id=str(reused_session))
         raise RefreshTokenReused()
+
+    async def _org_claims(
+        self, tx: Transaction, session: Session, org: uuid.UUID | _Keep | None
+    ) -> tuple[Session, OrgRole | None]:
+        """The session with its active org switched as asked, and the user's
+        live role in that org.
+
+        Raises: MemberNotFound (a switch to an org the user is not in, or
+        that does not exist: the same answer, so existence does not leak).
+        """
+        if isinstance(org, _Keep):
+            if session.org_id is None:
+                return session, None
+            member = await tx.memberships.get(session.org_id, session.user_id)
+            if member is None:
+                # Membership removal clears the org in the same transaction;
+                # this only guards against a row that escaped it.
+                await tx.sessions.set_org(session.id, None)
+                return replace(session, org_id=None), None
+            return session, member.role
+        if org is None:
+            await tx.sessions.set_org(session.id, None)
+            return replace(session, org_id=None), None
+        member = await tx.memberships.get(org, session.user_id)
+        if member is None:
+            raise MemberNotFound()
+        await tx.sessions.set_org(session.id, org)
+        return replace(session, org_id=org), member.role
 
     async def _grace_successor(
         self, tx: Transaction, record: RefreshTokenRecord, token: str, now: datetime
@@ -340,7 +407,7 @@ class AuthService:
         """Revokes the caller's session; takes effect at once."""
         async with self._db.transaction() as tx:
             await tx.sessions.revoke(session.session_id, self._clock.now(), "signed_out")
-        await self._published(EVENT_SESSION, str(session.session_id))
+        await self.publish_session_revoked(session.session_id)
         log.info("session.signed_out", session_id=str(session.session_id))
 
     async def authenticate(self, access_token: str) -> SessionInfo:
@@ -361,7 +428,7 @@ class AuthService:
         now = self._clock.now()
         if found is None:
             raise SessionRevoked()
-        session, user = found
+        session, user, org_role = found
         if session.user_id != claims.user_id:
             raise TokenInvalid()
         if session.revoked_at is not None:
@@ -373,7 +440,10 @@ class AuthService:
             user_id=user.id,
             email=user.email,
             role=user.role,
-            org_id=session.org_id,
+            # The live membership, not the token's claim: a removed member's
+            # token no longer acts in the org, a re-roled one acts in the new role.
+            org_id=session.org_id if org_role is not None else None,
+            org_role=org_role,
             expires_at=claims.expires_at,
             session_expires_at=session.expires_at,
         )
@@ -388,20 +458,36 @@ class AuthService:
                 raise TokenInvalid() from None
         return self._codec.verify(token, self._keys.verification_keys)
 
-    async def _published(self, kind: str, key: str) -> None:
-        """Publishes an invalidation; the change itself is already committed.
+    async def _published(self, *events: Event) -> None:
+        """Publishes invalidations; the changes themselves are already committed.
 
-        If the bus cannot carry it, the call still succeeds: the database is
-        the source of truth, this replica has applied the event, and other
+        If the bus cannot carry them, the call still succeeds: the database is
+        the source of truth, this replica has applied the events, and other
         replicas stop trusting their caches while their bus is unhealthy.
         """
+        if not events:
+            return
         try:
-            await self._bus.publish(kind, key)
+            await self._bus.publish(*events)
         except Exception:
-            log.exception("events.publish_failed", kind=kind)
+            log.exception("events.publish_failed", count=len(events))
 
-    async def publish_session_revoked(self, session_id: uuid.UUID) -> None:
-        await self._published(EVENT_SESSION, str(session_id))
+    async def publish_session_revoked(self, *session_ids: uuid.UUID | None) -> None:
+        now = time.time()
+        await self._published(
+            *(Event(SESSION_REVOKED, str(s), at=now) for s in session_ids if s is not None)
+        )
 
     async def publish_user_changed(self, user_id: uuid.UUID) -> None:
-        await self._published(EVENT_USER, str(user_id))
+        await self._published(Event(USER_CHANGED, str(user_id), at=time.time()))
+
+    async def publish_claims_changed(
+        self, user_ids: Iterable[uuid.UUID], bumped: Iterable[tuple[uuid.UUID, int]]
+    ) -> None:
+        """After ``bump_claims``: drop the users' cached views, and tell local
+        verifiers which tokens of their sessions are stale."""
+        now = time.time()
+        await self._published(
+            *(Event(USER_CHANGED, str(u), at=now) for u in user_ids),
+            *(Event(CLAIMS_CHANGED, str(s), version=v, at=now) for s, v in bumped),
+        )

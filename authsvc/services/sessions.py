@@ -76,6 +76,5 @@ class SessionService:
             if await tx.users.get(target) is None:
                 raise UserNotFound()
             revoked = await tx.sessions.revoke_all(target, self._clock.now(), "revoked_all")
-        for sid in revoked:
-            await self._auth.publish_session_revoked(sid)
+        await self._auth.publish_session_revoked(*revoked)
         return len(revoked)

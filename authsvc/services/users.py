@@ -100,12 +100,18 @@ class UserService:
             if role is None:
                 raise InvalidArgument.field("user.role", "not a role")
             changes["role"] = role.value
+        now = self._clock.now()
+        bumped: list[tuple[uuid.UUID, int]] = []
         async with self._db.transaction() as tx:
-            user = await tx.users.update(uid, changes, self._clock.now())
-        if user is None:
-            raise UserNotFound()
+            before = await tx.users.get(uid)
+            user = await tx.users.update(uid, changes, now)
+            if before is None or user is None:
+                raise UserNotFound()
+            if user.role is not before.role:
+                # The role is a claim: tokens minted before are now stale.
+                bumped = await tx.sessions.bump_claims([uid], now)
         # Authenticate serves the current role and email; drop what is cached.
-        await self._auth.publish_user_changed(uid)
+        await self._auth.publish_claims_changed([uid], bumped)
         return user
 
     async def delete(self, user_id: str) -> None:
@@ -118,8 +124,7 @@ class UserService:
             session_ids = await tx.sessions.live_ids(uid, self._clock.now())
             if not await tx.users.delete(uid):
                 raise UserNotFound()
-        for session_id in session_ids:
-            await self._auth.publish_session_revoked(session_id)
+        await self._auth.publish_session_revoked(*session_ids)
         await self._auth.publish_user_changed(uid)
 
     async def count(self, role: Role | None) -> int:

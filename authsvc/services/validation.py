@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 import uuid
 
@@ -78,3 +79,40 @@ def page_size(value: int, default: int = 50, maximum: int = 500) -> int:
     if value < 0:
         raise InvalidArgument.field("page_size", "must not be negative")
     return default if value == 0 else min(value, maximum)
+
+
+MAX_ORG_NAME = 200
+_SLUG = re.compile(r"[a-z0-9-]{3,63}")
+
+
+def slug(value: str, field: str = "slug") -> str:
+    """Lowercase letters, digits and hyphens, 3 to 63 of them. Not folded:
+    "Acme" is refused rather than silently becoming "acme"."""
+    if not value:
+        raise InvalidArgument.field(field, "required")
+    if _SLUG.fullmatch(value) is None:
+        raise InvalidArgument.field(field, "3 to 63 lowercase letters, digits and hyphens")
+    return value
+
+
+def org_name(value: str, field: str = "name") -> str:
+    value = value.strip()
+    if not value:
+        raise InvalidArgument.field(field, "required")
+    if len(value) > MAX_ORG_NAME:
+        raise InvalidArgument.field(field, f"at most {MAX_ORG_NAME} characters")
+    if any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 for ch in value):
+        raise InvalidArgument.field(field, "control characters are not allowed")
+    return value
+
+
+def org_ref(org_id: str, org_slug: str) -> uuid.UUID | str:
+    """The org a request names: its id, or its slug. Exactly one is given."""
+    if org_id and org_slug:
+        raise InvalidArgument.field("org_slug", "give org_id or org_slug, not both")
+    if org_id:
+        return uuid_field(org_id, "org_id")
+    if org_slug:
+        # Any string that cannot be a slug names no org; say so as bad input.
+        return slug(org_slug, "org_slug")
+    raise InvalidArgument.field("org_id", "org_id or org_slug is required")

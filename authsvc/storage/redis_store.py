@@ -19,29 +19,43 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from authsvc.domain.events import Event, Replay, position_key
 from authsvc.domain.ports import EventHandler
 from authsvc.errors import BackendUnavailable
 
 log = structlog.get_logger("authsvc.events")
 
 STREAM = "authsvc:events"
-_STREAM_MAXLEN = 100_000
 _BLOCK_MS = 500
+_REPLAY_BATCH = 1000
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _event(entry_id: Any, fields: Any) -> Event:
+    get = fields.get
+    return Event(
+        kind=_text(get(b"kind", b"")),
+        key=_text(get(b"key", b"")),
+        version=int(get(b"version", 0) or 0),
+        at=float(get(b"at", 0) or 0),
+        position=_text(entry_id),
+    )
+
+
 class RedisEventBus:
-    def __init__(self, client: aioredis.Redis, *, max_lag: float) -> None:
+    def __init__(self, client: aioredis.Redis, *, max_lag: float, retention: float) -> None:
         self._redis = client
         self._max_lag = max_lag
+        self.retention = retention
         # An idle XREAD must return (and refresh _last_read) well within
         # max_lag, or a healthy but quiet stream would look stale.
         self._block_ms = max(10, min(_BLOCK_MS, int(max_lag * 1000 / 2)))
         self._handlers: list[EventHandler] = []
         self._resets: list[Callable[[], None]] = []
+        self._listeners: list[EventHandler] = []
         self._last_read = 0.0
         self._task: asyncio.Task[None] | None = None
 
@@ -49,17 +63,66 @@ class RedisEventBus:
         self._handlers.append(handler)
         self._resets.append(on_reset)
 
-    def _deliver(self, kind: str, key: str) -> None:
-        for handler in self._handlers:
-            handler(kind, key)
+    def listen(self, listener: EventHandler) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
 
-    async def publish(self, kind: str, key: str) -> None:
+    async def publish(self, *events: Event) -> None:
         # Local first: this replica must honour its own revocation at once,
         # even if Redis is down.
-        self._deliver(kind, key)
-        await self._redis.xadd(
-            STREAM, {"kind": kind, "key": key}, maxlen=_STREAM_MAXLEN, approximate=True
-        )
+        for event in events:
+            for handler in self._handlers:
+                handler(event)
+        # Trim by age, not length: a watcher resuming from any position
+        # younger than the retention (the longest a token lives) must find
+        # everything after it.
+        min_id = int((time.time() - self.retention) * 1000)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for event in events:
+                pipe.xadd(
+                    STREAM,
+                    {
+                        "kind": event.kind,
+                        "key": event.key,
+                        "version": event.version,
+                        "at": repr(event.at),
+                    },
+                    minid=min_id,
+                    approximate=True,
+                )
+            await pipe.execute()
+
+    async def replay(self, after: str) -> Replay:
+        """Raises: InvalidArgument, BackendUnavailable."""
+        key = position_key(after) if after else (0, 0)
+        try:
+            return await self._replay(after, key)
+        except (RedisError, OSError) as error:
+            raise BackendUnavailable() from error
+
+    async def _replay(self, after: str, key: tuple[int, int]) -> Replay:
+        if not after:
+            newest = await self._redis.xrevrange(STREAM, count=1)
+            return Replay([], _text(newest[0][0]) if newest else "0-0", gap=False)
+        gap = False
+        if key != (0, 0) and key[0] >= (time.time() - self.retention) * 1000:
+            # A recent position the stream does not hold: it was lost (Redis
+            # restarted without persistence) or is another server's.
+            gap = not await self._redis.xrange(STREAM, min=after, max=after, count=1)
+        events: list[Event] = []
+        start = "-" if gap else "(" + after
+        while True:
+            entries: Any = await self._redis.xrange(STREAM, min=start, count=_REPLAY_BATCH)
+            events.extend(_event(entry_id, fields) for entry_id, fields in entries)
+            if len(entries) < _REPLAY_BATCH:
+                break
+            start = "(" + _text(entries[-1][0])
+        if events:
+            return Replay(events, events[-1].position, gap)
+        if gap:
+            newest = await self._redis.xrevrange(STREAM, count=1)
+            return Replay([], _text(newest[0][0]) if newest else "0-0", gap)
+        return Replay([], after, gap)
 
     def healthy(self) -> bool:
         return time.monotonic() - self._last_read < self._max_lag
@@ -93,7 +156,11 @@ class RedisEventBus:
                 for _stream, entries in replies or []:
                     for entry_id, fields in entries:
                         last_id = _text(entry_id)
-                        self._deliver(_text(fields[b"kind"]), _text(fields[b"key"]))
+                        event = _event(entry_id, fields)
+                        for handler in self._handlers:
+                            handler(event)
+                        for listener in list(self._listeners):
+                            listener(event)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as error:

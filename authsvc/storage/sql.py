@@ -18,14 +18,24 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from authsvc.domain.models import (
     Cursor,
+    Member,
+    Org,
+    OrgRole,
     RefreshTokenRecord,
     Role,
     Session,
     SigningKeyRecord,
     User,
 )
-from authsvc.errors import EmailAlreadyExists
-from authsvc.storage.tables import refresh_tokens, sessions, signing_keys, users
+from authsvc.errors import EmailAlreadyExists, MemberAlreadyExists, OrgSlugConflict
+from authsvc.storage.tables import (
+    memberships,
+    orgs,
+    refresh_tokens,
+    sessions,
+    signing_keys,
+    users,
+)
 
 _USER_COLUMNS = (
     users.c.id,
@@ -46,6 +56,17 @@ _SESSION_COLUMNS = (
     sessions.c.ip_address,
     sessions.c.user_agent,
     sessions.c.org_id,
+    sessions.c.claims_version,
+)
+_ORG_COLUMNS = (orgs.c.id, orgs.c.slug, orgs.c.name, orgs.c.created_at, orgs.c.updated_at)
+_MEMBER_COLUMNS = (
+    memberships.c.org_id,
+    memberships.c.user_id,
+    memberships.c.role,
+    users.c.email,
+    users.c.display_name,
+    memberships.c.created_at,
+    memberships.c.updated_at,
 )
 
 
@@ -64,6 +85,10 @@ def _user(row: Sequence[Any], offset: int = 0) -> User:
 
 def _session(row: Sequence[Any]) -> Session:
     return Session(*row[: len(_SESSION_COLUMNS)])
+
+
+def _member(row: Sequence[Any]) -> Member:
+    return Member(row[0], row[1], OrgRole(row[2]), *row[3:7])
 
 
 def _is_email_conflict(error: IntegrityError) -> bool:
@@ -185,14 +210,52 @@ class SqlSessionRepository:
         row = (await self._conn.execute(stmt)).first()
         return _session(row) if row else None
 
-    async def get_with_user(self, session_id: uuid.UUID) -> tuple[Session, User] | None:
+    async def get_with_user(
+        self, session_id: uuid.UUID
+    ) -> tuple[Session, User, OrgRole | None] | None:
         stmt = (
-            select(*_SESSION_COLUMNS, *_USER_COLUMNS)
+            select(*_SESSION_COLUMNS, *_USER_COLUMNS, memberships.c.role)
             .join(users, users.c.id == sessions.c.user_id)
+            .outerjoin(
+                memberships,
+                (memberships.c.org_id == sessions.c.org_id)
+                & (memberships.c.user_id == sessions.c.user_id),
+            )
             .where(sessions.c.id == session_id)
         )
         row = (await self._conn.execute(stmt)).first()
-        return (_session(row), _user(row, len(_SESSION_COLUMNS))) if row else None
+        if row is None:
+            return None
+        role = OrgRole(row[-1]) if row[-1] is not None else None
+        return _session(row), _user(row, len(_SESSION_COLUMNS)), role
+
+    async def set_org(self, session_id: uuid.UUID, org_id: uuid.UUID | None) -> None:
+        await self._conn.execute(
+            update(sessions).where(sessions.c.id == session_id).values(org_id=org_id)
+        )
+
+    async def clear_org(self, org_id: uuid.UUID, user_id: uuid.UUID | None) -> None:
+        stmt = update(sessions).where(sessions.c.org_id == org_id).values(org_id=None)
+        if user_id is not None:
+            stmt = stmt.where(sessions.c.user_id == user_id)
+        await self._conn.execute(stmt)
+
+    async def bump_claims(
+        self, user_ids: Sequence[uuid.UUID], now: datetime
+    ) -> list[tuple[uuid.UUID, int]]:
+        if not user_ids:
+            return []
+        stmt = (
+            update(sessions)
+            .where(
+                sessions.c.user_id.in_(user_ids),
+                sessions.c.revoked_at.is_(None),
+                sessions.c.expires_at > now,
+            )
+            .values(claims_version=sessions.c.claims_version + 1)
+            .returning(sessions.c.id, sessions.c.claims_version)
+        )
+        return [(row[0], row[1]) for row in await self._conn.execute(stmt)]
 
     async def touch(
         self, session_id: uuid.UUID, at: datetime, ip_address: str, user_agent: str
@@ -245,6 +308,149 @@ class SqlSessionRepository:
                 tuple_(sessions.c.created_at, sessions.c.id) < tuple_(after.created_at, after.id)
             )
         return [_session(row) for row in await self._conn.execute(stmt)]
+
+
+def _is_slug_conflict(error: IntegrityError) -> bool:
+    return "slug" in str(error.orig)
+
+
+class SqlOrgRepository:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def add(self, org: Org) -> None:
+        try:
+            await self._conn.execute(
+                insert(orgs).values(
+                    id=org.id,
+                    slug=org.slug,
+                    name=org.name,
+                    created_at=org.created_at,
+                    updated_at=org.updated_at,
+                )
+            )
+        except IntegrityError as error:
+            if _is_slug_conflict(error):
+                raise OrgSlugConflict() from None
+            raise
+
+    async def _one(self, where: Any, for_update: bool) -> Org | None:
+        stmt = select(*_ORG_COLUMNS).where(where)
+        if for_update:
+            # Serializes every membership change of one org (the last-owner
+            # rule reads, then writes); SQLite's write lock does it there.
+            stmt = stmt.with_for_update()
+        row = (await self._conn.execute(stmt)).first()
+        return Org(*row) if row else None
+
+    async def get(self, org_id: uuid.UUID, *, for_update: bool = False) -> Org | None:
+        return await self._one(orgs.c.id == org_id, for_update)
+
+    async def get_by_slug(self, slug: str, *, for_update: bool = False) -> Org | None:
+        return await self._one(orgs.c.slug == slug, for_update)
+
+    async def update(
+        self, org_id: uuid.UUID, changes: Mapping[str, object], now: datetime
+    ) -> Org | None:
+        try:
+            result = await self._conn.execute(
+                update(orgs).where(orgs.c.id == org_id).values(**changes, updated_at=now)
+            )
+        except IntegrityError as error:
+            if _is_slug_conflict(error):
+                raise OrgSlugConflict() from None
+            raise
+        return await self.get(org_id) if result.rowcount else None
+
+    async def delete(self, org_id: uuid.UUID) -> bool:
+        result = await self._conn.execute(delete(orgs).where(orgs.c.id == org_id))
+        return bool(result.rowcount)
+
+    async def list(self, user_id: uuid.UUID | None, after: Cursor | None, limit: int) -> list[Org]:
+        stmt = select(*_ORG_COLUMNS).order_by(orgs.c.created_at, orgs.c.id).limit(limit)
+        if user_id is not None:
+            stmt = stmt.join(memberships, memberships.c.org_id == orgs.c.id).where(
+                memberships.c.user_id == user_id
+            )
+        if after is not None:
+            stmt = stmt.where(
+                tuple_(orgs.c.created_at, orgs.c.id) > tuple_(after.created_at, after.id)
+            )
+        return [Org(*row) for row in await self._conn.execute(stmt)]
+
+
+class SqlMembershipRepository:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    @staticmethod
+    def _key(org_id: uuid.UUID, user_id: uuid.UUID) -> Any:
+        return (memberships.c.org_id == org_id) & (memberships.c.user_id == user_id)
+
+    async def add(
+        self, org_id: uuid.UUID, user_id: uuid.UUID, role: OrgRole, now: datetime
+    ) -> None:
+        try:
+            await self._conn.execute(
+                insert(memberships).values(
+                    org_id=org_id, user_id=user_id, role=role.value, created_at=now, updated_at=now
+                )
+            )
+        except IntegrityError as error:
+            # Postgres names the primary key; SQLite lists its columns.
+            text_ = str(error.orig)
+            if "pk_memberships" in text_ or "UNIQUE constraint failed: memberships" in text_:
+                raise MemberAlreadyExists() from None
+            raise
+
+    async def get(self, org_id: uuid.UUID, user_id: uuid.UUID) -> Member | None:
+        stmt = (
+            select(*_MEMBER_COLUMNS)
+            .join(users, users.c.id == memberships.c.user_id)
+            .where(self._key(org_id, user_id))
+        )
+        row = (await self._conn.execute(stmt)).first()
+        return _member(row) if row else None
+
+    async def set_role(
+        self, org_id: uuid.UUID, user_id: uuid.UUID, role: OrgRole, now: datetime
+    ) -> None:
+        await self._conn.execute(
+            update(memberships)
+            .where(self._key(org_id, user_id))
+            .values(role=role.value, updated_at=now)
+        )
+
+    async def remove(self, org_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+        result = await self._conn.execute(delete(memberships).where(self._key(org_id, user_id)))
+        return bool(result.rowcount)
+
+    async def count_owners(self, org_id: uuid.UUID) -> int:
+        stmt = (
+            select(func.count())
+            .select_from(memberships)
+            .where(memberships.c.org_id == org_id, memberships.c.role == OrgRole.OWNER.value)
+        )
+        return int((await self._conn.execute(stmt)).scalar_one())
+
+    async def user_ids(self, org_id: uuid.UUID) -> list[uuid.UUID]:
+        stmt = select(memberships.c.user_id).where(memberships.c.org_id == org_id)
+        return list((await self._conn.execute(stmt)).scalars())
+
+    async def list(self, org_id: uuid.UUID, after: Cursor | None, limit: int) -> list[Member]:
+        stmt = (
+            select(*_MEMBER_COLUMNS)
+            .join(users, users.c.id == memberships.c.user_id)
+            .where(memberships.c.org_id == org_id)
+            .order_by(memberships.c.created_at, memberships.c.user_id)
+            .limit(limit)
+        )
+        if after is not None:
+            stmt = stmt.where(
+                tuple_(memberships.c.created_at, memberships.c.user_id)
+                > tuple_(after.created_at, after.id)
+            )
+        return [_member(row) for row in await self._conn.execute(stmt)]
 
 
 class SqlRefreshTokenRepository:
@@ -345,6 +551,8 @@ class SqlTransaction:
         self.sessions = SqlSessionRepository(conn)
         self.refresh_tokens = SqlRefreshTokenRepository(conn)
         self.keys = SqlSigningKeyRepository(conn)
+        self.orgs = SqlOrgRepository(conn)
+        self.memberships = SqlMembershipRepository(conn)
 
     async def ping(self) -> None:
         await self.conn.execute(text("SELECT 1"))

@@ -77,3 +77,28 @@ def test_readme_lists_every_setting_with_its_default() -> None:
             assert rows[f"AUTHSVC_{name.upper()}"].startswith(f"`{str(default).lower()}`"), name
         elif isinstance(default, int | float) and not isinstance(default, bool):
             assert rows[f"AUTHSVC_{name.upper()}"].startswith(f"`{default:.12g}`"), name
+
+
+def _role_rows(lines: list[str]) -> dict[str, tuple[str, ...]]:
+    rows: dict[str, tuple[str, ...]] = {}
+    for line in lines:
+        cells = [c.strip() for c in line.strip().removeprefix("//").strip().strip("|").split("|")]
+        if len(cells) == 4 and set(cells[1:]) <= {"yes", "no"}:
+            rows[cells[0]] = tuple(cells[1:])
+    return rows
+
+
+def test_the_role_table_is_one_table_in_code_readme_and_proto() -> None:
+    from authsvc.domain.models import OrgRole
+    from authsvc.services.orgs import REQUIRED_ROLE, OrgAction
+
+    roles = (OrgRole.MEMBER, OrgRole.ADMIN, OrgRole.OWNER)
+    code = {
+        action.value: tuple("yes" if r.rank >= REQUIRED_ROLE[action].rank else "no" for r in roles)
+        for action in OrgAction
+    }
+    assert set(REQUIRED_ROLE) == set(OrgAction)
+    readme = (ROOT / "README.md").read_text().splitlines()
+    proto = (ROOT / "protos/authsvc/v1/orgs.proto").read_text().splitlines()
+    assert _role_rows(readme) == code
+    assert _role_rows(proto) == code

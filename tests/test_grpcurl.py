@@ -24,13 +24,14 @@ from typing import Any
 
 import pytest
 
-from tests.app import PASSWORD, SECRETS, Api, remember
+from tests.app import API_KEY, PASSWORD, SECRETS, Api, remember
 
 VENV_BIN = Path(sys.prefix) / "bin"
 SERVICES = {
     "authsvc.v1.AuthService",
     "authsvc.v1.UserService",
     "authsvc.v1.SessionService",
+    "authsvc.v1.OrgService",
     "grpc.health.v1.Health",
 }
 AUTH_METHODS = {
@@ -39,6 +40,8 @@ AUTH_METHODS = {
     "RefreshToken",
     "SignOut",
     "Authenticate",
+    "SetActiveOrg",
+    "WatchRevocations",
     "GetJwks",
 }
 # grpcurl exits with 64 + the status code when the RPC fails.
@@ -226,3 +229,63 @@ async def test_failed_sign_in_shows_unauthenticated_and_error_info(call: Any, ap
     assert re.fullmatch(r"[0-9a-f]{32}", info["metadata"]["request_id"])
     # What the caller typed is not echoed back.
     assert not any(s in run.stderr for s in SECRETS)
+
+
+async def test_an_org_walkthrough_with_json(
+    call: Any, api: Api, grpcurl_bin: str, tmp_path: Path
+) -> None:
+    """Create an org, switch a session into it, act in it, watch a sign-out."""
+    created = (
+        await call("authsvc.v1.AuthService/SignUp", data={"email": _email(), "password": PASSWORD})
+    ).json()
+    tokens = created["tokens"]
+    remember(tokens["access_token"], tokens["refresh_token"])
+    owner = {"authorization": f"Bearer {tokens['access_token']}"}
+    org = (
+        await call(
+            "authsvc.v1.OrgService/CreateOrg",
+            data={"slug": "curl-org", "name": "Curl"},
+            headers=owner,
+        )
+    ).json()["org"]
+
+    # Not yet the session's active org: ORG_MISMATCH.
+    refused = await call(
+        "authsvc.v1.OrgService/GetOrg", data={"org_slug": "curl-org"}, headers=owner
+    )
+    assert refused.code == 64 + 7, refused.stderr  # PERMISSION_DENIED
+    assert "ORG_MISMATCH" in refused.stderr
+
+    switched = (
+        await call(
+            "authsvc.v1.AuthService/SetActiveOrg",
+            data={"refresh_token": tokens["refresh_token"], "org_id": org["id"]},
+        )
+    ).json()["tokens"]
+    remember(switched["access_token"], switched["refresh_token"])
+    in_org = {"authorization": f"Bearer {switched['access_token']}"}
+    got = (
+        await call("authsvc.v1.OrgService/GetOrg", data={"org_slug": "curl-org"}, headers=in_org)
+    ).json()
+    assert got["org"]["id"] == org["id"]
+    members = (
+        await call("authsvc.v1.OrgService/ListMembers", data={"org_id": org["id"]}, headers=in_org)
+    ).json()["members"]
+    assert [(m["user_id"], m["role"]) for m in members] == [
+        (created["user"]["id"], "ORG_ROLE_OWNER")
+    ]
+
+    # A watcher (an API key) hears the sign-out; grpcurl prints each response.
+    watch = asyncio.ensure_future(
+        grpcurl(
+            grpcurl_bin,
+            *("-plaintext", "-max-time", "3", "-H", f"x-api-key: {API_KEY}", api.target),
+            "authsvc.v1.AuthService/WatchRevocations",
+            cwd=tmp_path,
+        )
+    )
+    await asyncio.sleep(1.0)
+    await call("authsvc.v1.AuthService/SignOut", headers=in_org)
+    watched = await watch
+    assert switched["session_id"] in watched.stdout, (watched.code, watched.stderr)
+    assert '"revoked": true' in watched.stdout

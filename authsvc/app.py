@@ -218,6 +218,7 @@ class Server:
         """Stops taking calls, lets in-flight ones finish within ``grace``."""
         grace = self.core.settings.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        self.core.feed.close()
         # Let health checkers and load balancers see NOT_SERVING before the
         # listener closes; in-flight calls carry on meanwhile.
         await asyncio.sleep(min(0.5, grace))

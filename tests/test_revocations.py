@@ -289,3 +289,19 @@ async def test_events_reach_the_watchers_of_another_replica(
     finally:
         await stop_api(b)
         await stop_api(a)
+
+
+async def test_stopping_the_server_ends_watch_streams_at_once(
+    backend_urls: Backend, tmp_path: Path
+) -> None:
+    api = await start_api(backend_urls, tmp_path, shutdown_grace=10.0)
+    stream = _watch(api)
+    await _next(stream)
+    started = time.monotonic()
+    stopping = asyncio.ensure_future(api.server.stop())
+    error = await failure(_next(stream, within=5.0))
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE")
+    await stopping
+    await api.channel.close()
+    # Well inside the 10 s grace an open stream would otherwise hold it for.
+    assert time.monotonic() - started < 5.0

@@ -33,14 +33,27 @@ class FeedBatch:
     gap: bool = False
 
 
-class _Overflow(Exception):
+class _Overflow:
     """The watcher fell too far behind; it must reconnect and replay."""
+
+
+class _Closing:
+    """The server is stopping; watchers reconnect to another replica."""
 
 
 class RevocationFeed:
     def __init__(self, bus: EventBus, *, heartbeat: float) -> None:
         self._bus = bus
         self._heartbeat = heartbeat
+        self._queues: set[asyncio.Queue[Event | _Overflow | _Closing]] = set()
+        self._closing = False
+
+    def close(self) -> None:
+        """Ends every stream now (UNAVAILABLE), rather than at the end of the
+        shutdown grace: watchers resume from their position elsewhere."""
+        self._closing = True
+        for queue in self._queues:
+            queue.put_nowait(_Closing())
 
     @property
     def retention(self) -> float:
@@ -50,7 +63,9 @@ class RevocationFeed:
         """Raises: InvalidArgument (malformed ``after``), BackendUnavailable."""
         if after:
             position_key(after)  # validate before anything is set up
-        queue: asyncio.Queue[Event | _Overflow] = asyncio.Queue()
+        if self._closing:
+            raise BackendUnavailable("the server is stopping; reconnect")
+        queue: asyncio.Queue[Event | _Overflow | _Closing] = asyncio.Queue()
 
         def deliver(event: Event) -> None:
             if queue.qsize() >= _QUEUE_LIMIT:
@@ -59,6 +74,7 @@ class RevocationFeed:
                 queue.put_nowait(event)
 
         unlisten = self._bus.listen(deliver)
+        self._queues.add(queue)
         try:
             replay = await self._bus.replay(after)
             position = replay.position
@@ -72,6 +88,8 @@ class RevocationFeed:
                 batch = [first]
                 while not queue.empty():
                     batch.append(queue.get_nowait())
+                if any(isinstance(item, _Closing) for item in batch):
+                    raise BackendUnavailable("the server is stopping; reconnect")
                 if any(isinstance(item, _Overflow) for item in batch):
                     # Ending the stream is safe: the watcher resumes from its
                     # last position and the log replays what it missed.
@@ -85,6 +103,7 @@ class RevocationFeed:
                     position = fresh[-1].position
                     yield FeedBatch(_forwarded(fresh), position)
         finally:
+            self._queues.discard(queue)
             unlisten()
 
 

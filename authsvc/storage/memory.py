@@ -57,8 +57,14 @@ class MemoryEventBus:
             return Replay([], newest, gap=False)
         key = position_key(after)
         known = key == (self._started_ms, 0) or any(e.position == after for e in self._log)
-        recent = key[0] >= (time.time() - self.retention) * 1000
-        if not known and recent:
+        horizon = (time.time() - self.retention) * 1000
+        # Unknown and recent: lost in a restart, or another server's. Unknown,
+        # older than this process, while this process is younger than the
+        # retention: the events between that position and our start were
+        # never in this log, and may still concern live tokens.
+        recent = key[0] >= horizon
+        before_us = key < (self._started_ms, 0) and self._started_ms >= horizon
+        if not known and (recent or before_us):
             # Not a position this process issued (a restart, another server):
             # hand over everything kept, and say events may be missing.
             return Replay(list(self._log), newest, gap=True)

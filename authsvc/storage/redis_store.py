@@ -26,6 +26,7 @@ from authsvc.errors import BackendUnavailable
 log = structlog.get_logger("authsvc.events")
 
 STREAM = "authsvc:events"
+EPOCH = "authsvc:events:epoch"
 _BLOCK_MS = 500
 _REPLAY_BATCH = 1000
 
@@ -104,10 +105,17 @@ class RedisEventBus:
         if not after:
             newest = await self._redis.xrevrange(STREAM, count=1)
             return Replay([], _text(newest[0][0]) if newest else "0-0", gap=False)
+        horizon = (time.time() - self.retention) * 1000
+        # When the stream began: a Redis that lost its data (a restart
+        # without persistence) loses this key with it, and the first replay
+        # afterwards starts a new epoch.
+        await self._redis.set(EPOCH, str(int(time.time() * 1000)), nx=True)
+        epoch = int(await self._redis.get(EPOCH) or 0)
         gap = False
-        if key != (0, 0) and key[0] >= (time.time() - self.retention) * 1000:
-            # A recent position the stream does not hold: it was lost (Redis
-            # restarted without persistence) or is another server's.
+        if key != (0, 0) and (key[0] >= horizon or (key[0] < epoch and epoch >= horizon)):
+            # A position the stream does not hold, which is recent (lost, or
+            # another server's) or older than a stream that is itself younger
+            # than the retention (events between the two were never in it).
             gap = not await self._redis.xrange(STREAM, min=after, max=after, count=1)
         events: list[Event] = []
         start = "-" if gap else "(" + after

@@ -15,9 +15,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 import grpc
+import jwt
 import pytest
 from sqlalchemy import delete, select
 
@@ -37,6 +38,7 @@ from authsvc_client.errors import AuthsvcError, from_rpc_error
 from authsvc_client.v1 import (
     auth_pb2,
     auth_pb2_grpc,
+    orgs_pb2,
     orgs_pb2_grpc,
     sessions_pb2_grpc,
     users_pb2_grpc,
@@ -281,3 +283,116 @@ async def servers(storage: Storage, log_file: Path) -> AsyncIterator[Callable[..
     yield start
     for api in reversed(started):
         await stop_api(api)
+
+
+# -- organizations -------------------------------------------------------------
+
+
+OrgRole: TypeAlias = orgs_pb2.OrgRole.ValueType
+
+
+def new_slug(prefix: str = "org") -> str:
+    """A slug no other org of the test has."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class OrgUser:
+    """A user and the token pair of one session of theirs (its active org, if
+    any, is the one it was made for)."""
+
+    user: Any  # users_pb2.User
+    tokens: Any  # auth_pb2.TokenPair
+
+    @property
+    def id(self) -> str:
+        return str(self.user.id)
+
+    @property
+    def token(self) -> str:
+        return str(self.tokens.access_token)
+
+    @property
+    def md(self) -> tuple[tuple[str, str], ...]:
+        return bearer(self.token)
+
+
+async def set_active_org(api: Api, refresh_token: str, org_id: str) -> Any:
+    """SetActiveOrg on the session of ``refresh_token``; returns the new TokenPair."""
+    response = await api.auth.SetActiveOrg(
+        auth_pb2.SetActiveOrgRequest(refresh_token=refresh_token, org_id=org_id)
+    )
+    remember(response.tokens.access_token, response.tokens.refresh_token)
+    return response.tokens
+
+
+async def org_with_owner(
+    api: Api, slug: str | None = None, name: str = "Acme"
+) -> tuple[Any, OrgUser]:
+    """A new user creates an org (becoming its owner) and makes it the active
+    org of their session. Returns the org and the owner."""
+    created = await api.sign_up()
+    response = await api.orgs.CreateOrg(
+        orgs_pb2.CreateOrgRequest(slug=slug or new_slug(), name=name),
+        metadata=bearer(created.tokens.access_token),
+    )
+    tokens = await set_active_org(api, created.tokens.refresh_token, response.org.id)
+    return response.org, OrgUser(created.user, tokens)
+
+
+async def org_member(api: Api, org_id: str, role: OrgRole = orgs_pb2.ORG_ROLE_MEMBER) -> OrgUser:
+    """A new user, added to the org with ``role`` (by the API key), whose
+    session has the org active."""
+    created = await api.sign_up()
+    await api.orgs.AddMember(
+        orgs_pb2.AddMemberRequest(org_id=org_id, user_id=created.user.id, role=role),
+        metadata=service(),
+    )
+    tokens = await set_active_org(api, created.tokens.refresh_token, org_id)
+    return OrgUser(created.user, tokens)
+
+
+async def refused(
+    api: Api, call: Callable[[], Awaitable[Any]], code: grpc.StatusCode, reason: str
+) -> AuthsvcError:
+    """Makes a call that must fail with ``code``/``reason`` and change nothing.
+
+    ``call`` starts the call when called (a grpc.aio call is under way as soon
+    as it is made), so the snapshot is taken before it.
+    """
+    before = await api.snapshot()
+    error = await failure(call())
+    assert (error.code, error.reason) == (code, reason), error.message
+    assert await api.snapshot() == before, "a failed call changed stored data"
+    return error
+
+
+def claims(access_token: str) -> dict[str, Any]:
+    """The payload of an access token, read without verifying it."""
+    return dict(jwt.decode(access_token, options={"verify_signature": False}))
+
+
+async def who(api: Api, access_token: str) -> Any:
+    """Authenticate: the SessionInfo of an access token."""
+    response = await api.auth.Authenticate(auth_pb2.AuthenticateRequest(access_token=access_token))
+    return response.session
+
+
+async def refreshed(api: Api, refresh_token: str) -> Any:
+    """RefreshToken; returns the new TokenPair."""
+    response = await api.auth.RefreshToken(
+        auth_pb2.RefreshTokenRequest(refresh_token=refresh_token)
+    )
+    remember(response.tokens.access_token, response.tokens.refresh_token)
+    return response.tokens
+
+
+async def members_of(api: Api, org_id: str) -> dict[str, OrgRole]:
+    """Every member of an org and their role, read with the API key."""
+    members, _ = await all_pages(
+        lambda token: api.orgs.ListMembers(
+            orgs_pb2.ListMembersRequest(org_id=org_id, page_token=token), metadata=service()
+        ),
+        "members",
+    )
+    return {m.user_id: m.role for m in members}

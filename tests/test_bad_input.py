@@ -41,8 +41,17 @@ from google.rpc import error_details_pb2
 
 from authsvc.domain.models import Cursor
 from authsvc.security.page_tokens import PageTokens, fingerprint
-from authsvc_client.v1 import auth_pb2, sessions_pb2, users_pb2
-from tests.app import PASSWORD, Api, bearer, failure, remember, service
+from authsvc_client.v1 import auth_pb2, orgs_pb2, sessions_pb2, users_pb2
+from tests.app import (
+    PASSWORD,
+    Api,
+    bearer,
+    failure,
+    new_slug,
+    remember,
+    service,
+    set_active_org,
+)
 
 MB = 1 << 20
 # A Role value the enum does not define (proto3 enums are open).
@@ -89,6 +98,16 @@ class Ctx:
     users_token_prefix_a: str  # ListUsers(email_prefix="a", page_size=1) next_page_token
     sessions_token_of_user: str  # the user's own ListSessions(page_size=1) next_page_token
     sessions_token_by_service: str  # service's ListSessions(user_id=user, page_size=1)
+    # Set by ``add_orgs`` for the cases of OrgService, SetActiveOrg and
+    # WatchRevocations (``Bad.orgs``):
+    org: Any = None  # owned by the main user, with ``other`` as a member
+    outsider: Any = None  # SignUpResponse of a user in no org
+    other_org: Any = None  # also owned by the main user
+    org_token: str = ""  # the main user's access token with ``org`` active
+    org_refresh: str = ""  # its refresh token
+    orgs_token_of_user: str = ""  # the user's own ListOrgs(page_size=1) next_page_token
+    orgs_token_by_service: str = ""  # service's ListOrgs(user_id=user, page_size=1)
+    members_token: str = ""  # service's ListMembers(org, page_size=1) next_page_token
 
     @classmethod
     async def make(cls, api: Api) -> Ctx:
@@ -186,6 +205,39 @@ class Ctx:
         public = Ed25519PublicKey.from_public_bytes(self.public_raw)
         return public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
 
+    async def add_orgs(self) -> None:
+        api = self.api
+        orgs = []
+        for _ in range(2):
+            created = await api.orgs.CreateOrg(
+                orgs_pb2.CreateOrgRequest(slug=new_slug(), name="Acme"),
+                metadata=bearer(self.user_token),
+            )
+            orgs.append(created.org)
+        self.org, self.other_org = orgs
+        self.outsider = await api.sign_up()
+        await api.orgs.AddMember(
+            orgs_pb2.AddMemberRequest(org_id=self.org.id, user_id=self.other.user.id),
+            metadata=service(),
+        )
+        pair = await set_active_org(api, self.user.tokens.refresh_token, self.org.id)
+        self.org_token, self.org_refresh = pair.access_token, pair.refresh_token
+        own = await api.orgs.ListOrgs(
+            orgs_pb2.ListOrgsRequest(page_size=1), metadata=bearer(self.org_token)
+        )
+        by_service = await api.orgs.ListOrgs(
+            orgs_pb2.ListOrgsRequest(user_id=self.user.user.id, page_size=1), metadata=service()
+        )
+        members = await api.orgs.ListMembers(
+            orgs_pb2.ListMembersRequest(org_id=self.org.id, page_size=1), metadata=service()
+        )
+        self.orgs_token_of_user = own.next_page_token
+        self.orgs_token_by_service = by_service.next_page_token
+        self.members_token = members.next_page_token
+        assert self.orgs_token_of_user
+        assert self.orgs_token_by_service
+        assert self.members_token
+
     def expired_page_token(self) -> str:
         pages = PageTokens(self.api.server.core.secrets.subkey("page-token"))
         long_ago = datetime.now(UTC) - timedelta(days=2)
@@ -218,6 +270,7 @@ class Bad:
     reason: str
     field: str | None = None
     creds: Creds = _none
+    orgs: bool = False  # the case needs Ctx.add_orgs
 
 
 def bad(id: str, rpc: str, build: Build, code: grpc.StatusCode, reason: str, **kw: Any) -> Any:
@@ -859,6 +912,460 @@ CASES = [
 ]
 
 
+# -- organizations, the active org, revocations ----------------------------------
+
+
+def org_invalid(id: str, rpc: str, build: Build, field: str | None, **kw: Any) -> Any:
+    return invalid(id, rpc, build, field, orgs=True, **{"creds": _service, **kw})
+
+
+def org_page_token_invalid(id: str, rpc: str, build: Build, **kw: Any) -> Any:
+    return page_token_invalid(id, rpc, build, orgs=True, **{"creds": _service, **kw})
+
+
+def _org_user(ctx: Ctx) -> Metadata:
+    return bearer(ctx.org_token)
+
+
+def _other_user(ctx: Ctx) -> Metadata:
+    return bearer(ctx.other.tokens.access_token)
+
+
+Value = Callable[[Ctx], Any]
+
+
+def naming(how: str) -> Callable[[Ctx], dict[str, str]]:
+    """How a request names the org: by "id", "slug", "both" or "neither"."""
+
+    def fields(ctx: Ctx) -> dict[str, str]:
+        return {
+            "id": {"org_id": ctx.org.id},
+            "slug": {"org_slug": ctx.org.slug},
+            "both": {"org_id": ctx.org.id, "org_slug": ctx.org.slug},
+            "neither": {},
+        }[how]
+
+    return fields
+
+
+def org_request(
+    message: Any, ident: Callable[[Ctx], dict[str, str]] | None = None, **fields: Any
+) -> Build:
+    """``message`` naming the org by ``ident`` (default: by id); callable field
+    values take the Ctx."""
+    by = naming("id") if ident is None else ident
+
+    def build(ctx: Ctx) -> Any:
+        values = {k: (v(ctx) if callable(v) else v) for k, v in fields.items()}
+        return message(**by(ctx), **values)
+
+    return build
+
+
+def org_id_is(value: str) -> Callable[[Ctx], dict[str, str]]:
+    return lambda ctx: {"org_id": value}
+
+
+def org_slug_is(value: str) -> Callable[[Ctx], dict[str, str]]:
+    return lambda ctx: {"org_slug": value}
+
+
+def create_org(**fields: Any) -> Build:
+    """CreateOrg as the API key makes it (naming the main user as owner)."""
+
+    def build(ctx: Ctx) -> Any:
+        values: dict[str, Any] = {
+            "slug": new_slug(),
+            "name": "Acme",
+            "owner_user_id": ctx.user.user.id,
+        }
+        values.update(fields)
+        return orgs_pb2.CreateOrgRequest(**values)
+
+    return build
+
+
+def update_org(paths: list[str], ident: str = "id", **values: Any) -> Build:
+    def build(ctx: Ctx) -> Any:
+        return orgs_pb2.UpdateOrgRequest(
+            **naming(ident)(ctx), org=orgs_pb2.Org(**values), update_mask=FieldMask(paths=paths)
+        )
+
+    return build
+
+
+def of_member(ctx: Ctx) -> str:
+    return str(ctx.other.user.id)
+
+
+def of_outsider(ctx: Ctx) -> str:
+    """A user in no org: AddMember of them would otherwise succeed."""
+    return str(ctx.outsider.user.id)
+
+
+BAD_SLUGS = [
+    ("empty", ""),
+    ("2-chars", "ab"),
+    ("64-chars", "a" * 64),
+    ("uppercase", "Acme"),
+    ("underscore", "a_b"),
+    ("space", "a b"),
+    ("unicode", "äbc"),
+    ("trailing-newline", "abc\n"),
+    ("nul", "ab\x00c"),
+    ("1mb", "a" * MB),
+]
+BAD_NAMES = [
+    ("empty", ""),
+    ("201-chars", "x" * 201),
+    ("1mb", "x" * MB),
+    ("newline", "Acme\nCorp"),
+    ("nul", "Acme\x00"),
+]
+BAD_POSITIONS = [
+    ("garbage", "garbage"),
+    ("no-sequence", "1-"),
+    ("no-time", "-1"),
+    ("three-parts", "1-2-3"),
+    ("fraction", "1.5-0"),
+    ("negative", "-1-0"),
+    ("fullwidth-digits", "\uff11-0"),
+    ("space", " 1-0"),
+    ("trailing-newline", "1-0\n"),
+    ("1mb", "1" * MB + "-0"),
+]
+ORG_METHODS = {
+    "orgs.GetOrg": orgs_pb2.GetOrgRequest,
+    "orgs.DeleteOrg": orgs_pb2.DeleteOrgRequest,
+    "orgs.ListMembers": orgs_pb2.ListMembersRequest,
+}
+MEMBER_METHODS = {
+    "orgs.AddMember": orgs_pb2.AddMemberRequest,
+    "orgs.UpdateMember": orgs_pb2.UpdateMemberRequest,
+    "orgs.RemoveMember": orgs_pb2.RemoveMemberRequest,
+    "orgs.GetMember": orgs_pb2.GetMemberRequest,
+}
+# Whom a member method names when its user is not the point of the case.
+MEMBER_USER = {
+    "orgs.AddMember": of_outsider,
+    "orgs.UpdateMember": of_member,
+    "orgs.RemoveMember": of_member,
+    "orgs.GetMember": of_member,
+}
+# What a member method needs besides the org and the user to be well formed.
+MEMBER_EXTRA: dict[str, dict[str, Any]] = {
+    "orgs.AddMember": {},
+    "orgs.UpdateMember": {"role": orgs_pb2.ORG_ROLE_ADMIN},
+    "orgs.RemoveMember": {},
+    "orgs.GetMember": {},
+}
+
+
+def _short(rpc: str) -> str:
+    return rpc.split(".")[1].lower()
+
+
+def list_orgs_with_token(token: Value, **fields: Any) -> Build:
+    def build(ctx: Ctx) -> Any:
+        values = {k: (v(ctx) if callable(v) else v) for k, v in fields.items()}
+        return orgs_pb2.ListOrgsRequest(page_token=token(ctx), **values)
+
+    return build
+
+
+def list_members_with_token(token: Value, org: str = "org") -> Build:
+    def build(ctx: Ctx) -> Any:
+        return orgs_pb2.ListMembersRequest(org_id=getattr(ctx, org).id, page_token=token(ctx))
+
+    return build
+
+
+def set_active(org_id: str, refresh_token: Value | None = None) -> Build:
+    def build(ctx: Ctx) -> Any:
+        token = ctx.org_refresh if refresh_token is None else refresh_token(ctx)
+        return auth_pb2.SetActiveOrgRequest(refresh_token=token, org_id=org_id)
+
+    return build
+
+
+ORG_CASES = [
+    # -- CreateOrg ---------------------------------------------------------------
+    *[
+        org_invalid(f"createorg-slug-{name}", "orgs.CreateOrg", create_org(slug=v), "slug")
+        for name, v in BAD_SLUGS
+    ],
+    *[
+        org_invalid(f"createorg-name-{name}", "orgs.CreateOrg", create_org(name=v), "name")
+        for name, v in BAD_NAMES
+    ],
+    *[
+        org_invalid(
+            f"createorg-owner-{name}",
+            "orgs.CreateOrg",
+            create_org(owner_user_id=v),
+            "owner_user_id",
+        )
+        for name, v in NOT_UUIDS
+    ],
+    org_invalid(
+        "createorg-service-without-owner",
+        "orgs.CreateOrg",
+        create_org(owner_user_id=""),
+        "owner_user_id",
+    ),
+    org_invalid(
+        "createorg-user-uppercase-slug",
+        "orgs.CreateOrg",
+        create_org(slug="Acme", owner_user_id=""),
+        "slug",
+        creds=_user,
+    ),
+    # -- naming the org: both or neither, malformed id or slug --------------------
+    *[
+        org_invalid(f"{_short(rpc)}-org-{how}", rpc, org_request(msg, naming(how)), None)
+        for rpc, msg in ORG_METHODS.items()
+        for how in ("both", "neither")
+    ],
+    *[
+        org_invalid(
+            f"{_short(rpc)}-org-{how}",
+            rpc,
+            org_request(msg, naming(how), user_id=MEMBER_USER[rpc], **MEMBER_EXTRA[rpc]),
+            None,
+        )
+        for rpc, msg in MEMBER_METHODS.items()
+        for how in ("both", "neither")
+    ],
+    org_invalid(
+        "getorg-org-both-by-user",
+        "orgs.GetOrg",
+        org_request(orgs_pb2.GetOrgRequest, naming("both")),
+        None,
+        creds=_org_user,
+    ),
+    org_invalid(
+        "getorg-org-neither-by-user",
+        "orgs.GetOrg",
+        org_request(orgs_pb2.GetOrgRequest, naming("neither")),
+        None,
+        creds=_org_user,
+    ),
+    org_invalid(
+        "updateorg-org-both", "orgs.UpdateOrg", update_org(["name"], "both", name="x"), None
+    ),
+    org_invalid(
+        "updateorg-org-neither", "orgs.UpdateOrg", update_org(["name"], "neither", name="x"), None
+    ),
+    *[
+        org_invalid(f"{_short(rpc)}-org-id-{name}", rpc, org_request(msg, org_id_is(v)), "org_id")
+        for rpc, msg in ORG_METHODS.items()
+        for name, v in NOT_UUIDS
+    ],
+    *[
+        org_invalid(
+            f"{_short(rpc)}-org-id-not-uuid",
+            rpc,
+            org_request(
+                msg, org_id_is("not-a-uuid"), user_id=MEMBER_USER[rpc], **MEMBER_EXTRA[rpc]
+            ),
+            "org_id",
+        )
+        for rpc, msg in MEMBER_METHODS.items()
+    ],
+    *[
+        org_invalid(
+            f"getorg-org-slug-{name}",
+            "orgs.GetOrg",
+            org_request(orgs_pb2.GetOrgRequest, org_slug_is(v)),
+            "org_slug",
+        )
+        for name, v in [("1mb", "a" * MB), ("space", "a b"), ("uppercase", "Acme")]
+    ],
+    # -- UpdateOrg ---------------------------------------------------------------
+    *[
+        org_invalid(
+            f"updateorg-mask-{name}", "orgs.UpdateOrg", update_org(paths, name="x"), "update_mask"
+        )
+        for name, paths in [
+            ("empty", []),
+            ("id", ["id"]),
+            ("create-time", ["create_time"]),
+            ("unknown", ["owner"]),
+        ]
+    ],
+    *[
+        org_invalid(
+            f"updateorg-slug-{name}", "orgs.UpdateOrg", update_org(["slug"], slug=v), "org.slug"
+        )
+        for name, v in BAD_SLUGS
+    ],
+    *[
+        org_invalid(
+            f"updateorg-name-{name}", "orgs.UpdateOrg", update_org(["name"], name=v), "org.name"
+        )
+        for name, v in BAD_NAMES
+    ],
+    org_invalid(
+        "updateorg-by-user-slug-uppercase",
+        "orgs.UpdateOrg",
+        update_org(["slug"], slug="Acme"),
+        "org.slug",
+        creds=_org_user,
+    ),
+    # -- members -----------------------------------------------------------------
+    *[
+        org_invalid(
+            f"{_short(rpc)}-user-id-{name}",
+            rpc,
+            org_request(msg, user_id=v, **MEMBER_EXTRA[rpc]),
+            "user_id",
+        )
+        for rpc, msg in MEMBER_METHODS.items()
+        for name, v in [("empty", ""), *NOT_UUIDS]
+    ],
+    org_invalid(
+        "addmember-role-7",
+        "orgs.AddMember",
+        org_request(orgs_pb2.AddMemberRequest, user_id=of_outsider, role=BAD_ROLE),
+        "role",
+    ),
+    org_invalid(
+        "updatemember-role-unspecified",
+        "orgs.UpdateMember",
+        org_request(orgs_pb2.UpdateMemberRequest, user_id=of_member, role=0),
+        "role",
+    ),
+    org_invalid(
+        "updatemember-role-7",
+        "orgs.UpdateMember",
+        org_request(orgs_pb2.UpdateMemberRequest, user_id=of_member, role=BAD_ROLE),
+        "role",
+    ),
+    org_invalid(
+        "updatemember-by-user-role-unspecified",
+        "orgs.UpdateMember",
+        org_request(orgs_pb2.UpdateMemberRequest, user_id=of_member, role=0),
+        "role",
+        creds=_org_user,
+    ),
+    # -- ListOrgs ----------------------------------------------------------------
+    *[
+        org_invalid(
+            f"listorgs-user-id-{name}",
+            "orgs.ListOrgs",
+            with_field(orgs_pb2.ListOrgsRequest, "user_id", v),
+            "user_id",
+        )
+        for name, v in NOT_UUIDS
+    ],
+    org_invalid(
+        "listorgs-page-size-negative",
+        "orgs.ListOrgs",
+        lambda c: orgs_pb2.ListOrgsRequest(page_size=-1),
+        "page_size",
+        creds=_user,
+    ),
+    *[
+        org_page_token_invalid(f"listorgs-page-token-{name}", "orgs.ListOrgs", build, **kw)
+        for name, build, kw in [
+            ("garbage", list_orgs_with_token(const("abc")), {}),
+            ("1mb", list_orgs_with_token(const("x" * MB)), {}),
+            (
+                "flipped",
+                list_orgs_with_token(
+                    lambda c: flip(c.orgs_token_by_service, 10), user_id=lambda c: c.user.user.id
+                ),
+                {},
+            ),
+            (
+                "truncated",
+                list_orgs_with_token(
+                    lambda c: c.orgs_token_by_service[:-3], user_id=lambda c: c.user.user.id
+                ),
+                {},
+            ),
+            ("from-list-users", list_orgs_with_token(lambda c: c.users_token_prefix_a), {}),
+            (
+                "from-list-members",
+                list_orgs_with_token(lambda c: c.members_token, user_id=lambda c: c.user.user.id),
+                {},
+            ),
+            (
+                "from-list-sessions",
+                list_orgs_with_token(
+                    lambda c: c.sessions_token_by_service, user_id=lambda c: c.user.user.id
+                ),
+                {},
+            ),
+            (
+                "for-another-user",
+                list_orgs_with_token(
+                    lambda c: c.orgs_token_by_service, user_id=lambda c: c.other.user.id
+                ),
+                {},
+            ),
+            ("for-everyone", list_orgs_with_token(lambda c: c.orgs_token_by_service), {}),
+            (
+                "of-another-caller",
+                list_orgs_with_token(lambda c: c.orgs_token_of_user),
+                {"creds": _other_user},
+            ),
+        ]
+    ],
+    # -- ListMembers -------------------------------------------------------------
+    org_invalid(
+        "listmembers-page-size-negative",
+        "orgs.ListMembers",
+        org_request(orgs_pb2.ListMembersRequest, page_size=-1),
+        "page_size",
+    ),
+    *[
+        org_page_token_invalid(f"listmembers-page-token-{name}", "orgs.ListMembers", build)
+        for name, build in [
+            ("garbage", list_members_with_token(const("abc"))),
+            ("1mb", list_members_with_token(const("x" * MB))),
+            ("flipped", list_members_with_token(lambda c: flip(c.members_token, 10))),
+            ("truncated", list_members_with_token(lambda c: c.members_token[:-3])),
+            ("of-another-org", list_members_with_token(lambda c: c.members_token, "other_org")),
+            ("from-list-orgs", list_members_with_token(lambda c: c.orgs_token_by_service)),
+            ("from-list-users", list_members_with_token(lambda c: c.users_token_prefix_a)),
+        ]
+    ],
+    # -- SetActiveOrg ------------------------------------------------------------
+    *[
+        org_invalid(f"setactiveorg-org-id-{name}", "auth.SetActiveOrg", set_active(v), "org_id")
+        for name, v in NOT_UUIDS
+    ],
+    *[
+        bad(
+            f"setactiveorg-refresh-{name}",
+            "auth.SetActiveOrg",
+            set_active("", token),
+            UNAUTH,
+            "TOKEN_INVALID",
+            orgs=True,
+        )
+        for name, token in [
+            ("empty", const("")),
+            ("unknown", const("rt_" + "A" * 43)),
+            ("1mb", const("rt_" + "x" * MB)),
+            ("access-token", lambda c: c.org_token),
+            ("flipped", lambda c: flip(c.org_refresh, 10)),
+        ]
+    ],
+    # -- WatchRevocations --------------------------------------------------------
+    *[
+        org_invalid(
+            f"watchrevocations-after-{name}",
+            "auth.WatchRevocations",
+            with_field(auth_pb2.WatchRevocationsRequest, "after", v),
+            "after",
+        )
+        for name, v in BAD_POSITIONS
+    ],
+]
+
+
 def _stub_method(api: Api, rpc: str) -> Any:
     stub_name, method = rpc.split(".")
     return getattr(getattr(api, stub_name), method)
@@ -890,16 +1397,32 @@ async def _logged(log_file: Path, start: int, request_id: str) -> list[dict[str,
     return lines
 
 
-@pytest.mark.parametrize("case", CASES)
+ALL_CASES = [*CASES, *ORG_CASES]
+
+
+async def _invoke(api: Api, rpc: str, request: Any, metadata: Metadata) -> Any:
+    """Makes the call; of a server-streaming one, awaits the first response."""
+    call = _stub_method(api, rpc)(request, metadata=metadata)
+    if isinstance(call, grpc.aio.UnaryStreamCall):
+        try:
+            return await call.read()
+        finally:
+            call.cancel()
+    return await call
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
 async def test_bad_request(api: Api, log_file: Path, case: Bad) -> None:
     ctx = await Ctx.make(api)
+    if case.orgs:
+        await ctx.add_orgs()
     request = case.build(ctx)
     request_id = f"bad-input-{uuid.uuid4().hex}"
     metadata = (*case.creds(ctx), ("x-request-id", request_id))
     before = await api.snapshot()
     log_start = _log_size(log_file)
 
-    error = await failure(_stub_method(api, case.rpc)(request, metadata=metadata))
+    error = await failure(_invoke(api, case.rpc, request, metadata))
 
     assert error.code != grpc.StatusCode.INTERNAL, f"INTERNAL: {error.message}"
     assert (error.code, error.reason) == (case.code, case.reason), error.message
@@ -917,7 +1440,7 @@ async def test_bad_request(api: Api, log_file: Path, case: Bad) -> None:
 
 
 def test_case_ids_are_unique() -> None:
-    ids = [p.id for p in CASES]
+    ids = [p.id for p in ALL_CASES]
     assert len(ids) == len(set(ids))
 
 

@@ -136,6 +136,11 @@ async def test_a_membership_change_makes_older_tokens_stale(
     )
     remember(switched.tokens.access_token, switched.tokens.refresh_token)
     old_version = _claims(switched.tokens.access_token)["ver"]
+    # The switch itself changed the session's claims: tokens from before it
+    # are stale, the new one is not.
+    (switch,) = (await _next_events(stream)).revocations
+    assert (switch.session_id, switch.revoked) == (member.tokens.session_id, False)
+    assert switch.stale_below_version == old_version > _claims(member.tokens.access_token)["ver"]
 
     await api.orgs.UpdateMember(
         orgs_pb2.UpdateMemberRequest(

@@ -14,7 +14,7 @@ CLAIMS_CHANGED = "claims"
 USER_CHANGED = "user"
 """User ``key`` changed (role, email, memberships, deletion): drop cached views."""
 
-_POSITION = re.compile(r"^(\d{1,19})-(\d{1,19})$")
+_POSITION = re.compile(r"([0-9]{1,19})-([0-9]{1,19})")  # ASCII digits only
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +43,7 @@ def position_key(position: str) -> tuple[int, int]:
 
     Raises: InvalidArgument.
     """
-    match = _POSITION.match(position)
+    match = _POSITION.fullmatch(position)
     if match is None:
         raise InvalidArgument.field("after", "not a position")
     return int(match[1]), int(match[2])

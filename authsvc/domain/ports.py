@@ -65,6 +65,9 @@ class SessionRepository(Protocol):
     async def clear_org(self, org_id: uuid.UUID, user_id: uuid.UUID | None) -> None:
         """Clears the active org ``org_id`` from the sessions (of one user, or all)."""
 
+    async def bump_session_claims(self, session_id: uuid.UUID) -> int:
+        """Increments one session's claims version; returns the new one."""
+
     async def bump_claims(
         self, user_ids: Sequence[uuid.UUID], now: datetime
     ) -> list[tuple[uuid.UUID, int]]:

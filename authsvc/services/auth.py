@@ -336,14 +336,24 @@ class AuthService:
                 if successor is not None:
                     await tx.refresh_tokens.count_grace_use(record.id)
             if successor is not None:
+                before = session
                 session, org_role = await self._org_claims(tx, session, org)
                 await tx.sessions.touch(session.id, now, client.ip_address, client.user_agent)
-                return self._tokens(session, user.role, org_role, successor, now)
-            # Reuse outside the grace interval: someone holds a token they
-            # should not. Revoke the whole family and commit that (leaving
-            # this block commits), then fail the call.
-            await tx.sessions.revoke(session.id, now, "refresh_token_reused")
-            reused_session = session.id
+                issued = self._tokens(session, user.role, org_role, successor, now)
+            else:
+                # Reuse outside the grace interval: someone holds a token they
+                # should not. Revoke the whole family and commit that (leaving
+                # this block commits), then fail the call.
+                await tx.sessions.revoke(session.id, now, "refresh_token_reused")
+                reused_session = session.id
+        if successor is not None:
+            if session.claims_version != before.claims_version:
+                # The switch is committed: the session's older tokens (and any
+                # cached view of them) must not keep acting in the old org.
+                await self._published(
+                    Event(CLAIMS_CHANGED, str(session.id), session.claims_version, time.time())
+                )
+            return issued
         await self.publish_session_revoked(reused_session)
         log.warning("session.refresh_token_reused", session_id=str(reused_session))
         raise RefreshTokenReused()
@@ -367,14 +377,19 @@ class AuthService:
                 await tx.sessions.set_org(session.id, None)
                 return replace(session, org_id=None), None
             return session, member.role
-        if org is None:
-            await tx.sessions.set_org(session.id, None)
-            return replace(session, org_id=None), None
-        member = await tx.memberships.get(org, session.user_id)
-        if member is None:
-            raise MemberNotFound()
+        role = None
+        if org is not None:
+            member = await tx.memberships.get(org, session.user_id)
+            if member is None:
+                raise MemberNotFound()
+            role = member.role
+        if org == session.org_id:
+            return session, role
+        # A switch changes the claims: older tokens of the session become
+        # stale, so no token acts in an org its session has left.
         await tx.sessions.set_org(session.id, org)
-        return replace(session, org_id=org), member.role
+        version = await tx.sessions.bump_session_claims(session.id)
+        return replace(session, org_id=org, claims_version=version), role
 
     async def _grace_successor(
         self, tx: Transaction, record: RefreshTokenRecord, token: str, now: datetime

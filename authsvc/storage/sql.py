@@ -240,6 +240,15 @@ class SqlSessionRepository:
             stmt = stmt.where(sessions.c.user_id == user_id)
         await self._conn.execute(stmt)
 
+    async def bump_session_claims(self, session_id: uuid.UUID) -> int:
+        stmt = (
+            update(sessions)
+            .where(sessions.c.id == session_id)
+            .values(claims_version=sessions.c.claims_version + 1)
+            .returning(sessions.c.claims_version)
+        )
+        return int((await self._conn.execute(stmt)).scalar_one())
+
     async def bump_claims(
         self, user_ids: Sequence[uuid.UUID], now: datetime
     ) -> list[tuple[uuid.UUID, int]]:

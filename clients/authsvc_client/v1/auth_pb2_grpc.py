@@ -166,7 +166,9 @@ class AuthServiceServicer:
         returned pair carries `org_id` and `org_role`; the active org belongs to
         the session and every later refresh keeps it. Needs a membership in the
         org; a missing org and a missing membership both fail with
-        MEMBER_NOT_FOUND. An empty `org_id` clears the active org.
+        MEMBER_NOT_FOUND. An empty `org_id` clears the active org. A switch raises
+        the session's claims version (`ver`): its older access tokens become stale
+        for local verifiers, and Authenticate reports the new org for them.
         Fails with INVALID_ARGUMENT, TOKEN_INVALID, REFRESH_TOKEN_REUSED,
         SESSION_REVOKED, SESSION_EXPIRED, MEMBER_NOT_FOUND.
         """

@@ -11,5 +11,9 @@ from pathlib import Path
 _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+# The examples under clients/examples import as `examples.*` (as mypy sees them).
+_CLIENTS = str(Path(_ROOT) / "clients")
+if _CLIENTS not in sys.path:
+    sys.path.append(_CLIENTS)
 
 pytest_plugins = ["tests.infra", "tests.app"]

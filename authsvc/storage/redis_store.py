@@ -112,7 +112,7 @@ class RedisEventBus:
         await self._redis.set(EPOCH, str(int(time.time() * 1000)), nx=True)
         epoch = int(await self._redis.get(EPOCH) or 0)
         gap = False
-        if key != (0, 0) and (key[0] >= horizon or (key[0] < epoch and epoch >= horizon)):
+        if key[0] >= horizon or (key[0] < epoch and epoch >= horizon):
             # A position the stream does not hold, which is recent (lost, or
             # another server's) or older than a stream that is itself younger
             # than the retention (events between the two were never in it).

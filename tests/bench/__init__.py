@@ -15,4 +15,12 @@ Modules:
 ``loadgen``       the load generator process
 ``common``        names shared by those processes
 ``collapsed``     summarises a ``py-spy record --format raw`` profile (``--py-spy``)
+
+``python -m tests.bench sidecar`` is a second benchmark: the cost of the sidecar
+interceptor on the notes example (``clients/examples/notes``), GetNote with and
+without it in one run:
+
+``sidecar``          its orchestrator
+``notes_server``     the notes server process (a protected and a plain server)
+``sidecar_loadgen``  its load generator process
 """

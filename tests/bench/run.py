@@ -506,7 +506,10 @@ def _signals_ignored() -> Iterator[None]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.bench", description="authsvc benchmark (a report, not a test)"
+        prog="python -m tests.bench",
+        description="authsvc benchmark (a report, not a test)",
+        epilog="The sidecar's cost on the notes example: python -m tests.bench sidecar "
+        "(--help for its options).",
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per phase")

@@ -421,7 +421,10 @@ class WatchRevocationsRequest(_message.Message):
     AFTER_FIELD_NUMBER: _builtins.int
     after: _builtins.str
     """Resume after this position: the `position` of the last response
-    processed. Empty: start with the events published from now on.
+    processed. "0-0": replay everything the server's log holds (a watcher
+    starting up; the log keeps every event as long as a token can live, and
+    `gap` says when it is younger than that). Empty: start with the events
+    published from now on.
     """
     def __init__(
         self,

@@ -1,0 +1,668 @@
+"""Tenant scoping for services that call other services.
+
+Two halves:
+
+* **Helpers** with the meaning of the seed's ``BaseAuthClient`` methods, over
+  ``authsvc_client.v1.sessions_pb2.SessionInfo`` (what ``Authenticate`` and the
+  sidecar's ``current_session()`` hand you): ``is_authorized``,
+  ``is_org_authorized``, ``is_same_org`` and ``assert_same_org``, which raises
+  ``OrgMismatch`` (PERMISSION_DENIED / ORG_MISMATCH).
+
+* **Client interceptors** that attach the caller's credentials
+  (``authorization: Bearer <token>``) to every outgoing call and refuse,
+  before anything is sent, a request that names an organization other than
+  the session's active org::
+
+      channel = grpc.aio.insecure_channel(target, interceptors=aio_interceptors())
+      notes = NotesStub(channel)
+      await notes.GetNote(GetNoteRequest(org_id=other_org, ...))
+      # -> grpc.aio.AioRpcError PERMISSION_DENIED; from_rpc_error(...) is an OrgMismatch
+
+  A request *names an org* when a string field of it, at any depth of its set
+  message fields (singular, repeated and map values), is a tenant field and is
+  not empty. A tenant field is a string field marked ``[(authsvc.v1.tenant) =
+  true]``, or a string field named ``org_id`` that is not marked
+  ``[(authsvc.v1.tenant) = false]`` (``SetActiveOrgRequest.org_id`` is exempt:
+  it names the org to switch to). Each named org must equal the session's
+  active ``org_id`` exactly (authsvc issues ids as lowercase UUID strings);
+  with no session, or a session without an active org, any named org is
+  refused. ``google.protobuf.Any`` fields are opaque and not inspected.
+
+  **How a refusal looks.** Exactly like a refusal by the server: the call
+  fails with ``grpc.aio.AioRpcError`` (sync channels: a ``grpc.RpcError`` that
+  is also a ``grpc.Call``) with code PERMISSION_DENIED and trailing metadata
+  carrying a ``google.rpc.Status`` with ``ErrorInfo(domain="authsvc",
+  reason="ORG_MISMATCH", metadata={"origin": "client", "field": <full field
+  name>})``. ``from_rpc_error`` turns it into ``OrgMismatch``, and
+  ``authsvc_client.client.AuthsvcClient`` raises that directly, so callers
+  handle a local and a remote ORG_MISMATCH with the same ``except``. (The
+  typed exception alone would break the grpc.aio call object: its ``code()``
+  and ``details()`` only survive an ``AioRpcError`` raised by an interceptor.)
+
+  **Where credentials come from.** A ``CredentialSource``: a callable
+  returning ``(access_token, SessionInfo)`` or ``None`` (no caller: nothing
+  is attached and every tenant field is refused). The default,
+  ``inbound_credentials``, takes them from the call being served
+  (``authsvc_client.sidecar.current_token()`` / ``current_session()``), so a
+  service behind the sidecar calls downstream services as its caller.
+  ``token_credentials(token)`` serves a fixed token (or a callable returning
+  the current one) with the SessionInfo decoded from its claims: not verified
+  here, since the receiving side verifies it; the claims only decide what
+  this side refuses to send. The interceptor's credentials replace any
+  ``authorization`` metadata the call carries, so the identity checked here
+  is the identity sent.
+
+  grpc.aio files an interceptor object under the first interceptor kind it
+  implements only, so unary-unary and unary-stream calls need one object
+  each: ``aio_interceptors()`` returns both. Classic channels take
+  ``SyncTenantScopeInterceptor`` (both kinds in one object) through
+  ``grpc.intercept_channel``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, cast
+
+import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from authsvc_client.errors import OrgMismatch, status_metadata
+from authsvc_client.v1 import options_pb2, orgs_pb2, sessions_pb2, users_pb2
+
+__all__ = [
+    "CredentialSource",
+    "Credentials",
+    "OrgMismatch",
+    "SyncTenantScopeInterceptor",
+    "TenantScope",
+    "TenantScopeInterceptor",
+    "TenantScopeStreamInterceptor",
+    "aio_interceptors",
+    "assert_same_org",
+    "inbound_credentials",
+    "is_authorized",
+    "is_org_authorized",
+    "is_same_org",
+    "session_from_token",
+    "tenant_fields",
+    "token_credentials",
+]
+
+SessionInfo = sessions_pb2.SessionInfo
+RoleLike = str | int
+
+# --------------------------------------------------------------------------- helpers
+
+_ROLES: dict[str, users_pb2.Role.ValueType] = {
+    "user": users_pb2.ROLE_USER,
+    "admin": users_pb2.ROLE_ADMIN,
+}
+_ORG_ROLES: dict[str, orgs_pb2.OrgRole.ValueType] = {
+    "owner": orgs_pb2.ORG_ROLE_OWNER,
+    "admin": orgs_pb2.ORG_ROLE_ADMIN,
+    "member": orgs_pb2.ORG_ROLE_MEMBER,
+}
+
+
+def _role_values(roles: Sequence[RoleLike], names: Mapping[str, int], prefix: str) -> set[int]:
+    """``"admin"``, ``"ROLE_ADMIN"`` or the enum value -> the enum value.
+
+    An unknown name or value raises ``ValueError`` rather than matching
+    nothing: a typo in an authorization check must not pass silently as
+    "nobody may".
+    """
+    values: set[int] = set()
+    valid = set(names.values())
+    for role in roles:
+        if isinstance(role, str):
+            key = role.lower().removeprefix(prefix)
+            if key not in names:
+                raise ValueError(f"unknown role {role!r}; expected one of {sorted(names)}")
+            values.add(names[key])
+        elif isinstance(role, int) and not isinstance(role, bool) and role in valid:
+            values.add(role)
+        else:
+            raise ValueError(f"unknown role {role!r}")
+    return values
+
+
+def is_authorized(session: SessionInfo, *roles: RoleLike) -> bool:
+    """True iff the session's platform role is one of ``roles``.
+
+    Args:
+        session: who is calling.
+        roles: ``"user"`` / ``"admin"`` (any case, ``ROLE_`` prefix allowed) or
+            ``users_pb2.Role`` values.
+
+    Raises:
+        ValueError: a role that does not exist.
+    """
+    return session.role in _role_values(roles, _ROLES, "role_")
+
+
+def is_same_org(session: SessionInfo, org_id: str | uuid.UUID) -> bool:
+    """True iff the session has an active org and it is ``org_id``.
+
+    The tenant check with no role gating, for handlers that do their own role
+    logic or only confirm a resource belongs to the caller's org. An empty
+    ``org_id`` never matches.
+    """
+    wanted = str(org_id)
+    return bool(session.org_id) and bool(wanted) and session.org_id == wanted
+
+
+def is_org_authorized(session: SessionInfo, org_id: str | uuid.UUID, *roles: RoleLike) -> bool:
+    """True iff ``org_id`` is the session's active org and its org role is one of ``roles``.
+
+    Args:
+        session: who is calling.
+        org_id: the org the action is in.
+        roles: ``"owner"`` / ``"admin"`` / ``"member"`` (any case, ``ORG_ROLE_``
+            prefix allowed) or ``orgs_pb2.OrgRole`` values.
+
+    Raises:
+        ValueError: a role that does not exist.
+    """
+    allowed = _role_values(roles, _ORG_ROLES, "org_role_")
+    return is_same_org(session, org_id) and session.org_role in allowed
+
+
+def assert_same_org(session: SessionInfo | None, org_id: str | uuid.UUID) -> None:
+    """The one-liner for tenant scoping at the top of a handler.
+
+    ``session = current_session(); assert_same_org(session, note.org_id)``
+
+    Raises:
+        OrgMismatch: no session, no active org, or another org
+            (PERMISSION_DENIED / ORG_MISMATCH).
+    """
+    if session is None or not session.org_id:
+        raise OrgMismatch(message="the session has no active organization")
+    if not is_same_org(session, org_id):
+        raise OrgMismatch(message="the organization is not the session's active organization")
+
+
+# --------------------------------------------------------------------------- tenant fields
+
+
+class _Node:
+    """Where tenant fields may sit in one message type."""
+
+    __slots__ = ("messages", "strings")
+
+    def __init__(self) -> None:
+        # (field name, full name, repeated) of its tenant string fields
+        self.strings: tuple[tuple[str, str, bool], ...] = ()
+        # (field name, kind, node of the field's message type) of the message
+        # fields that can hold tenant fields: kind is "one", "many" (repeated)
+        # or "map" (map with message values)
+        self.messages: tuple[tuple[str, str, _Node], ...] = ()
+
+
+_EMPTY = _Node()
+
+
+def _is_tenant(field: FieldDescriptor) -> bool:
+    if field.type != FieldDescriptor.TYPE_STRING:
+        return False
+    options = field.GetOptions()
+    if options.HasExtension(options_pb2.tenant):
+        return bool(options.Extensions[options_pb2.tenant])
+    return field.name == "org_id"
+
+
+class _TenantIndex:
+    """Message full name -> where its tenant fields are; each type walked once.
+
+    Safe to share between threads: a node is linked completely before it is
+    published, so a reader never sees a half-built one (which would let a
+    tenant field through unchecked).
+    """
+
+    def __init__(self) -> None:
+        # ``_EMPTY``: the type cannot hold a tenant field
+        self._nodes: dict[str, _Node] = {}
+
+    def node(self, descriptor: Descriptor) -> _Node:
+        cached = self._nodes.get(descriptor.full_name)
+        return cached if cached is not None else self._build(descriptor)
+
+    def _build(self, descriptor: Descriptor) -> _Node:
+        """Walks every message type reachable from ``descriptor`` not yet
+        indexed, keeps those that can reach a tenant field (a fixpoint, so
+        recursive types work) and publishes a node for each."""
+        known = dict(self._nodes)
+        # 1. the reachable types: own tenant strings and message-typed edges
+        strings: dict[str, list[tuple[str, str, bool]]] = {}
+        edges: dict[str, list[tuple[str, str, str]]] = {}
+        pending = [descriptor]
+        while pending:
+            current = pending.pop()
+            name = current.full_name
+            if name in strings or name in known:
+                continue
+            strings[name], edges[name] = [], []
+            for field in current.fields:
+                repeated = _is_repeated(field)
+                if _is_tenant(field):
+                    strings[name].append((field.name, field.full_name, repeated))
+                elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                    sub_type = cast(Descriptor, field.message_type)
+                    kind = "many" if repeated else "one"
+                    if sub_type.GetOptions().map_entry:
+                        value = sub_type.fields_by_name["value"]
+                        if value.type != FieldDescriptor.TYPE_MESSAGE:
+                            continue  # map<_, scalar>: map entries carry no options
+                        sub_type, kind = cast(Descriptor, value.message_type), "map"
+                    edges[name].append((field.name, kind, sub_type.full_name))
+                    pending.append(sub_type)
+
+        # 2. which of them can reach a tenant field
+        live = {name for name, own in strings.items() if own}
+
+        def relevant(name: str) -> bool:
+            return name in live or known.get(name, _EMPTY) is not _EMPTY
+
+        changed = True
+        while changed:
+            changed = False
+            for name, out in edges.items():
+                if name not in live and any(relevant(target) for _, _, target in out):
+                    live.add(name)
+                    changed = True
+
+        # 3. nodes for them, linked, then published
+        built = {name: _Node() if name in live else _EMPTY for name in strings}
+        known.update(built)
+        for name in live:
+            node = built[name]
+            node.strings = tuple(strings[name])
+            node.messages = tuple(
+                (field, kind, known[target])
+                for field, kind, target in edges[name]
+                if relevant(target)
+            )
+        self._nodes.update(built)
+        return built[descriptor.full_name]
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    # `is_repeated` replaces `label` (gone in protobuf 7); older releases have only `label`.
+    flag = getattr(field, "is_repeated", None)
+    if flag is None:
+        return bool(getattr(field, "label", 0) == 3)  # LABEL_REPEATED
+    return bool(flag)
+
+
+def tenant_fields(descriptor: Any) -> list[str]:
+    """The full names of the tenant fields reachable from a message type (its
+    ``DESCRIPTOR``), for tests and docs."""
+    out: list[str] = []
+    seen: set[int] = set()
+
+    def walk(node: _Node) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        out.extend(full for _, full, _ in node.strings)
+        for _, _, child in node.messages:
+            walk(child)
+
+    walk(_TenantIndex().node(descriptor))
+    return out
+
+
+def _named_orgs(message: Message, node: _Node) -> Iterator[tuple[str, str]]:
+    """(field full name, org) for every non-empty tenant field set in ``message``."""
+    for name, full, repeated in node.strings:
+        value: Any = getattr(message, name)
+        if repeated:
+            for item in value:
+                if item:
+                    yield full, item
+        elif value:
+            yield full, value
+    for name, kind, child in node.messages:
+        if kind == "one":
+            if message.HasField(name):
+                yield from _named_orgs(getattr(message, name), child)
+        elif kind == "many":
+            for item in getattr(message, name):
+                yield from _named_orgs(item, child)
+        else:
+            for item in getattr(message, name).values():
+                yield from _named_orgs(item, child)
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+class Credentials(NamedTuple):
+    """What the interceptor sends and checks against."""
+
+    access_token: str
+    session: SessionInfo
+
+
+CredentialSource = Callable[[], Credentials | tuple[str, SessionInfo] | None]
+
+
+def inbound_credentials() -> Credentials | None:
+    """The credentials of the call being served (set by the sidecar interceptor)."""
+    # Imported here: the sidecar depends on this package's errors, and a
+    # caller that only uses static tokens need not load it.
+    from authsvc_client import sidecar
+
+    token = sidecar.current_token()
+    session = sidecar.current_session()
+    if token is None or session is None:
+        return None
+    return Credentials(token, session)
+
+
+def _b64url(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def session_from_token(token: str) -> SessionInfo:
+    """The SessionInfo an access token claims (``email`` is not a claim: left empty).
+
+    NOT a verification: it trusts the token's payload. Use it only to decide
+    what to send; the receiver verifies the token.
+
+    Raises:
+        ValueError: not a JWT with authsvc's claims.
+    """
+    try:
+        _, payload, _ = token.split(".")
+        claims = json.loads(_b64url(payload))
+    except (ValueError, binascii.Error) as error:
+        raise ValueError("not a JWT") from error
+    if not isinstance(claims, dict) or not all(
+        isinstance(claims.get(k), str) for k in ("sub", "sid")
+    ):
+        raise ValueError("the token lacks the sub and sid claims")
+    info = SessionInfo(
+        session_id=claims["sid"],
+        user_id=claims["sub"],
+        role=_ROLES.get(str(claims.get("role", "")), users_pb2.ROLE_UNSPECIFIED),
+    )
+    org = claims.get("org_id")
+    if isinstance(org, str) and org:
+        info.org_id = org
+        info.org_role = _ORG_ROLES.get(
+            str(claims.get("org_role", "")), orgs_pb2.ORG_ROLE_UNSPECIFIED
+        )
+    exp = claims.get("exp")
+    if isinstance(exp, int):
+        info.expire_time.CopyFrom(Timestamp(seconds=exp))
+    return info
+
+
+def token_credentials(token: str | Callable[[], str]) -> Callable[[], Credentials]:
+    """A CredentialSource for a fixed token, or a callable returning the current one.
+
+    The SessionInfo is decoded from the token's claims (see
+    ``session_from_token``), once per distinct token.
+
+    Raises:
+        ValueError: (at once for a fixed token, else at the call) not a JWT.
+    """
+    last: list[Credentials] = []
+
+    def current() -> Credentials:
+        value = token() if callable(token) else token
+        if not last or last[0].access_token != value:
+            last[:] = [Credentials(value, session_from_token(value))]
+        return last[0]
+
+    if not callable(token):
+        current()
+    return current
+
+
+# --------------------------------------------------------------------------- the check
+
+
+class _Refusal(Exception):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class TenantScope:
+    """The check and the credentials, shared by the interceptor classes.
+
+    Args:
+        credentials: where the token and session come from (see the module
+            docstring); default ``inbound_credentials``.
+    """
+
+    def __init__(self, credentials: CredentialSource = inbound_credentials) -> None:
+        self._credentials = credentials
+        self._index = _TenantIndex()
+
+    def check(self, request: object) -> Credentials | None:
+        """The credentials to send with ``request``.
+
+        Raises:
+            _Refusal: the request names an org other than the session's.
+            TypeError: the request is not a protobuf message (serialized
+                bytes cannot be inspected, so they are not sent).
+        """
+        if not isinstance(request, Message):
+            raise TypeError(
+                "the tenant-scoping interceptor needs protobuf messages, "
+                f"not {type(request).__name__}"
+            )
+        found = self._credentials()
+        creds = None if found is None else Credentials(*found)
+        node = self._index.node(cast(Descriptor, request.DESCRIPTOR))
+        if node is _EMPTY:
+            return creds
+        active = creds.session.org_id if creds is not None else ""
+        for field, org in _named_orgs(request, node):
+            if not active:
+                raise _Refusal(field, f"{field} names an organization and there is no active org")
+            if org != active:
+                raise _Refusal(field, f"{field} names another organization than the active org")
+        return creds
+
+
+def _refusal_trailers(refusal: _Refusal) -> tuple[tuple[str, bytes]]:
+    return status_metadata(
+        grpc.StatusCode.PERMISSION_DENIED,
+        OrgMismatch.REASON,
+        refusal.message,
+        {"origin": "client", "field": refusal.field},
+    )
+
+
+def _aio_error(refusal: _Refusal) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.PERMISSION_DENIED,
+        initial_metadata=grpc.aio.Metadata(),
+        trailing_metadata=grpc.aio.Metadata(*_refusal_trailers(refusal)),
+        details=refusal.message,
+        debug_error_string="refused locally by the tenant-scoping interceptor",
+    )
+
+
+def _with_token(metadata: Any, token: str | None) -> list[tuple[str, Any]]:
+    kept = [(k, v) for k, v in (metadata or ()) if k != "authorization"]
+    if token is not None:
+        kept.append(("authorization", f"Bearer {token}"))
+    return kept
+
+
+def _aio_details(
+    details: grpc.aio.ClientCallDetails, creds: Credentials | None
+) -> grpc.aio.ClientCallDetails:
+    if creds is None and not details.metadata:
+        return details
+    metadata = grpc.aio.Metadata(*_with_token(details.metadata, creds and creds.access_token))
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class TenantScopeInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """Unary-unary calls on a ``grpc.aio`` channel; see the module docstring.
+
+    Pair it with ``TenantScopeStreamInterceptor`` (or use ``aio_interceptors``)
+    to cover server-streaming calls too.
+    """
+
+    def __init__(
+        self,
+        credentials: CredentialSource = inbound_credentials,
+        *,
+        scope: TenantScope | None = None,
+    ) -> None:
+        self.scope = scope or TenantScope(credentials)
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        try:
+            creds = self.scope.check(request)
+        except _Refusal as refusal:
+            raise _aio_error(refusal) from None
+        return await continuation(_aio_details(client_call_details, creds), request)
+
+
+class TenantScopeStreamInterceptor(grpc.aio.UnaryStreamClientInterceptor):
+    """Unary-stream calls on a ``grpc.aio`` channel; see the module docstring."""
+
+    def __init__(
+        self,
+        credentials: CredentialSource = inbound_credentials,
+        *,
+        scope: TenantScope | None = None,
+    ) -> None:
+        self.scope = scope or TenantScope(credentials)
+
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        try:
+            creds = self.scope.check(request)
+        except _Refusal as refusal:
+            raise _aio_error(refusal) from None
+        return await continuation(_aio_details(client_call_details, creds), request)
+
+
+def aio_interceptors(
+    credentials: CredentialSource = inbound_credentials,
+) -> list[grpc.aio.ClientInterceptor]:
+    """Both aio interceptors on one scope, for ``grpc.aio.*_channel(interceptors=...)``."""
+    scope = TenantScope(credentials)
+    return [TenantScopeInterceptor(scope=scope), TenantScopeStreamInterceptor(scope=scope)]
+
+
+# --------------------------------------------------------------------------- classic grpc
+
+
+class LocalRpcError(grpc.RpcError, grpc.Call):
+    """A call refused before it was sent, shaped like a failed sync call."""
+
+    def __init__(self, refusal: _Refusal) -> None:
+        super().__init__(refusal.message)
+        self._message = refusal.message
+        self._trailers = _refusal_trailers(refusal)
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.PERMISSION_DENIED
+
+    def details(self) -> str:
+        return self._message
+
+    def initial_metadata(self) -> tuple[Any, ...]:
+        return ()
+
+    def trailing_metadata(self) -> tuple[Any, ...]:
+        return self._trailers
+
+    def debug_error_string(self) -> str:
+        return "refused locally by the tenant-scoping interceptor"
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float:
+        return 0.0
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+
+class _SyncCallDetails(grpc.ClientCallDetails):
+    def __init__(self, details: grpc.ClientCallDetails, metadata: list[tuple[str, Any]]) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = tuple(metadata)
+        self.credentials = details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+
+
+def _sync_details(details: grpc.ClientCallDetails, creds: Credentials | None) -> Any:
+    if creds is None and not details.metadata:
+        return details
+    return _SyncCallDetails(details, _with_token(details.metadata, creds and creds.access_token))
+
+
+class SyncTenantScopeInterceptor(
+    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor
+):
+    """For classic (threaded) channels: ``grpc.intercept_channel(channel, interceptor)``.
+
+    A refused call raises ``LocalRpcError`` (a ``grpc.RpcError`` and
+    ``grpc.Call``; ``from_rpc_error`` reads it). The default credential source
+    reads the inbound call of the current thread (the sidecar's sync
+    interceptor sets it).
+    """
+
+    def __init__(self, credentials: CredentialSource = inbound_credentials) -> None:
+        self.scope = TenantScope(credentials)
+
+    def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Any], Any],
+        client_call_details: grpc.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        try:
+            creds = self.scope.check(request)
+        except _Refusal as refusal:
+            raise LocalRpcError(refusal) from None
+        return continuation(_sync_details(client_call_details, creds), request)
+
+    def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Any], Any],
+        client_call_details: grpc.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        try:
+            creds = self.scope.check(request)
+        except _Refusal as refusal:
+            raise LocalRpcError(refusal) from None
+        return continuation(_sync_details(client_call_details, creds), request)

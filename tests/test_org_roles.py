@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -29,18 +30,21 @@ import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from authsvc_client.errors import from_rpc_error
-from authsvc_client.v1 import orgs_pb2, orgs_pb2_grpc
+from authsvc_client.v1 import auth_pb2, orgs_pb2, orgs_pb2_grpc
 from tests.app import (
     Api,
     OrgRole,
     OrgUser,
     bearer,
+    claims,
     members_of,
     org_member,
     org_with_owner,
     refused,
+    remember,
     service,
     set_active_org,
+    who,
 )
 
 OWNER = orgs_pb2.ORG_ROLE_OWNER
@@ -547,3 +551,42 @@ async def test_removing_both_owners_at_once_leaves_one_owner(api: Api) -> None:
         kept = (second, first)[winner]
         assert await members_of(api, org.id) == {kept.id: OWNER}
         await _back_in_as_owner(api, org.id, removed)
+
+
+@postgres_only
+async def test_a_switch_racing_the_removal_never_leaves_a_live_org_claim(api: Api) -> None:
+    """SetActiveOrg reads the membership, then writes the session; RemoveMember
+    deletes the membership, then clears and bumps the sessions. Run at the
+    same moment, the switch either fails (MEMBER_NOT_FOUND) or its token is
+    below the version the removal published, so no verifier honours it."""
+    await _warm_pool(api)
+    org, _ = await org_with_owner(api)
+    for _ in range(ROUNDS):
+        created = await api.sign_up()
+        await api.orgs.AddMember(
+            orgs_pb2.AddMemberRequest(org_id=org.id, user_id=created.user.id), metadata=service()
+        )
+        switch, removal = await asyncio.gather(
+            api.auth.SetActiveOrg(
+                auth_pb2.SetActiveOrgRequest(
+                    refresh_token=created.tokens.refresh_token, org_id=org.id
+                )
+            ),
+            api.orgs.RemoveMember(
+                orgs_pb2.RemoveMemberRequest(org_id=org.id, user_id=created.user.id),
+                metadata=service(),
+            ),
+            return_exceptions=True,
+        )
+        assert not isinstance(removal, BaseException), removal
+        if isinstance(switch, BaseException):
+            assert isinstance(switch, grpc.aio.AioRpcError)
+            assert from_rpc_error(switch).reason == "MEMBER_NOT_FOUND"
+            continue
+        remember(switch.tokens.access_token, switch.tokens.refresh_token)
+        async with api.server.core.db.reader() as tx:
+            session = await tx.sessions.get(uuid.UUID(switch.tokens.session_id))
+        assert session is not None
+        assert session.org_id is None
+        assert claims(switch.tokens.access_token)["ver"] < session.claims_version
+        assert (await who(api, switch.tokens.access_token)).org_id == ""

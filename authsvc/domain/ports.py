@@ -100,6 +100,9 @@ class OrgRepository(Protocol):
 
     async def get_by_slug(self, slug: str, *, for_update: bool = False) -> Org | None: ...
 
+    async def lock_shared(self, org_id: uuid.UUID) -> None:
+        """Holds off membership changes of the org until the transaction ends."""
+
     async def update(
         self, org_id: uuid.UUID, changes: Mapping[str, object], now: datetime
     ) -> Org | None:

@@ -307,6 +307,12 @@ class AuthService:
         token_hash = sha256(refresh_token)
         reused_session: uuid.UUID | None = None
         async with self._db.transaction() as tx:
+            if isinstance(org, uuid.UUID):
+                # A switch reads the membership and then writes the session:
+                # hold off a concurrent removal of that membership (which
+                # locks the org first too, so the lock order is the same),
+                # or the session could enter an org its user just left.
+                await tx.orgs.lock_shared(org)
             record = await tx.refresh_tokens.get_by_hash(token_hash)
             if record is None:
                 raise TokenInvalid()

@@ -358,6 +358,13 @@ class SqlOrgRepository:
     async def get_by_slug(self, slug: str, *, for_update: bool = False) -> Org | None:
         return await self._one(orgs.c.slug == slug, for_update)
 
+    async def lock_shared(self, org_id: uuid.UUID) -> None:
+        # FOR SHARE: switches into one org do not wait for each other, but a
+        # membership change (FOR UPDATE) waits for them, and they for it.
+        await self._conn.execute(
+            select(orgs.c.id).where(orgs.c.id == org_id).with_for_update(read=True)
+        )
+
     async def update(
         self, org_id: uuid.UUID, changes: Mapping[str, object], now: datetime
     ) -> Org | None:

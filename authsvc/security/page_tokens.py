@@ -13,13 +13,17 @@ import hashlib
 import hmac
 import json
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from authsvc.domain.models import Cursor
 from authsvc.errors import InvalidPageToken
 from authsvc.security.secrets import b64url, b64url_decode_canonical
 
 _MAX_LENGTH = 1024
+
+T = TypeVar("T")
 _TAG = 16
 
 
@@ -48,6 +52,23 @@ class PageTokens:
             separators=(",", ":"),
         ).encode()
         return f"{b64url(payload)}.{b64url(self._tag(payload))}"
+
+    def page(
+        self,
+        kind: str,
+        filters: str,
+        rows: list[T],
+        size: int,
+        now: datetime,
+        cursor: Callable[[T], Cursor],
+    ) -> tuple[list[T], str]:
+        """A page of ``rows`` (read with a limit of ``size + 1``, so that one
+        more row tells whether a next page exists) and that next page's token,
+        "" on the last page."""
+        items = rows[:size]
+        if len(rows) <= size:
+            return items, ""
+        return items, self.encode(kind, filters, cursor(items[-1]), now)
 
     def decode(self, token: str, kind: str, filters: str, now: datetime) -> Cursor:
         """Raises: InvalidPageToken."""

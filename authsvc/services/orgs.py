@@ -241,12 +241,9 @@ class OrgService:
         after = self._pages.decode(page_token, "orgs", filters, now) if page_token else None
         async with self._db.reader() as tx:
             rows = await tx.orgs.list(target, after, size + 1)
-        items = rows[:size]
-        token = ""
-        if len(rows) > size:
-            cursor = Cursor(items[-1].created_at, items[-1].id)
-            token = self._pages.encode("orgs", filters, cursor, now)
-        return items, token
+        return self._pages.page(
+            "orgs", filters, rows, size, now, lambda o: Cursor(o.created_at, o.id)
+        )
 
     # -- memberships --------------------------------------------------------------
 
@@ -355,9 +352,6 @@ class OrgService:
             filters = fingerprint(scope.org.id)
             after = self._pages.decode(page_token, "members", filters, now) if page_token else None
             rows = await tx.memberships.list(scope.org.id, after, size + 1)
-        items = rows[:size]
-        token = ""
-        if len(rows) > size:
-            cursor = Cursor(items[-1].created_at, items[-1].user_id)
-            token = self._pages.encode("members", filters, cursor, now)
-        return items, token
+        return self._pages.page(
+            "members", filters, rows, size, now, lambda m: Cursor(m.created_at, m.user_id)
+        )

@@ -46,13 +46,9 @@ class SessionService:
         after = self._pages.decode(page_token, "sessions", filters, now) if page_token else None
         async with self._db.reader() as tx:
             rows = await tx.sessions.list_live(target, now, after, size + 1)
-        items = rows[:size]
-        token = ""
-        if len(rows) > size:
-            token = self._pages.encode(
-                "sessions", filters, Cursor(items[-1].created_at, items[-1].id), now
-            )
-        return items, token
+        return self._pages.page(
+            "sessions", filters, rows, size, now, lambda s: Cursor(s.created_at, s.id)
+        )
 
     async def revoke(self, principal: Principal, session_id: str) -> None:
         """Raises: InvalidArgument, PermissionDenied, SessionNotFound."""

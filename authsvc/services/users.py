@@ -60,12 +60,9 @@ class UserService:
         after = self._pages.decode(page_token, "users", filters, now) if page_token else None
         async with self._db.reader() as tx:
             rows = await tx.users.list(after, size + 1, role, prefix)
-        items = rows[:size]
-        token = ""
-        if len(rows) > size:
-            cursor = Cursor(items[-1].created_at, items[-1].id)
-            token = self._pages.encode("users", filters, cursor, now)
-        return items, token
+        return self._pages.page(
+            "users", filters, rows, size, now, lambda u: Cursor(u.created_at, u.id)
+        )
 
     async def update(
         self,

@@ -293,21 +293,34 @@ def start_server(children: Children, workdir: Path, infra: Infra) -> ServerInfo:
 def run_loadgen(
     children: Children, workdir: Path, cfg: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
+    # Bounded: preparation, the phases and their tails fit easily in this.
+    windows = 2 * cfg["rounds"] + 2
+    budget = 180 + len(cfg["concurrencies"]) * windows * (cfg["warmup"] + cfg["duration"] + 30)
+    return run_loadgen_module(children, workdir, cfg, "tests.bench.loadgen", _clean_env(), budget)
+
+
+def run_loadgen_module(
+    children: Children,
+    workdir: Path,
+    cfg: dict[str, Any],
+    module: str,
+    env: dict[str, str],
+    budget: float,
+) -> dict[str, Any]:
+    """Runs a load generator process on ``cfg`` within ``budget`` seconds;
+    returns the results it wrote."""
     config_file = workdir / "loadgen-config.json"
     out_file = workdir / "loadgen-results.json"
     config_file.write_text(json.dumps(cfg))
     child = children.start(
         "load generator",
-        [sys.executable, "-m", "tests.bench.loadgen", str(config_file), str(out_file)],
-        env=_clean_env(),
+        [sys.executable, "-m", module, str(config_file), str(out_file)],
+        env=env,
         stdout=None,
         stderr=None,  # its progress lines go to our stderr
         lifeline_on_stdin=True,
         grace=5.0,
     )
-    # Bounded: preparation, the phases and their tails fit easily in this.
-    windows = 2 * cfg["rounds"] + 2
-    budget = 180 + len(cfg["concurrencies"]) * windows * (cfg["warmup"] + cfg["duration"] + 30)
     try:
         child.proc.wait(budget)
     except subprocess.TimeoutExpired:
@@ -322,11 +335,8 @@ def run_loadgen(
 # --------------------------------------------------------------------------- report
 
 
-def _phase(results: dict[str, Any], name: str) -> dict[str, Any] | None:
-    for phase in results["phases"]:
-        if phase["phase"] == name:
-            return dict(phase)
-    return None
+def phase_named(results: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((dict(p) for p in results["phases"] if p["phase"] == name), None)
 
 
 def _server_cpu_per_call(phase: dict[str, Any] | None, who: str = "server") -> float:
@@ -366,8 +376,8 @@ def compute_ratios(results: dict[str, Any], concurrencies: list[int]) -> list[di
         )
 
     for c in concurrencies:
-        echo = _phase(results, f"echo@{c}")
-        hot = _phase(results, f"authenticate-hot@{c}")
+        echo = phase_named(results, f"echo@{c}")
+        hot = phase_named(results, f"authenticate-hot@{c}")
         if echo and hot and echo["rps"] > 0:
             hot_cpu = _server_cpu_per_call(hot)
             echo_cpu = _server_cpu_per_call(echo)
@@ -385,7 +395,7 @@ def compute_ratios(results: dict[str, Any], concurrencies: list[int]) -> list[di
                 normalized,
             )
     for k, c in enumerate(concurrencies):
-        signin = _phase(results, f"signin@{c}")
+        signin = phase_named(results, f"signin@{c}")
         # The argon2-alone runs just before and just after this phase.
         runs = results["argon2_alone"][k : k + 2]
         argon2_rate = sum(r["verifies_per_s"] for r in runs) / len(runs)
@@ -646,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _profile_summary(path: Path, results: dict[str, Any], phase_name: str) -> str:
-    phase = _phase(results, phase_name)
+    phase = phase_named(results, phase_name)
     if phase is None or not path.exists():
         return f"(no profile: no phase {phase_name!r} or py-spy wrote nothing)"
     return summary(path, top=30, calls=phase["calls"], cpu=phase["cpu_s"]["server"])

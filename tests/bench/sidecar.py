@@ -66,6 +66,8 @@ from .run import (
     _signals_ignored,
     _tail,
     log,
+    phase_named,
+    run_loadgen_module,
 )
 
 BAR = 0.80
@@ -214,36 +216,12 @@ async def mint_tokens(authsvc: Authsvc, org: str, refresh: list[str]) -> list[st
 
 
 def run_loadgen(children: Children, workdir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    config_file = workdir / "loadgen-config.json"
-    out_file = workdir / "loadgen-results.json"
-    config_file.write_text(json.dumps(cfg))
-    child = children.start(
-        "load generator",
-        [sys.executable, "-m", "tests.bench.sidecar_loadgen", str(config_file), str(out_file)],
-        env=_env(),
-        stdout=None,
-        stderr=None,
-        lifeline_on_stdin=True,
-        grace=5.0,
-    )
     windows = 3 * cfg["rounds"]
     budget = 120 + len(cfg["concurrencies"]) * windows * (cfg["warmup"] + cfg["duration"] + 20)
-    try:
-        child.proc.wait(budget)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"the load generator did not finish in {budget:g} s") from None
-    code = children.stop(child)
-    if code != 0:
-        raise BenchError(f"the load generator failed (exit {code})")
-    results: dict[str, Any] = json.loads(out_file.read_text())
-    return results
+    return run_loadgen_module(children, workdir, cfg, "tests.bench.sidecar_loadgen", _env(), budget)
 
 
 # --------------------------------------------------------------------------- report
-
-
-def _phase(results: dict[str, Any], name: str) -> dict[str, Any] | None:
-    return next((dict(p) for p in results["phases"] if p["phase"] == name), None)
 
 
 def _per_call(phase: dict[str, Any], who: str) -> float:
@@ -257,7 +235,7 @@ def _ratio(
     notes server's CPU per call (what the RPS ratio would be with the server
     alone and CPU-bound), and that CPU ratio speed-normalized by the client's
     CPU per call (the client does identical work in every phase)."""
-    a, b = _phase(results, f"{top}@{c}"), _phase(results, f"{bottom}@{c}")
+    a, b = phase_named(results, f"{top}@{c}"), phase_named(results, f"{bottom}@{c}")
     if not a or not b or not b["rps"]:
         return None
     a_cpu, b_cpu = _per_call(a, "notes"), _per_call(b, "notes")

@@ -40,7 +40,8 @@ from authsvc.services.sessions import SessionService
 from authsvc.services.users import UserService
 from authsvc.storage import migrate
 from authsvc.storage.database import SqlDatabase, create_engine
-from authsvc.storage.memory import MemoryEventBus, MemoryRateLimiter
+from authsvc.storage.event_log import EventLog, LocalEventBus
+from authsvc.storage.memory import MemoryRateLimiter
 from authsvc.storage.redis_store import RedisEventBus, RedisRateLimiter
 from authsvc_client.v1 import (
     auth_pb2,
@@ -82,6 +83,7 @@ class Core:
     orgs: OrgService
     feed: RevocationFeed
     cache: AuthCache
+    event_log: EventLog
     bus: EventBus
     limiter: RateLimiter
     executor: ThreadPoolExecutor
@@ -122,22 +124,40 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
     redis_client: aioredis.Redis | None = None
     bus: EventBus
     limiter: RateLimiter
+    event_log = EventLog(db, retention=retention)
+    # The relay's poll, and the follower's reads of the database's log while
+    # Redis is down: well within the max lag.
+    poll = min(0.25, settings.revocation_max_lag / 4)
     if settings.redis_url is not None:
+        url = settings.redis_url.get_secret_value()
         redis_client = aioredis.from_url(
-            settings.redis_url.get_secret_value(),
-            socket_timeout=5,
-            socket_connect_timeout=5,
+            url,
+            # Calls wait on these: a Redis that hangs must answer
+            # BACKEND_UNAVAILABLE soon, not hold the call.
+            socket_timeout=1.0,
+            socket_connect_timeout=1.0,
             # Servers and proxies drop idle connections: check one that sat
             # idle before using it, and retry a call whose connection broke.
             health_check_interval=10,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
-        bus = RedisEventBus(redis_client, max_lag=settings.revocation_max_lag, retention=retention)
+        # The follower's blocking XREAD needs a connection (and a timeout
+        # longer than its block) of its own; it handles failures itself.
+        follower = aioredis.from_url(
+            url,
+            socket_timeout=settings.revocation_max_lag / 2 + 1.0,
+            socket_connect_timeout=1.0,
+            health_check_interval=10,
+        )
+        bus = RedisEventBus(
+            redis_client, follower, event_log, max_lag=settings.revocation_max_lag, poll=poll
+        )
         limiter = RedisRateLimiter(redis_client)
     else:
-        bus = MemoryEventBus(retention=retention)
+        bus = LocalEventBus(event_log, poll=poll)
         limiter = MemoryRateLimiter()
+    db.on_commit = bus.committed
     access_ttl = timedelta(seconds=settings.access_token_ttl)
     keys = KeyStore(db, secrets, clock, access_ttl=access_ttl)
     await keys.load(create=create_keys)
@@ -185,6 +205,7 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
         orgs=OrgService(db=db, auth=auth, pages=pages, clock=clock),
         feed=RevocationFeed(bus, heartbeat=settings.revocation_heartbeat),
         cache=cache,
+        event_log=event_log,
         bus=bus,
         limiter=limiter,
         executor=executor,

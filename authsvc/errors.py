@@ -161,9 +161,20 @@ class RateLimited(AuthError):
 
 
 class BackendUnavailable(AuthError):
+    """A backing store (Postgres, Redis, SQLite) failed; nothing was changed
+    that the caller needs to know about, and the call may be retried."""
+
     code = "UNAVAILABLE"
     reason = "BACKEND_UNAVAILABLE"
     default_message = "a backing store is unavailable; retry"
+
+    def __init__(self, message: str | None = None, *, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class TransientConflict(BackendUnavailable):
+    """The transaction lost a deadlock or a serialization race; running it
+    again will likely succeed (``SqlDatabase.attempts`` does, a few times)."""
 
 
 class OrgNotFound(AuthError):

@@ -27,6 +27,7 @@ from authsvc.app import Server, build_server
 from authsvc.config import Settings
 from authsvc.storage import migrate
 from authsvc.storage.tables import (
+    events,
     memberships,
     orgs,
     refresh_tokens,
@@ -236,7 +237,7 @@ async def api(_api_server: Api) -> Api:
     """The shared server of this backend, with empty tables (signing keys kept)."""
     core = _api_server.server.core
     async with core.db.transaction() as tx:
-        for table in (memberships, orgs, refresh_tokens, sessions, users):
+        for table in (memberships, orgs, refresh_tokens, sessions, users, events):
             await tx.conn.execute(delete(table))
     core.cache.clear()
     if core.redis is not None:

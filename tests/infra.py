@@ -76,6 +76,7 @@ directory).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -102,7 +103,7 @@ from pytest_postgresql.executors import PostgreSQLExecutor
 from pytest_postgresql.janitor import DatabaseJanitor
 from pytest_redis import factories as redis_factories
 
-__all__ = ["PgBouncer", "PostgresServer", "asyncpg_dsn"]
+__all__ = ["PgBouncer", "PostgresExecutor", "PostgresServer", "asyncpg_dsn", "private_postgres"]
 
 PG_HOST = "127.0.0.1"
 PG_USER = "postgres"
@@ -444,6 +445,49 @@ class _RunAsUserPostgreSQLExecutor(PostgreSQLExecutor):
 @pytest.fixture(scope="session")
 def _authsvc_postgresql_proc_root(request: pytest.FixtureRequest) -> Iterator[PostgreSQLExecutor]:
     """PostgreSQL for a root pytest: same executor, run as an unprivileged user."""
+    with _root_postgres(request) as executor:
+        yield executor
+
+
+@contextlib.contextmanager
+def private_postgres(request: pytest.FixtureRequest) -> Iterator[PostgresExecutor]:
+    """Another PostgreSQL server, private to its caller, who may stop,
+    restart or reconfigure it (fault tests: the session's server must stay
+    up). Root or not, it runs as an unprivileged user."""
+    with _root_postgres(request, as_root=os.geteuid() == 0) as executor:
+        yield PostgresExecutor(
+            executor,
+            PostgresServer(
+                host=executor.host,
+                port=int(executor.port),
+                user=executor.user,
+                password=executor.password or "",
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class PostgresExecutor:
+    """A private server: its executor (``executable`` is pg_ctl, or a wrapper
+    that runs it as the server's user) and its connection facts."""
+
+    executor: PostgreSQLExecutor
+    server: PostgresServer
+
+    def pg_ctl(self, *args: str, timeout: float = 60) -> None:
+        """Runs ``pg_ctl ARGS -D <datadir>`` (e.g. ``restart -m fast``)."""
+        subprocess.run(
+            [self.executor.executable, *args, "-D", self.executor.datadir, "-w"],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+
+
+@contextlib.contextmanager
+def _root_postgres(
+    request: pytest.FixtureRequest, *, as_root: bool = True
+) -> Iterator[PostgreSQLExecutor]:
     config = get_pg_config(request)
     pg_ctl = config.exec
     if not (pg_ctl and os.access(pg_ctl, os.X_OK)):
@@ -452,9 +496,9 @@ def _authsvc_postgresql_proc_root(request: pytest.FixtureRequest) -> Iterator[Po
             "run ./tests/run, which installs them"
         )
     runuser = shutil.which("runuser")
-    if runuser is None:
+    if as_root and runuser is None:
         pytest.fail("runuser (util-linux) is needed to run PostgreSQL as non-root")
-    os_user = _pg_os_user()
+    os_user = _pg_os_user() if as_root else pwd.getpwuid(os.geteuid())
 
     # base/      root 0711: traversable, not writable, by the postgres user
     #   bin/pg_ctl  root-owned wrapper (the postgres user cannot replace it)
@@ -470,11 +514,15 @@ def _authsvc_postgresql_proc_root(request: pytest.FixtureRequest) -> Iterator[Po
         workdir.mkdir(mode=0o700)
         os.chown(workdir, os_user.pw_uid, os_user.pw_gid)
         wrapper = bindir / "pg_ctl"
+        run_as = (
+            f"{shlex.quote(runuser)} -u {shlex.quote(os_user.pw_name)} -- "
+            if as_root and runuser
+            else ""
+        )
         wrapper.write_text(
             "#!/bin/sh\n"
             f"cd {shlex.quote(str(workdir))} || exit 1\n"
-            f"exec {shlex.quote(runuser)} -u {shlex.quote(os_user.pw_name)} -- "
-            f'{shlex.quote(pg_ctl)} "$@"\n'
+            f'exec {run_as}{shlex.quote(pg_ctl)} "$@"\n'
         )
         wrapper.chmod(0o755)
 

@@ -18,12 +18,15 @@ from typing import Any
 import grpc
 import jwt
 import pytest
+from sqlalchemy import update
 
+from authsvc.storage.tables import event_log_head
 from authsvc_client.v1 import auth_pb2, orgs_pb2, sessions_pb2
 from tests.app import (
     PASSWORD,
     Api,
     Backend,
+    Storage,
     bearer,
     failure,
     remember,
@@ -31,6 +34,7 @@ from tests.app import (
     start_api,
     stop_api,
 )
+from tests.events import logged, migrated
 
 Stream = Any  # a grpc.aio UnaryStreamCall
 
@@ -171,6 +175,7 @@ def _claims(token: str) -> dict[str, Any]:
 async def test_a_reconnect_replays_what_it_missed_and_nothing_else(api: Api) -> None:
     before, _ = await _signed_in(api)
     await api.auth.SignOut(auth_pb2.SignOutRequest(), metadata=bearer(before))
+    await logged(api)
     stream = _watch(api)
     position = (await _next(stream)).position
     stream.cancel()
@@ -180,6 +185,7 @@ async def test_a_reconnect_replays_what_it_missed_and_nothing_else(api: Api) -> 
         token, session_id = await _signed_in(api)
         await api.auth.SignOut(auth_pb2.SignOutRequest(), metadata=bearer(token))
         missed.append(session_id)
+    await logged(api)
 
     resumed = _watch(api, after=position)
     try:
@@ -199,6 +205,7 @@ async def test_a_reconnect_replays_what_it_missed_and_nothing_else(api: Api) -> 
 async def test_an_unknown_recent_position_is_a_gap(api: Api) -> None:
     token, session_id = await _signed_in(api)
     await api.auth.SignOut(auth_pb2.SignOutRequest(), metadata=bearer(token))
+    await logged(api)
     forged = f"{int(time.time() * 1000)}-987654"
     stream = _watch(api, after=forged)
     try:
@@ -210,43 +217,48 @@ async def test_an_unknown_recent_position_is_a_gap(api: Api) -> None:
         stream.cancel()
 
 
-async def test_a_position_older_than_the_retention_is_no_gap_once_the_log_covers_it(
-    api: Api,
-) -> None:
-    """Events older than the retention concern only expired tokens; but a log
-    younger than the retention cannot vouch for what came before it."""
+async def test_a_position_older_than_the_retention_is_no_gap(api: Api) -> None:
+    """Events older than the retention concern only expired tokens, and this
+    log was created before any session existed: it vouches for everything."""
     ancient = f"{int((time.time() - api.settings.access_token_ttl - 3600) * 1000)}-0"
-    core = api.server.core
-    if core.redis is not None:
-        # A stream that has existed for longer than the retention.
-        await core.redis.set("authsvc:events:epoch", "1000")
-    stream = _watch(api, after=ancient)
-    try:
-        gap = (await _next(stream)).gap
-    finally:
-        stream.cancel()
-    # The embedded log began when this test session's server started.
-    assert gap is (api.backend == "embedded")
-
-
-@pytest.mark.postgres
-async def test_a_redis_that_lost_its_stream_reports_a_gap_for_older_positions(
-    migrated_postgres: str, redis_url: str, tmp_path: Path
-) -> None:
-    backend = Backend("postgres", {"database_url": migrated_postgres, "redis_url": redis_url})
-    api = await start_api(backend, tmp_path)
-    try:
-        core = api.server.core
-        assert core.redis is not None
-        ancient = f"{int((time.time() - api.settings.access_token_ttl - 3600) * 1000)}-0"
-        await core.redis.delete("authsvc:events:epoch")  # as after a Redis restart
-        stream = _watch(api, after=ancient)
+    for after in (ancient, "0-0"):
+        stream = _watch(api, after=after)
         try:
-            assert (await _next(stream)).gap
+            assert not (await _next(stream)).gap
         finally:
             stream.cancel()
+
+
+async def test_a_log_younger_than_the_retention_cannot_vouch_for_older_positions(
+    storage: Storage, servers: Any
+) -> None:
+    """A database upgraded to the event log while it had sessions: events
+    before the upgrade were never logged, and may concern live tokens."""
+    await migrated(storage)
+    api = await servers()
+    await api.sign_up()
+    async with api.server.core.db.transaction() as tx:
+        await tx.conn.execute(
+            update(event_log_head).values(started_ms=int((time.time() - 60) * 1000))
+        )
+    older = f"{int((time.time() - 120) * 1000)}-0"
+    for after, gap in ((older, True), ("0-0", True)):
+        stream = _watch(api, after=after)
+        try:
+            assert (await _next(stream)).gap is gap
+        finally:
+            stream.cancel()
+    # From its start on, it vouches.
+    stream = _watch(api, after="")
+    try:
+        newest = (await _next(stream)).position
     finally:
-        await stop_api(api)
+        stream.cancel()
+    stream = _watch(api, after=newest)
+    try:
+        assert not (await _next(stream)).gap
+    finally:
+        stream.cancel()
 
 
 @pytest.mark.parametrize("after", ["x", "1-", "-1", "1-2-3", "12345", "1 - 2", "9" * 40 + "-0"])
@@ -278,11 +290,11 @@ async def test_an_idle_stream_sends_heartbeats(backend_urls: Backend, tmp_path: 
         await stop_api(api)
 
 
-async def test_an_embedded_restart_is_reported_as_a_gap(tmp_path: Path, log_file: Path) -> None:
-    # The in-process log dies with its process; the Redis stream outlives a
-    # restart, so this is the embedded backend's own case.
-    embedded = Backend("embedded", {})
-    first = await start_api(embedded, tmp_path)
+async def test_a_restart_loses_no_event(storage: Storage, log_file: Path) -> None:
+    """The log is in the database: a watcher resuming after the server
+    restarted gets what happened meanwhile, with no gap, on both backends."""
+    await migrated(storage)
+    first = await start_api(storage.backend, storage.data_dir)
     try:
         stream = _watch(first)
         await _next(stream)
@@ -290,12 +302,18 @@ async def test_an_embedded_restart_is_reported_as_a_gap(tmp_path: Path, log_file
         await first.auth.SignOut(auth_pb2.SignOutRequest(), metadata=bearer(token))
         position = (await _next_events(stream)).position
         stream.cancel()
+        # Revoked while no watcher is connected; then the server restarts.
+        token, missed = await _signed_in(first)
+        await first.auth.SignOut(auth_pb2.SignOutRequest(), metadata=bearer(token))
+        await logged(first)
     finally:
         await stop_api(first)
-    second = await start_api(embedded, tmp_path)
+    second = await start_api(storage.backend, storage.data_dir)
     try:
         resumed = _watch(second, after=position)
-        assert (await _next(resumed)).gap
+        replay = await _next(resumed)
+        assert not replay.gap
+        assert [r.session_id for r in replay.revocations] == [missed]
         resumed.cancel()
     finally:
         await stop_api(second)

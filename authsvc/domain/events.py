@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import time
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from authsvc.errors import InvalidArgument
@@ -27,6 +30,44 @@ class Event:
 
     def at_position(self, position: str) -> Event:
         return replace(self, position=position)
+
+
+def session_revoked(*session_ids: uuid.UUID | None) -> list[Event]:
+    """Every token of these sessions is revoked."""
+    now = time.time()
+    return [Event(SESSION_REVOKED, str(s), at=now) for s in session_ids if s is not None]
+
+
+def user_changed(*user_ids: uuid.UUID) -> list[Event]:
+    now = time.time()
+    return [Event(USER_CHANGED, str(u), at=now) for u in user_ids]
+
+
+def claims_changed(
+    user_ids: Iterable[uuid.UUID], bumped: Iterable[tuple[uuid.UUID, int]]
+) -> list[Event]:
+    """After ``bump_claims``: drop the users' cached views, and tell local
+    verifiers which tokens of their sessions are stale."""
+    now = time.time()
+    return [
+        *(Event(USER_CHANGED, str(u), at=now) for u in user_ids),
+        *(Event(CLAIMS_CHANGED, str(s), version=v, at=now) for s, v in bumped),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class LogHead:
+    """The newest position the log gave out, and since when (unix ms) it
+    vouches for every event; 0: since before any session existed."""
+
+    log_ms: int
+    log_seq: int
+    started_ms: int
+    log_id: str = ""
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return (self.log_ms, self.log_seq)
 
 
 @dataclass(frozen=True, slots=True)

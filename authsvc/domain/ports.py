@@ -7,12 +7,13 @@ Implementations: ``authsvc.storage.sql`` (SQLite and Postgres),
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
+from types import TracebackType
 from typing import Protocol
 
-from authsvc.domain.events import Event, Replay
+from authsvc.domain.events import Event, LogHead, Replay
 from authsvc.domain.models import (
     Cursor,
     Member,
@@ -161,8 +162,28 @@ class SigningKeyRepository(Protocol):
     async def delete_retired_before(self, before: datetime) -> None: ...
 
 
+class EventRepository(Protocol):
+    """The event log (``authsvc.storage.event_log``)."""
+
+    async def add(self, *events: Event) -> None:
+        """Writes events in this transaction: they exist iff it commits."""
+
+    async def head(self) -> tuple[LogHead, bool]: ...
+
+    async def assign_positions(self, now_ms: int, limit: int) -> list[Event]: ...
+
+    async def after(self, position: tuple[int, int], limit: int) -> list[Event]: ...
+
+    async def has(self, position: tuple[int, int]) -> bool: ...
+
+    async def prune(self, before_ms: int) -> int: ...
+
+
 class Transaction(Protocol):
     """Repositories bound to one database transaction (or autocommit reader)."""
+
+    @property
+    def events(self) -> EventRepository: ...
 
     @property
     def users(self) -> UserRepository: ...
@@ -183,9 +204,25 @@ class Transaction(Protocol):
     def memberships(self) -> MembershipRepository: ...
 
 
+class Attempt(Protocol):
+    async def __aenter__(self) -> Transaction: ...
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
+
+
 class Database(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[Transaction]:
         """Commits on normal exit, rolls back on an exception."""
+
+    def attempts(self, tries: int = ...) -> AsyncIterator[Attempt]:
+        """Transactions run again (a few times) when they lose a deadlock or
+        a serialization race: ``async for attempt in db.attempts(): async
+        with attempt as tx: ...``."""
 
     def reader(self) -> AbstractAsyncContextManager[Transaction]:
         """Autocommit reads: no BEGIN/ROLLBACK round trips."""
@@ -211,12 +248,13 @@ EventHandler = Callable[[Event], None]
 
 class EventBus(Protocol):
     """Fans invalidation events (session revoked, claims changed, user changed)
-    out to every replica, and keeps them in a log watchers can replay.
+    out to every replica, from the log they were committed to.
 
-    ``publish`` delivers to this process's handlers before it returns, so a
-    change is in force locally at once; other replicas get it as fast as the
-    transport carries it. ``healthy`` is false while events may be missed
-    (the transport is down or lagging), and callers must not trust caches then.
+    Services write events in their transaction (``tx.events.add``); once it
+    commits, ``committed`` delivers them to this process's handlers at once,
+    so a change is in force locally, and the bus's relay carries them to the
+    other replicas. ``healthy`` is false while events may be missed (the
+    transport is down or lagging), and callers must not trust caches then.
     Listeners (``listen``) receive events as the log orders them, with their
     positions; ``replay`` returns what the log holds after a position.
     """
@@ -225,7 +263,7 @@ class EventBus(Protocol):
 
     def subscribe(self, handler: EventHandler, on_reset: Callable[[], None]) -> None: ...
 
-    async def publish(self, *events: Event) -> None: ...
+    def committed(self, events: Sequence[Event]) -> None: ...
 
     def listen(self, listener: EventHandler) -> Callable[[], None]:
         """Adds a listener for logged events; returns its removal."""

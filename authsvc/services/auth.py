@@ -9,13 +9,12 @@ from __future__ import annotations
 import hmac
 import time
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import structlog
 
-from authsvc.domain.events import CLAIMS_CHANGED, SESSION_REVOKED, USER_CHANGED, Event
+from authsvc.domain.events import CLAIMS_CHANGED, Event, claims_changed, session_revoked
 from authsvc.domain.models import ClientMeta, OrgRole, RefreshTokenRecord, Role, Session, User
 from authsvc.domain.ports import Clock, Database, EventBus, PasswordHasher, RateLimiter, Transaction
 from authsvc.domain.principal import SessionInfo
@@ -29,6 +28,7 @@ from authsvc.errors import (
     SessionRevoked,
     SignupDisabled,
     TokenInvalid,
+    UserNotFound,
 )
 from authsvc.security.jwt_tokens import AccessClaims, AccessTokenCodec, UnknownKeyId
 from authsvc.security.refresh import MAX_LENGTH as REFRESH_MAX_LENGTH
@@ -135,9 +135,10 @@ class AuthService:
         password_hash = await self._hasher.hash(password)
         now = self._clock.now()
         user = _new_user(normalized, name, Role.USER, now)
-        async with self._db.transaction() as tx:
-            await tx.users.add(user, email_key, password_hash)
-            tokens = await self._start_session(tx, user, client, now)
+        async for attempt in self._db.attempts():
+            async with attempt as tx:
+                await tx.users.add(user, email_key, password_hash)
+                tokens = await self._start_session(tx, user, client, now)
         log.info("user.signed_up", user_id=str(user.id), session_id=str(tokens.session_id))
         return SignedIn(user, tokens)
 
@@ -176,10 +177,15 @@ class AuthService:
         if self._hasher.needs_rehash(password_hash):
             new_hash = await self._hasher.hash(password)
         now = self._clock.now()
-        async with self._db.transaction() as tx:
-            if new_hash is not None:
-                await tx.users.set_password_hash(user.id, new_hash)
-            tokens = await self._start_session(tx, user, client, now)
+        try:
+            async for attempt in self._db.attempts():
+                async with attempt as tx:
+                    if new_hash is not None:
+                        await tx.users.set_password_hash(user.id, new_hash)
+                    tokens = await self._start_session(tx, user, client, now)
+        except UserNotFound:
+            # Deleted since its password was checked: as if it never existed.
+            raise InvalidCredentials() from None
         log.info("user.signed_in", user_id=str(user.id), session_id=str(tokens.session_id))
         return SignedIn(user, tokens)
 
@@ -255,16 +261,19 @@ class AuthService:
             found = await reader.users.get_credentials(email_key)
         now = self._clock.now()
         if found is not None:
-            async with self._db.transaction() as tx:
-                user = await tx.users.update(found[0].id, {"role": Role.ADMIN.value}, now)
-                assert user is not None
-                bumped = await tx.sessions.bump_claims([user.id], now)
-            await self.publish_claims_changed([user.id], bumped)
-            return user, False
+            async for attempt in self._db.attempts():
+                async with attempt as tx:
+                    promoted = await tx.users.update(found[0].id, {"role": Role.ADMIN.value}, now)
+                    assert promoted is not None
+                    bumped = await tx.sessions.bump_claims([promoted.id], now)
+                    await tx.events.add(*claims_changed([promoted.id], bumped))
+            assert promoted is not None
+            return promoted, False
         user = _new_user(normalized, "", Role.ADMIN, now)
         password_hash = await self._hasher.hash(password)
-        async with self._db.transaction() as tx:
-            await tx.users.add(user, email_key, password_hash)
+        async for attempt in self._db.attempts():
+            async with attempt as tx:
+                await tx.users.add(user, email_key, password_hash)
         return user, True
 
     # -- refresh rotation ------------------------------------------------------
@@ -306,61 +315,68 @@ class AuthService:
             raise TokenInvalid()
         token_hash = sha256(refresh_token)
         reused_session: uuid.UUID | None = None
-        async with self._db.transaction() as tx:
-            if isinstance(org, uuid.UUID):
-                # A switch reads the membership and then writes the session:
-                # hold off a concurrent removal of that membership (which
-                # locks the org first too, so the lock order is the same),
-                # or the session could enter an org its user just left.
-                await tx.orgs.lock_shared(org)
-            record = await tx.refresh_tokens.get_by_hash(token_hash)
-            if record is None:
-                raise TokenInvalid()
-            session = await tx.sessions.get(record.session_id, for_update=True)
-            if session is None:
-                raise SessionRevoked()
-            now = self._clock.now()
-            if session.revoked_at is not None:
-                raise SessionRevoked()
-            if session.expires_at <= now:
-                raise SessionExpired()
-            # Re-read under the lock: another refresh may have rotated it.
-            record = await tx.refresh_tokens.get_by_hash(token_hash)
-            assert record is not None
-            user = await tx.users.get(session.user_id)
-            if user is None:
-                raise SessionRevoked()
-            successor: str | None
-            if record.rotated_at is None:
-                successor = next_token = self._refresh.successor(refresh_token)
-                await tx.refresh_tokens.mark_rotated(record.id, now)
-                await tx.refresh_tokens.add(
-                    session.id, sha256(next_token), record.generation + 1, now
-                )
-            else:
-                successor = await self._grace_successor(tx, record, refresh_token, now)
+        async for attempt in self._db.attempts():
+            async with attempt as tx:
+                if isinstance(org, uuid.UUID):
+                    # A switch reads the membership and then writes the session:
+                    # hold off a concurrent removal of that membership (which
+                    # locks the org first too, so the lock order is the same),
+                    # or the session could enter an org its user just left.
+                    await tx.orgs.lock_shared(org)
+                record = await tx.refresh_tokens.get_by_hash(token_hash)
+                if record is None:
+                    raise TokenInvalid()
+                session = await tx.sessions.get(record.session_id, for_update=True)
+                if session is None:
+                    raise SessionRevoked()
+                now = self._clock.now()
+                if session.revoked_at is not None:
+                    raise SessionRevoked()
+                if session.expires_at <= now:
+                    raise SessionExpired()
+                # Re-read under the lock: another refresh may have rotated it.
+                record = await tx.refresh_tokens.get_by_hash(token_hash)
+                assert record is not None
+                user = await tx.users.get(session.user_id)
+                if user is None:
+                    raise SessionRevoked()
+                successor: str | None
+                if record.rotated_at is None:
+                    successor = next_token = self._refresh.successor(refresh_token)
+                    await tx.refresh_tokens.mark_rotated(record.id, now)
+                    await tx.refresh_tokens.add(
+                        session.id, sha256(next_token), record.generation + 1, now
+                    )
+                else:
+                    successor = await self._grace_successor(tx, record, refresh_token, now)
+                    if successor is not None:
+                        await tx.refresh_tokens.count_grace_use(record.id)
                 if successor is not None:
-                    await tx.refresh_tokens.count_grace_use(record.id)
-            if successor is not None:
-                before = session
-                session, org_role = await self._org_claims(tx, session, org)
-                await tx.sessions.touch(session.id, now, client.ip_address, client.user_agent)
-                issued = self._tokens(session, user.role, org_role, successor, now)
-            else:
-                # Reuse outside the grace interval: someone holds a token they
-                # should not. Revoke the whole family and commit that (leaving
-                # this block commits), then fail the call.
-                await tx.sessions.revoke(session.id, now, "refresh_token_reused")
-                reused_session = session.id
+                    before = session
+                    session, org_role = await self._org_claims(tx, session, org)
+                    await tx.sessions.touch(session.id, now, client.ip_address, client.user_agent)
+                    issued = self._tokens(session, user.role, org_role, successor, now)
+                    if session.claims_version != before.claims_version:
+                        # The switch: the session's older tokens (and any
+                        # cached view of them) must not keep acting in the
+                        # old org.
+                        await tx.events.add(
+                            Event(
+                                CLAIMS_CHANGED,
+                                str(session.id),
+                                session.claims_version,
+                                time.time(),
+                            )
+                        )
+                else:
+                    # Reuse outside the grace interval: someone holds a token they
+                    # should not. Revoke the whole family and commit that (leaving
+                    # this block commits), then fail the call.
+                    await tx.sessions.revoke(session.id, now, "refresh_token_reused")
+                    await tx.events.add(*session_revoked(session.id))
+                    reused_session = session.id
         if successor is not None:
-            if session.claims_version != before.claims_version:
-                # The switch is committed: the session's older tokens (and any
-                # cached view of them) must not keep acting in the old org.
-                await self._published(
-                    Event(CLAIMS_CHANGED, str(session.id), session.claims_version, time.time())
-                )
             return issued
-        await self.publish_session_revoked(reused_session)
         log.warning("session.refresh_token_reused", session_id=str(reused_session))
         raise RefreshTokenReused()
 
@@ -426,9 +442,10 @@ class AuthService:
 
     async def sign_out(self, session: SessionInfo) -> None:
         """Revokes the caller's session; takes effect at once."""
-        async with self._db.transaction() as tx:
-            await tx.sessions.revoke(session.session_id, self._clock.now(), "signed_out")
-        await self.publish_session_revoked(session.session_id)
+        async for attempt in self._db.attempts():
+            async with attempt as tx:
+                await tx.sessions.revoke(session.session_id, self._clock.now(), "signed_out")
+                await tx.events.add(*session_revoked(session.session_id))
         log.info("session.signed_out", session_id=str(session.session_id))
 
     async def authenticate(self, access_token: str) -> SessionInfo:
@@ -447,14 +464,16 @@ class AuthService:
         async with self._db.reader() as reader:
             found = await reader.sessions.get_with_user(claims.session_id)
         now = self._clock.now()
-        if found is None:
+        if found is None or found[0].revoked_at is not None:
+            # The database knows better than any cached view of this
+            # session (one built while an event was missed): drop them.
+            self._cache.mark(str(claims.session_id))
             raise SessionRevoked()
         session, user, org_role = found
         if session.user_id != claims.user_id:
             raise TokenInvalid()
-        if session.revoked_at is not None:
-            raise SessionRevoked()
         if session.expires_at <= now:
+            self._cache.mark(str(session.id))
             raise SessionExpired()
         info = SessionInfo(
             session_id=session.id,
@@ -478,37 +497,3 @@ class AuthService:
             if not await self._keys.reload_for(unknown.kid):
                 raise TokenInvalid() from None
         return self._codec.verify(token, self._keys.verification_keys)
-
-    async def _published(self, *events: Event) -> None:
-        """Publishes invalidations; the changes themselves are already committed.
-
-        If the bus cannot carry them, the call still succeeds: the database is
-        the source of truth, this replica has applied the events, and other
-        replicas stop trusting their caches while their bus is unhealthy.
-        """
-        if not events:
-            return
-        try:
-            await self._bus.publish(*events)
-        except Exception:
-            log.exception("events.publish_failed", count=len(events))
-
-    async def publish_session_revoked(self, *session_ids: uuid.UUID | None) -> None:
-        now = time.time()
-        await self._published(
-            *(Event(SESSION_REVOKED, str(s), at=now) for s in session_ids if s is not None)
-        )
-
-    async def publish_user_changed(self, user_id: uuid.UUID) -> None:
-        await self._published(Event(USER_CHANGED, str(user_id), at=time.time()))
-
-    async def publish_claims_changed(
-        self, user_ids: Iterable[uuid.UUID], bumped: Iterable[tuple[uuid.UUID, int]]
-    ) -> None:
-        """After ``bump_claims``: drop the users' cached views, and tell local
-        verifiers which tokens of their sessions are stale."""
-        now = time.time()
-        await self._published(
-            *(Event(USER_CHANGED, str(u), at=now) for u in user_ids),
-            *(Event(CLAIMS_CHANGED, str(s), version=v, at=now) for s, v in bumped),
-        )

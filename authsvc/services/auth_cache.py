@@ -8,7 +8,8 @@ only safe while no revocation can be missed, so an entry is honoured only if
 * no invalidation event for its session or its user arrived after the entry
   was built (``mark`` is called on every such event, from this replica's own
   revocations synchronously, from other replicas' through the event bus), and
-* the event bus is healthy, i.e. is not possibly missing events right now.
+* the event bus is healthy, i.e. is not possibly missing events right now,
+* and it was resolved after the bus last resumed from a failure (``clear``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class AuthCache:
         self._entries: dict[bytes, _Entry] = {}
         # session id or user id -> monotonic time of its latest invalidation
         self._invalidated: dict[str, float] = {}
+        # Entries resolved before this (monotonic) time are never stored.
+        self._reset_at = -1.0
 
     def get(self, digest: bytes) -> SessionInfo | None:
         entry = self._entries.get(digest)
@@ -51,7 +54,7 @@ class AuthCache:
 
     def put(self, digest: bytes, info: SessionInfo, built_at: float, token_ttl: float) -> None:
         """Stores a resolution that started (read the database) at ``built_at``."""
-        if self._max == 0 or self._ttl == 0:
+        if self._max == 0 or self._ttl == 0 or built_at <= self._reset_at:
             return
         if len(self._entries) >= self._max:
             # Drop the oldest insertion; dicts keep insertion order.
@@ -64,6 +67,9 @@ class AuthCache:
         self._invalidated[key] = time.monotonic()
 
     def clear(self) -> None:
+        """Forgets every entry, and refuses those still being resolved: the
+        event follower resumed, and events may have been missed before."""
+        self._reset_at = time.monotonic()
         self._entries.clear()
 
     def prune(self) -> None:

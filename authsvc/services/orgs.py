@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from authsvc.domain.events import claims_changed
 from authsvc.domain.models import Cursor, Member, Org, OrgRole
 from authsvc.domain.ports import Clock, Database, Transaction
 from authsvc.domain.principal import Principal
@@ -146,11 +147,12 @@ class OrgService:
         owner = self._owner(principal, owner_user_id)
         now = self._clock.now()
         org = Org(id=uuid.uuid4(), slug=slug, name=name, created_at=now, updated_at=now)
-        async with self._db.transaction() as tx:
-            if await tx.users.get(owner) is None:
-                raise UserNotFound()
-            await tx.orgs.add(org)
-            await tx.memberships.add(org.id, owner, OrgRole.OWNER, now)
+        async for attempt in self._db.attempts():
+            async with attempt as tx:
+                if await tx.users.get(owner) is None:
+                    raise UserNotFound()
+                await tx.orgs.add(org)
+                await tx.memberships.add(org.id, owner, OrgRole.OWNER, now)
         return org
 
     @staticmethod
@@ -195,10 +197,11 @@ class OrgService:
             changes["name"] = validation.org_name(name, "org.name")
         if "slug" in paths:
             changes["slug"] = validation.slug(slug, "org.slug")
-        async with self._db.transaction() as tx:
-            scope = await self._scope(tx, principal, ref, lock=True)
-            scope.require(OrgAction.UPDATE_ORG)
-            org = await tx.orgs.update(scope.org.id, changes, self._clock.now())
+        async for attempt in self._db.attempts():
+            async with attempt as tx:
+                scope = await self._scope(tx, principal, ref, lock=True)
+                scope.require(OrgAction.UPDATE_ORG)
+                org = await tx.orgs.update(scope.org.id, changes, self._clock.now())
         if org is None:
             raise OrgNotFound()
         return org
@@ -210,14 +213,15 @@ class OrgService:
         """
         ref = validation.org_ref(org_id, org_slug)
         now = self._clock.now()
-        async with self._db.transaction() as tx:
-            scope = await self._scope(tx, principal, ref, lock=True)
-            scope.require(OrgAction.DELETE_ORG)
-            members = await tx.memberships.user_ids(scope.org.id)
-            await tx.sessions.clear_org(scope.org.id, None)
-            await tx.orgs.delete(scope.org.id)  # memberships go with it (ON DELETE CASCADE)
-            bumped = await tx.sessions.bump_claims(members, now)
-        await self._auth.publish_claims_changed(members, bumped)
+        async for attempt in self._db.attempts():
+            async with attempt as tx:
+                scope = await self._scope(tx, principal, ref, lock=True)
+                scope.require(OrgAction.DELETE_ORG)
+                members = await tx.memberships.user_ids(scope.org.id)
+                await tx.sessions.clear_org(scope.org.id, None)
+                await tx.orgs.delete(scope.org.id)  # memberships go with it (ON DELETE CASCADE)
+                bumped = await tx.sessions.bump_claims(members, now)
+                await tx.events.add(*claims_changed(members, bumped))
 
     async def list_orgs(
         self, principal: Principal, *, user_id: str, page_size: int, page_token: str
@@ -254,15 +258,16 @@ class OrgService:
         UserNotFound, MemberAlreadyExists."""
         ref = validation.org_ref(org_id, org_slug)
         uid = validation.user_id(user_id)
-        async with self._db.transaction() as tx:
-            scope = await self._scope(tx, principal, ref, lock=True)
-            scope.require(
-                OrgAction.MANAGE_OWNERS if role is OrgRole.OWNER else OrgAction.ADD_MEMBER
-            )
-            if await tx.users.get(uid) is None:
-                raise UserNotFound()
-            await tx.memberships.add(scope.org.id, uid, role, self._clock.now())
-            member = await tx.memberships.get(scope.org.id, uid)
+        async for attempt in self._db.attempts():
+            async with attempt as tx:
+                scope = await self._scope(tx, principal, ref, lock=True)
+                scope.require(
+                    OrgAction.MANAGE_OWNERS if role is OrgRole.OWNER else OrgAction.ADD_MEMBER
+                )
+                if await tx.users.get(uid) is None:
+                    raise UserNotFound()
+                await tx.memberships.add(scope.org.id, uid, role, self._clock.now())
+                member = await tx.memberships.get(scope.org.id, uid)
         assert member is not None
         return member
 
@@ -274,22 +279,23 @@ class OrgService:
         ref = validation.org_ref(org_id, org_slug)
         uid = validation.user_id(user_id)
         now = self._clock.now()
-        async with self._db.transaction() as tx:
-            scope = await self._scope(tx, principal, ref, lock=True)
-            scope.require(OrgAction.CHANGE_ROLE)
-            current = await tx.memberships.get(scope.org.id, uid)
-            if current is None:
-                raise MemberNotFound()
-            if OrgRole.OWNER in (current.role, role):
-                scope.require(OrgAction.MANAGE_OWNERS)
-            if current.role is role:
-                return current
-            if current.role is OrgRole.OWNER:
-                await self._keep_an_owner(tx, scope.org.id)
-            await tx.memberships.set_role(scope.org.id, uid, role, now)
-            bumped = await tx.sessions.bump_claims([uid], now)
-            member = await tx.memberships.get(scope.org.id, uid)
-        await self._auth.publish_claims_changed([uid], bumped)
+        async for attempt in self._db.attempts():
+            async with attempt as tx:
+                scope = await self._scope(tx, principal, ref, lock=True)
+                scope.require(OrgAction.CHANGE_ROLE)
+                current = await tx.memberships.get(scope.org.id, uid)
+                if current is None:
+                    raise MemberNotFound()
+                if OrgRole.OWNER in (current.role, role):
+                    scope.require(OrgAction.MANAGE_OWNERS)
+                if current.role is role:
+                    return current
+                if current.role is OrgRole.OWNER:
+                    await self._keep_an_owner(tx, scope.org.id)
+                await tx.memberships.set_role(scope.org.id, uid, role, now)
+                bumped = await tx.sessions.bump_claims([uid], now)
+                await tx.events.add(*claims_changed([uid], bumped))
+                member = await tx.memberships.get(scope.org.id, uid)
         assert member is not None
         return member
 
@@ -302,20 +308,21 @@ class OrgService:
         uid = validation.user_id(user_id)
         leaving = principal.session is not None and principal.session.user_id == uid
         now = self._clock.now()
-        async with self._db.transaction() as tx:
-            scope = await self._scope(tx, principal, ref, lock=True)
-            scope.require(OrgAction.LEAVE if leaving else OrgAction.REMOVE_MEMBER)
-            current = await tx.memberships.get(scope.org.id, uid)
-            if current is None:
-                raise MemberNotFound()
-            if current.role is OrgRole.OWNER:
-                if not leaving:
-                    scope.require(OrgAction.REMOVE_OWNER)
-                await self._keep_an_owner(tx, scope.org.id)
-            await tx.memberships.remove(scope.org.id, uid)
-            await tx.sessions.clear_org(scope.org.id, uid)
-            bumped = await tx.sessions.bump_claims([uid], now)
-        await self._auth.publish_claims_changed([uid], bumped)
+        async for attempt in self._db.attempts():
+            async with attempt as tx:
+                scope = await self._scope(tx, principal, ref, lock=True)
+                scope.require(OrgAction.LEAVE if leaving else OrgAction.REMOVE_MEMBER)
+                current = await tx.memberships.get(scope.org.id, uid)
+                if current is None:
+                    raise MemberNotFound()
+                if current.role is OrgRole.OWNER:
+                    if not leaving:
+                        scope.require(OrgAction.REMOVE_OWNER)
+                    await self._keep_an_owner(tx, scope.org.id)
+                await tx.memberships.remove(scope.org.id, uid)
+                await tx.sessions.clear_org(scope.org.id, uid)
+                bumped = await tx.sessions.bump_claims([uid], now)
+                await tx.events.add(*claims_changed([uid], bumped))
 
     @staticmethod
     async def _keep_an_owner(tx: Transaction, org_id: uuid.UUID) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from authsvc.domain.events import session_revoked
 from authsvc.domain.models import Cursor, Session
 from authsvc.domain.ports import Clock, Database
 from authsvc.domain.principal import Principal
@@ -53,13 +54,14 @@ class SessionService:
     async def revoke(self, principal: Principal, session_id: str) -> None:
         """Raises: InvalidArgument, PermissionDenied, SessionNotFound."""
         sid = validation.uuid_field(session_id, "session_id")
-        async with self._db.transaction() as tx:
-            session = await tx.sessions.get(sid)
-            # Someone else's session answers exactly like a missing one.
-            if session is None or not principal.may_act_on(session.user_id):
-                raise SessionNotFound() if principal.is_admin else PermissionDenied()
-            await tx.sessions.revoke(sid, self._clock.now(), "revoked")
-        await self._auth.publish_session_revoked(sid)
+        async for attempt in self._db.attempts():
+            async with attempt as tx:
+                session = await tx.sessions.get(sid)
+                # Someone else's session answers exactly like a missing one.
+                if session is None or not principal.may_act_on(session.user_id):
+                    raise SessionNotFound() if principal.is_admin else PermissionDenied()
+                await tx.sessions.revoke(sid, self._clock.now(), "revoked")
+                await tx.events.add(*session_revoked(sid))
 
     async def revoke_all(self, principal: Principal, user_id: str) -> int:
         """Raises: InvalidArgument, PermissionDenied, UserNotFound."""
@@ -68,9 +70,10 @@ class SessionService:
             if principal.session is None:
                 raise InvalidArgument.field("user_id", "required with an API key")
             target = principal.session.user_id
-        async with self._db.transaction() as tx:
-            if await tx.users.get(target) is None:
-                raise UserNotFound()
-            revoked = await tx.sessions.revoke_all(target, self._clock.now(), "revoked_all")
-        await self._auth.publish_session_revoked(*revoked)
+        async for attempt in self._db.attempts():
+            async with attempt as tx:
+                if await tx.users.get(target) is None:
+                    raise UserNotFound()
+                revoked = await tx.sessions.revoke_all(target, self._clock.now(), "revoked_all")
+                await tx.events.add(*session_revoked(*revoked))
         return len(revoked)

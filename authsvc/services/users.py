@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
+from authsvc.domain.events import claims_changed, session_revoked, user_changed
 from authsvc.domain.models import Cursor, Role, User
 from authsvc.domain.ports import Clock, Database
 from authsvc.domain.principal import Principal
@@ -98,17 +99,20 @@ class UserService:
                 raise InvalidArgument.field("user.role", "not a role")
             changes["role"] = role.value
         now = self._clock.now()
-        bumped: list[tuple[uuid.UUID, int]] = []
-        async with self._db.transaction() as tx:
-            before = await tx.users.get(uid)
-            user = await tx.users.update(uid, changes, now)
-            if before is None or user is None:
-                raise UserNotFound()
-            if user.role is not before.role:
-                # The role is a claim: tokens minted before are now stale.
-                bumped = await tx.sessions.bump_claims([uid], now)
-        # Authenticate serves the current role and email; drop what is cached.
-        await self._auth.publish_claims_changed([uid], bumped)
+        async for attempt in self._db.attempts():
+            async with attempt as tx:
+                before = await tx.users.get(uid)
+                user = await tx.users.update(uid, changes, now)
+                if before is None or user is None:
+                    raise UserNotFound()
+                bumped: list[tuple[uuid.UUID, int]] = []
+                if user.role is not before.role:
+                    # The role is a claim: tokens minted before are now stale.
+                    bumped = await tx.sessions.bump_claims([uid], now)
+                # Authenticate serves the current role and email: drop what
+                # is cached.
+                await tx.events.add(*claims_changed([uid], bumped))
+        assert user is not None
         return user
 
     async def delete(self, user_id: str) -> None:
@@ -117,12 +121,12 @@ class UserService:
         Raises: InvalidArgument, UserNotFound.
         """
         uid = validation.user_id(user_id)
-        async with self._db.transaction() as tx:
-            session_ids = await tx.sessions.live_ids(uid, self._clock.now())
-            if not await tx.users.delete(uid):
-                raise UserNotFound()
-        await self._auth.publish_session_revoked(*session_ids)
-        await self._auth.publish_user_changed(uid)
+        async for attempt in self._db.attempts():
+            async with attempt as tx:
+                session_ids = await tx.sessions.live_ids(uid, self._clock.now())
+                if not await tx.users.delete(uid):
+                    raise UserNotFound()
+                await tx.events.add(*session_revoked(*session_ids), *user_changed(uid))
 
     async def count(self, role: Role | None) -> int:
         async with self._db.reader() as tx:

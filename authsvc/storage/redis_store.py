@@ -1,10 +1,20 @@
 """Redis event bus and rate limiter, for several replicas.
 
-Events go to one Redis stream. Every replica follows it with a blocking
-XREAD from the last id it saw, so after a dropped connection it resumes where
-it stopped instead of losing what was published meanwhile. While the follower
-is not keeping up (no successful read within ``max_lag`` seconds) the bus
-reports itself unhealthy, and the Authenticate cache is bypassed.
+The Redis stream is a fan-out of the database's event log
+(``authsvc.storage.event_log``), never its source of truth. Every replica
+runs a relay that positions committed events in the database and copies
+every positioned event the stream lacks to it, under the same position
+(idempotent: an entry at or below the stream's last id is skipped). The same
+copy refills a stream that lost its data (a restart without persistence,
+FLUSHALL, a failover to an empty replica) from the database, for the
+retention window.
+
+Every replica follows the stream with a blocking XREAD from the last
+position it saw. While Redis cannot be read the follower reads the
+database's log instead, so no event is missed either way; entries cached
+before a failure are dropped when the follower resumes. While neither can
+be read (no successful read within ``max_lag`` seconds) the bus reports
+itself unhealthy, and the Authenticate cache is bypassed.
 """
 
 from __future__ import annotations
@@ -12,23 +22,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from authsvc.domain.events import Event, Replay, position_key
 from authsvc.domain.ports import EventHandler
-from authsvc.errors import BackendUnavailable
+from authsvc.errors import AuthError, BackendUnavailable
+from authsvc.storage.event_log import EventLog, Fanout, Relay, newest_position, position_text
 
 log = structlog.get_logger("authsvc.events")
 
-STREAM = "authsvc:events"
-EPOCH = "authsvc:events:epoch"
+#: The stream's key is this plus the log's id (``event_log_head.log_id``).
+STREAM_PREFIX = "authsvc:events:"
 _BLOCK_MS = 500
-_REPLAY_BATCH = 1000
+
+# Appends events at their log positions, skipping any at or below the
+# stream's last id (already there, or trimmed), in one atomic step, so two
+# relays copying the same events append each once. ARGV: the MINID trim
+# bound, then per event: id, kind, key, version, at.
+_APPEND = """
+local appended = 0
+for i = 2, #ARGV, 5 do
+  local ok = redis.pcall('XADD', KEYS[1], 'MINID', '~', ARGV[1], ARGV[i],
+    'kind', ARGV[i + 1], 'key', ARGV[i + 2], 'version', ARGV[i + 3], 'at', ARGV[i + 4])
+  if type(ok) == 'table' and ok.err then
+    if not string.find(ok.err, 'equal or smaller') then
+      return redis.error_reply(ok.err)
+    end
+  else
+    appended = appended + 1
+  end
+end
+return appended
+"""
 
 
 def _text(value: Any) -> str:
@@ -47,134 +77,172 @@ def _event(entry_id: Any, fields: Any) -> Event:
 
 
 class RedisEventBus:
-    def __init__(self, client: aioredis.Redis, *, max_lag: float, retention: float) -> None:
+    """Args:
+    client: for the relay's appends and reads.
+    follower: a client of its own for the blocking XREAD (its socket
+        timeout must exceed the block time).
+    log_: the database's event log.
+    max_lag: seconds without a successful read before the bus is unhealthy.
+    poll: seconds between relay passes when nothing wakes it, and between
+        reads of the database's log while Redis is down.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        follower: aioredis.Redis,
+        log_: EventLog,
+        *,
+        max_lag: float,
+        poll: float,
+    ) -> None:
         self._redis = client
+        self._follower = follower
+        self._log = log_
+        self.retention = log_.retention
         self._max_lag = max_lag
-        self.retention = retention
+        self._poll = poll
         # An idle XREAD must return (and refresh _last_read) well within
         # max_lag, or a healthy but quiet stream would look stale.
         self._block_ms = max(10, min(_BLOCK_MS, int(max_lag * 1000 / 2)))
-        self._handlers: list[EventHandler] = []
-        self._resets: list[Callable[[], None]] = []
-        self._listeners: list[EventHandler] = []
+        self._fanout = Fanout()
+        self._relay = Relay(log_, self._relay_step, poll=poll)
+        self._append = client.register_script(_APPEND)
         self._last_read = 0.0
         self._task: asyncio.Task[None] | None = None
+        self.stream = ""
 
     def subscribe(self, handler: EventHandler, on_reset: Callable[[], None]) -> None:
-        self._handlers.append(handler)
-        self._resets.append(on_reset)
+        self._fanout.subscribe(handler, on_reset)
 
     def listen(self, listener: EventHandler) -> Callable[[], None]:
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
+        return self._fanout.listen(listener)
 
-    async def publish(self, *events: Event) -> None:
-        # Local first: this replica must honour its own revocation at once,
-        # even if Redis is down.
-        for event in events:
-            for handler in self._handlers:
-                handler(event)
-        # Trim by age, not length: a watcher resuming from any position
-        # younger than the retention (the longest a token lives) must find
-        # everything after it.
-        min_id = int((time.time() - self.retention) * 1000)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for event in events:
-                pipe.xadd(
-                    STREAM,
-                    {
-                        "kind": event.kind,
-                        "key": event.key,
-                        "version": event.version,
-                        "at": repr(event.at),
-                    },
-                    minid=min_id,
-                    approximate=True,
-                )
-            await pipe.execute()
+    def committed(self, events: Sequence[Event]) -> None:
+        # Local first: this replica honours its own revocation at once; the
+        # others hear of it through the relay and the stream.
+        self._fanout.handle(events)
+        self._relay.wake()
 
     async def replay(self, after: str) -> Replay:
-        """Raises: InvalidArgument, BackendUnavailable."""
-        key = position_key(after) if after else (0, 0)
-        try:
-            return await self._replay(after, key)
-        except (RedisError, OSError) as error:
-            raise BackendUnavailable() from error
-
-    async def _replay(self, after: str, key: tuple[int, int]) -> Replay:
-        if not after:
-            newest = await self._redis.xrevrange(STREAM, count=1)
-            return Replay([], _text(newest[0][0]) if newest else "0-0", gap=False)
-        horizon = (time.time() - self.retention) * 1000
-        # When the stream began: a Redis that lost its data (a restart
-        # without persistence) loses this key with it, and the first replay
-        # afterwards starts a new epoch.
-        await self._redis.set(EPOCH, str(int(time.time() * 1000)), nx=True)
-        epoch = int(await self._redis.get(EPOCH) or 0)
-        gap = False
-        if key[0] >= horizon or (key[0] < epoch and epoch >= horizon):
-            # A position the stream does not hold, which is recent (lost, or
-            # another server's) or older than a stream that is itself younger
-            # than the retention (events between the two were never in it).
-            gap = not await self._redis.xrange(STREAM, min=after, max=after, count=1)
-        events: list[Event] = []
-        start = "-" if gap else "(" + after
-        while True:
-            entries: Any = await self._redis.xrange(STREAM, min=start, count=_REPLAY_BATCH)
-            events.extend(_event(entry_id, fields) for entry_id, fields in entries)
-            if len(entries) < _REPLAY_BATCH:
-                break
-            start = "(" + _text(entries[-1][0])
-        if events:
-            return Replay(events, events[-1].position, gap)
-        if gap:
-            newest = await self._redis.xrevrange(STREAM, count=1)
-            return Replay([], _text(newest[0][0]) if newest else "0-0", gap)
-        return Replay([], after, gap)
+        return await self._log.replay(after)
 
     def healthy(self) -> bool:
         return time.monotonic() - self._last_read < self._max_lag
 
     async def start(self) -> None:
+        """Raises: BackendUnavailable (the database's log cannot be read)."""
+        head, _ = await self._log.head()
+        self.stream = STREAM_PREFIX + head.log_id
+        self._relay.start("authsvc-relay")
         self._task = asyncio.create_task(self._follow(), name="authsvc-events")
 
     async def close(self) -> None:
+        await self._relay.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self._follower.aclose()
+
+    # -- the relay ------------------------------------------------------------------
+
+    async def _relay_step(self, woken: bool) -> None:
+        positioned = await self._log.assign() if woken else []
+        if positioned:
+            top = position_key(positioned[-1].position)
+        else:
+            head, pending = await self._log.head()
+            if pending:
+                positioned = await self._log.assign()
+            top = position_key(positioned[-1].position) if positioned else head.position
+        await self._sync(top)
+
+    async def _stream_top(self) -> tuple[int, int]:
+        try:
+            info: Any = await self._redis.xinfo_stream(self.stream)
+        except ResponseError as error:
+            if "no such key" in str(error).lower():
+                return (0, 0)
+            raise
+        return position_key(_text(info["last-generated-id"]))
+
+    async def _sync(self, top: tuple[int, int]) -> None:
+        """Copies every positioned event the stream lacks, up to ``top``."""
+        stream_top = await self._stream_top()
+        while stream_top < top:
+            events = await self._log.after(stream_top)
+            if not events:
+                return
+            min_id = int((time.time() - self.retention) * 1000)
+            args: list[Any] = [min_id]
+            for e in events:
+                args += [e.position, e.kind, e.key, e.version, repr(e.at)]
+            await self._append(keys=[self.stream], args=args)
+            stream_top = position_key(events[-1].position)
+
+    # -- the follower ---------------------------------------------------------------
 
     async def _follow(self) -> None:
-        last_id: str | None = None
-        backoff = 0.1
+        last: tuple[int, int] | None = None
+        failing = True  # nothing cached before the first read is trusted
         while True:
             try:
-                if last_id is None:
-                    newest = await self._redis.xrevrange(STREAM, count=1)
-                    last_id = _text(newest[0][0]) if newest else "0-0"
-                    # Nothing was cached before this point could have been
-                    # invalidated unseen: start clean.
-                    for reset in self._resets:
-                        reset()
-                replies: Any = await self._redis.xread(
-                    {STREAM: last_id}, block=self._block_ms, count=1000
+                if last is None:
+                    head, _ = await self._log.head()
+                    last = newest_position(head)
+                replies: Any = await self._follower.xread(
+                    {self.stream: position_text(last)}, block=self._block_ms, count=BATCH_READ
                 )
-                self._last_read = time.monotonic()
-                backoff = 0.1
+                self._read(reset=failing)
+                failing = False
                 for _stream, entries in replies or []:
-                    for entry_id, fields in entries:
-                        last_id = _text(entry_id)
-                        event = _event(entry_id, fields)
-                        for handler in self._handlers:
-                            handler(event)
-                        for listener in list(self._listeners):
-                            listener(event)
+                    events = [_event(entry_id, fields) for entry_id, fields in entries]
+                    if events:
+                        last = position_key(events[-1].position)
+                        self._fanout.deliver(events)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as error:
-                log.warning("events.follow_failed", error=type(error).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+            except (RedisError, OSError, AuthError) as error:
+                if not failing:
+                    log.warning("events.follow_failed", error=type(error).__name__)
+                    failing = True
+                if last is not None:
+                    last = await self._from_database(last)
+
+    def _read(self, *, reset: bool) -> None:
+        self._last_read = time.monotonic()
+        if reset:
+            # Resuming after a failure: whatever was cached before it was
+            # built while events could be missed. Start clean.
+            self._fanout.reset()
+
+    async def _from_database(self, last: tuple[int, int]) -> tuple[int, int]:
+        """Follows the database's log for a while, Redis being unreadable.
+
+        Returns the last position read; Redis is tried again afterwards.
+        """
+        fresh = True
+        until = time.monotonic() + _REDIS_RETRY
+        while True:
+            try:
+                events = await self._log.after(last)
+            except BackendUnavailable:
+                events = None
+            if events is not None:
+                self._read(reset=fresh)
+                fresh = False
+                if events:
+                    self._fanout.deliver(events)
+                    last = position_key(events[-1].position)
+            if time.monotonic() >= until:
+                return last
+            await asyncio.sleep(self._poll)
+
+
+#: Seconds the follower reads the database's log before trying Redis again.
+_REDIS_RETRY = 1.0
+BATCH_READ = 1000
 
 
 class RedisRateLimiter:

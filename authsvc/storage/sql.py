@@ -12,10 +12,11 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, text, tuple_, update
+from sqlalchemy import bindparam, delete, exists, func, insert, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from authsvc.domain.events import Event, LogHead
 from authsvc.domain.models import (
     Cursor,
     Member,
@@ -27,8 +28,16 @@ from authsvc.domain.models import (
     SigningKeyRecord,
     User,
 )
-from authsvc.errors import EmailAlreadyExists, MemberAlreadyExists, OrgSlugConflict
+from authsvc.errors import (
+    EmailAlreadyExists,
+    MemberAlreadyExists,
+    OrgNotFound,
+    OrgSlugConflict,
+    UserNotFound,
+)
 from authsvc.storage.tables import (
+    event_log_head,
+    events,
     memberships,
     orgs,
     refresh_tokens,
@@ -95,6 +104,13 @@ def _is_email_conflict(error: IntegrityError) -> bool:
     # Postgres: unique_violation on uq_users_email_key; SQLite:
     # "UNIQUE constraint failed: users.email_key".
     return "email_key" in str(error.orig)
+
+
+def _is_foreign_key(error: IntegrityError) -> bool:
+    # Postgres: foreign_key_violation (23503); SQLite: "FOREIGN KEY
+    # constraint failed".
+    state = getattr(error.orig, "sqlstate", None)
+    return state == "23503" or "FOREIGN KEY constraint failed" in str(error.orig)
 
 
 def _like_prefix(prefix: str) -> str:
@@ -187,6 +203,15 @@ class SqlSessionRepository:
         self._conn = conn
 
     async def add(self, session: Session) -> None:
+        """Raises: UserNotFound (the user was deleted meanwhile)."""
+        try:
+            await self._insert_session(session)
+        except IntegrityError as error:
+            if _is_foreign_key(error):
+                raise UserNotFound() from None
+            raise
+
+    async def _insert_session(self, session: Session) -> None:
         await self._conn.execute(
             insert(sessions).values(
                 id=session.id,
@@ -413,10 +438,17 @@ class SqlMembershipRepository:
                 )
             )
         except IntegrityError as error:
-            # Postgres names the primary key; SQLite lists its columns.
+            # Postgres names the constraint; SQLite lists the columns of a
+            # unique one and names no foreign key.
             text_ = str(error.orig)
             if "pk_memberships" in text_ or "UNIQUE constraint failed: memberships" in text_:
                 raise MemberAlreadyExists() from None
+            if "fk_memberships_org_id" in text_:
+                raise OrgNotFound() from None
+            if _is_foreign_key(error):
+                # The user was deleted after the caller's check (a race with
+                # DeleteUser); the org is locked, so it is the user.
+                raise UserNotFound() from None
             raise
 
     async def get(self, org_id: uuid.UUID, user_id: uuid.UUID) -> Member | None:
@@ -558,11 +590,143 @@ class SqlSigningKeyRepository:
         await self._conn.execute(delete(signing_keys).where(signing_keys.c.retired_at < before))
 
 
+_EVENT_COLUMNS = (
+    events.c.kind,
+    events.c.key,
+    events.c.version,
+    events.c.at,
+    events.c.log_ms,
+    events.c.log_seq,
+)
+
+
+def _logged(row: Sequence[Any]) -> Event:
+    return Event(
+        kind=row[0], key=row[1], version=row[2], at=row[3] / 1000, position=f"{row[4]}-{row[5]}"
+    )
+
+
+class SqlEventRepository:
+    """The event log: an outbox written in the business transaction, given
+    positions by the relay (``assign_positions``), read back in log order."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+        #: Events this transaction wrote; announced locally once it commits.
+        self.written: list[Event] = []
+
+    async def add(self, *new: Event) -> None:
+        if not new:
+            return
+        await self._conn.execute(
+            insert(events),
+            [
+                {"kind": e.kind, "key": e.key, "version": e.version, "at": int(e.at * 1000)}
+                for e in new
+            ],
+        )
+        self.written.extend(new)
+
+    async def head(self) -> tuple[LogHead, bool]:
+        """The log's head, and whether committed events wait for a position."""
+        pending = exists().where(events.c.log_ms.is_(None))
+        stmt = select(
+            event_log_head.c.log_ms,
+            event_log_head.c.log_seq,
+            event_log_head.c.started_ms,
+            event_log_head.c.log_id,
+            pending,
+        ).where(event_log_head.c.id == 1)
+        row = (await self._conn.execute(stmt)).one()
+        return LogHead(row[0], row[1], row[2], row[3]), bool(row[4])
+
+    async def assign_positions(self, now_ms: int, limit: int) -> list[Event]:
+        """Gives the oldest committed unpositioned events the next positions.
+
+        Serialized by the head row's lock (SQLite: the write lock), so
+        positions only grow, and become visible in their order: a reader that
+        sees a position sees every smaller one. Events whose transaction
+        commits later get later positions, whatever their insertion order.
+        """
+        head = (
+            await self._conn.execute(
+                select(event_log_head.c.log_ms, event_log_head.c.log_seq)
+                .where(event_log_head.c.id == 1)
+                .with_for_update()
+            )
+        ).one()
+        rows = (
+            await self._conn.execute(
+                select(events.c.id, events.c.kind, events.c.key, events.c.version, events.c.at)
+                .where(events.c.log_ms.is_(None))
+                .order_by(events.c.id)
+                .limit(limit)
+            )
+        ).all()
+        if not rows:
+            return []
+        ms, seq = int(head[0]), int(head[1])
+        if now_ms > ms:
+            ms, seq = now_ms, -1
+        out: list[Event] = []
+        params: list[dict[str, int]] = []
+        for row in rows:
+            seq += 1
+            params.append({"b_id": row[0], "b_ms": ms, "b_seq": seq})
+            out.append(
+                Event(
+                    kind=row[1],
+                    key=row[2],
+                    version=row[3],
+                    at=row[4] / 1000,
+                    position=f"{ms}-{seq}",
+                )
+            )
+        await self._conn.execute(
+            update(events)
+            .where(events.c.id == bindparam("b_id"))
+            .values(log_ms=bindparam("b_ms"), log_seq=bindparam("b_seq")),
+            params,
+        )
+        await self._conn.execute(
+            update(event_log_head).where(event_log_head.c.id == 1).values(log_ms=ms, log_seq=seq)
+        )
+        return out
+
+    async def after(self, position: tuple[int, int], limit: int) -> list[Event]:
+        """Positioned events after ``position``, in log order."""
+        stmt = (
+            select(*_EVENT_COLUMNS)
+            .where(
+                events.c.log_ms.is_not(None),
+                tuple_(events.c.log_ms, events.c.log_seq) > tuple_(*position),
+            )
+            .order_by(events.c.log_ms, events.c.log_seq)
+            .limit(limit)
+        )
+        return [_logged(row) for row in await self._conn.execute(stmt)]
+
+    async def has(self, position: tuple[int, int]) -> bool:
+        stmt = select(events.c.id).where(
+            events.c.log_ms == position[0], events.c.log_seq == position[1]
+        )
+        return (await self._conn.execute(stmt)).first() is not None
+
+    async def prune(self, before_ms: int) -> int:
+        """Forgets positioned events older than ``before_ms`` (their tokens
+        have expired); the head keeps the newest position."""
+        result = await self._conn.execute(
+            delete(events).where(events.c.log_ms.is_not(None), events.c.log_ms < before_ms)
+        )
+        return int(result.rowcount or 0)
+
+
 class SqlTransaction:
     """The repositories of one connection."""
 
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
+        self.events = SqlEventRepository(conn)
         self.users = SqlUserRepository(conn)
         self.sessions = SqlSessionRepository(conn)
         self.refresh_tokens = SqlRefreshTokenRepository(conn)

@@ -153,3 +153,36 @@ memberships = Table(
     Index(None, "org_id", "created_at", "user_id"),
     Index(None, "user_id", "created_at", "org_id"),
 )
+
+# The event log (a transactional outbox): every revocation and claims change
+# is written here in the transaction of the change it announces. A relay
+# gives committed rows their log position (log_ms, log_seq) in commit order,
+# under the lock of the one event_log_head row, and copies them to the Redis
+# stream under that same position; Redis is a fan-out and may lose its data,
+# this table is the log.
+events = Table(
+    "events",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    Column("key", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("at", BigInteger, nullable=False),  # unix ms, when written
+    Column("log_ms", BigInteger, nullable=True),  # null until the relay positions it
+    Column("log_seq", BigInteger, nullable=True),
+    Index(None, "log_ms", "log_seq", unique=True),
+)
+
+# One row (id = 1): the newest position given out, since when the log
+# vouches for every event (0 when it was created before any session existed),
+# and the log's own id, which names its Redis stream (two deployments that
+# share a Redis never mix their streams).
+event_log_head = Table(
+    "event_log_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("log_id", String(32), nullable=False),
+    Column("log_ms", BigInteger, nullable=False),
+    Column("log_seq", BigInteger, nullable=False),
+    Column("started_ms", BigInteger, nullable=False),
+)

@@ -183,6 +183,17 @@ class World:
         # user id -> ids of the orgs they are in
         self.orgs_of: dict[str, set[str]] = {}
 
+    async def mark(self) -> None:
+        """Stores a user of this world's own, for ``intact`` to look for."""
+        await self._once("sentinel", self._signed_up)
+
+    async def intact(self) -> bool:
+        """Whether nothing has emptied the tables since ``mark``: the objects
+        made so far are all still stored."""
+        sentinel: OrgUser = self._made["sentinel"]
+        async with self.api.server.core.db.reader() as tx:
+            return await tx.users.get(uuid.UUID(sentinel.id)) is not None
+
     async def _once(self, key: str, make: Callable[[], Awaitable[Any]]) -> Any:
         if key not in self._made:
             self._made[key] = await make()
@@ -321,11 +332,21 @@ class World:
         return token
 
     async def revoked_token(self) -> str:
-        admin = await self.admin()
-        await self.api.auth.SignOut(auth_pb2.SignOutRequest(), metadata=admin.md)
-        return admin.token
+        """A platform admin's token (an admin of its own), after SignOut."""
+
+        async def make() -> str:
+            admin = await self._new_admin()
+            await self.api.auth.SignOut(auth_pb2.SignOutRequest(), metadata=admin.md)
+            return admin.token
+
+        result: str = await self._once("revoked", make)
+        return result
 
     async def stale_admin(self) -> OrgUser:
+        result: OrgUser = await self._once("stale_admin", self._stale_admin)
+        return result
+
+    async def _stale_admin(self) -> OrgUser:
         """A platform admin's session; the user is then demoted to user."""
         admin = await self._new_admin()
         await self.api.users.UpdateUser(
@@ -341,9 +362,16 @@ class World:
         return admin
 
     async def stale_org_admin(self) -> OrgUser:
+        result: OrgUser = await self._once("stale_org_admin", self._stale_org_admin)
+        return result
+
+    async def _stale_org_admin(self) -> OrgUser:
         """An admin of org A, active there; then made member (by the API key)."""
         org = await self.org("A")
-        user = await self.in_org("A", ADMIN)
+        added = await self._add(org.id, ADMIN)
+        user = OrgUser(
+            added.user, await set_active_org(self.api, added.tokens.refresh_token, org.id)
+        )
         await self.api.orgs.UpdateMember(
             orgs_pb2.UpdateMemberRequest(org_id=org.id, user_id=user.id, role=MEMBER),
             metadata=service(),

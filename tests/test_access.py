@@ -646,31 +646,75 @@ def test_declared_access_matches_the_documented_contract() -> None:
     assert set(declared) == set(documented), sorted(set(declared) ^ set(documented))
 
 
-CELLS = [
-    pytest.param(method, kind, id=f"{svc.name}.{method.name}-{kind.name}")
-    for svc, method in _methods()
-    for kind in KINDS
-]
+def _cells(allowed: bool) -> list[Any]:
+    """The cells whose expected answer is OK (``allowed``) or a refusal."""
+    return [
+        pytest.param(method, kind, id=f"{svc.name}.{method.name}-{kind.name}")
+        for svc, method in _methods()
+        for kind in KINDS
+        if (expected(declared_access(method), method.name, kind) == OK) is allowed
+    ]
 
 
-@pytest.mark.parametrize(("method", "kind"), CELLS)
-async def test_access(api: Api, method: MethodDescriptor, kind: Kind) -> None:
-    world = World(api)
-    who_calls = await credential(world, kind)
-    prepared = await REQUESTS[f"/{method.containing_service.full_name}/{method.name}"](
-        world, who_calls
-    )
-    want = expected(declared_access(method), method.name, kind)
-    if want == OK:
-        response = await invoke(api, method, prepared.request, who_calls.md)
-        await prepared.check(response)
-    else:
+@pytest.fixture(scope="module")
+def shared_worlds() -> dict[int, World]:
+    """Per server, the world the refused cells share."""
+    return {}
+
+
+@pytest.fixture
+async def shared(_api_server: Api, shared_worlds: dict[int, World]) -> World:
+    """The world of the refused cells of this server.
+
+    A refusal must change nothing, and ``refused`` proves that it did not,
+    so the refused cells need no world of their own: they share one, built by
+    the first of them. Its objects are stored next to whatever the last test
+    left (the tables are not emptied for these cells); once anything empties
+    them (a test using ``api``), the next refused cell builds a new one. A
+    cell that fails drops it, so a wrongful change cannot reach the next cells.
+    """
+    key = id(_api_server)
+    world = shared_worlds.get(key)
+    if world is None or not await world.intact():
+        world = shared_worlds[key] = World(_api_server)
+        await world.mark()
+    return world
+
+
+def _path_of(method: MethodDescriptor) -> str:
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
+@pytest.mark.parametrize(("method", "kind"), _cells(allowed=False))
+async def test_refused(
+    shared: World, shared_worlds: dict[int, World], method: MethodDescriptor, kind: Kind
+) -> None:
+    """The exact code and reason, and no stored row changed."""
+    api = shared.api
+    try:
+        who_calls = await credential(shared, kind)
+        prepared = await REQUESTS[_path_of(method)](shared, who_calls)
+        want = expected(declared_access(method), method.name, kind)
         await refused(
             api,
             lambda: invoke(api, method, prepared.request, who_calls.md),
             want.code,
             want.reason,
         )
+    except Exception:
+        shared_worlds.pop(id(api), None)
+        raise
+
+
+@pytest.mark.parametrize(("method", "kind"), _cells(allowed=True))
+async def test_allowed(api: Api, method: MethodDescriptor, kind: Kind) -> None:
+    """OK, and the call had its effect; on a world of its own (an allowed call
+    may delete what it names)."""
+    world = World(api)
+    who_calls = await credential(world, kind)
+    prepared = await REQUESTS[_path_of(method)](world, who_calls)
+    response = await invoke(api, method, prepared.request, who_calls.md)
+    await prepared.check(response)
 
 
 MALFORMED_BEARERS = {
@@ -699,10 +743,13 @@ def _method(path: str) -> MethodDescriptor:
 
 @pytest.mark.parametrize("path", SAMPLES)
 @pytest.mark.parametrize("variant", sorted(MALFORMED_BEARERS))
-async def test_malformed_authorization_is_token_invalid(api: Api, path: str, variant: str) -> None:
+async def test_malformed_authorization_is_token_invalid(
+    shared: World, path: str, variant: str
+) -> None:
     """Each way an authorization header can be malformed, on one method of each
     access level, with a request a platform admin could make."""
-    world = World(api)
+    world = shared
+    api = world.api
     admin = await credential(world, KIND["platform_admin"])
     header = MALFORMED_BEARERS[variant]
     if variant == "unknown-kid":

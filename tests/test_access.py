@@ -6,7 +6,8 @@ the caller's credential against it before the handler runs; the README's
 access table and the OrgService role table say who may do what. The walk
 reads the methods and their declarations from the generated descriptors and
 calls each one with each credential kind of ``tests/access_kinds.py``: one
-test per cell (method x kind, on both backends).
+test per cell (method x kind, on both backends): ``test_refused``,
+``test_allowed_read`` or ``test_allowed``, by the cell's expected answer.
 
 Each cell sends a VALID request: one that succeeds for a caller allowed to
 make it, built on real objects (users, sessions, orgs, members). Each cell
@@ -80,7 +81,6 @@ USER = options_pb2.ACCESS_USER
 SELF_OR_ADMIN = options_pb2.ACCESS_SELF_OR_ADMIN
 ADMIN = options_pb2.ACCESS_ADMIN
 ORG = options_pb2.ACCESS_ORG
-ACCESS_NAMES = {int(value): name for name, value in options_pb2.Access.items()}
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -605,6 +605,45 @@ def test_every_method_has_a_request() -> None:
     assert set(REQUESTS) == descriptor_methods(), sorted(set(REQUESTS) ^ descriptor_methods())
     org_scoped = {m.name for _, m in _methods() if declared_access(m) == ORG}
     assert set(ORG_NEEDS) == org_scoped
+    assert descriptor_methods() >= READS
+
+
+def test_expected_answers_of_some_cells_spelled_out() -> None:
+    """A few cells of ``expected`` written out by hand, from the README, so a
+    slip in its rules cannot go unnoticed by agreeing with the server."""
+    cells = {
+        ("SignUp", "none"): OK,
+        ("GetJwks", "revoked"): Outcome(UNAUTHENTICATED, "SESSION_REVOKED"),
+        ("SetActiveOrg", "expired"): Outcome(UNAUTHENTICATED, "TOKEN_EXPIRED"),
+        ("SignOut", "api_key"): NOT_AUTHENTICATED,
+        ("SignOut", "api_key_user"): OK,
+        ("CountUsers", "api_key_malformed"): Outcome(UNAUTHENTICATED, "TOKEN_INVALID"),
+        ("CountUsers", "stale_admin"): DENIED,
+        ("ListUsers", "org_owner"): DENIED,
+        ("WatchRevocations", "api_key"): OK,
+        ("GetUser", "user"): OK,
+        ("GetUser", "user_other"): DENIED,
+        ("RevokeSession", "org_admin_other"): DENIED,
+        ("CreateOrg", "platform_admin"): OK,
+        ("GetOrg", "user"): MISMATCH,
+        ("GetOrg", "stale_admin"): MISMATCH,
+        ("GetOrg", "org_member"): OK,
+        ("GetOrg", "org_owner_other"): MISMATCH,
+        ("UpdateOrg", "org_member"): DENIED,
+        ("UpdateOrg", "stale_org_admin"): DENIED,
+        ("UpdateOrg", "org_admin"): OK,
+        ("DeleteOrg", "org_admin"): DENIED,
+        ("DeleteOrg", "org_owner"): OK,
+        ("DeleteOrg", "api_key"): OK,
+        ("RemoveMember", "org_member"): DENIED,
+        ("ListMembers", "none"): NOT_AUTHENTICATED,
+        ("ListMembers", "bad_api_key"): Outcome(UNAUTHENTICATED, "API_KEY_INVALID"),
+        ("AddMember", "foreign_key"): Outcome(UNAUTHENTICATED, "TOKEN_INVALID"),
+    }
+    by_name = {m.name: m for _, m in _methods()}
+    for (name, kind), want in cells.items():
+        got = expected(declared_access(by_name[name]), name, KIND[kind])
+        assert got == want, (name, kind, str(got))
 
 
 def test_declared_access_matches_the_documented_contract() -> None:
@@ -646,13 +685,35 @@ def test_declared_access_matches_the_documented_contract() -> None:
     assert set(declared) == set(documented), sorted(set(declared) ^ set(documented))
 
 
-def _cells(allowed: bool) -> list[Any]:
-    """The cells whose expected answer is OK (``allowed``) or a refusal."""
+# The methods that change no stored row when they succeed (a test below
+# holds them to it): their allowed cells may share a world too.
+READS = frozenset(
+    {
+        "/authsvc.v1.AuthService/Authenticate",
+        "/authsvc.v1.AuthService/GetJwks",
+        "/authsvc.v1.AuthService/WatchRevocations",
+        "/authsvc.v1.UserService/GetUser",
+        "/authsvc.v1.UserService/GetCurrentUser",
+        "/authsvc.v1.UserService/ListUsers",
+        "/authsvc.v1.UserService/CountUsers",
+        "/authsvc.v1.SessionService/ListSessions",
+        "/authsvc.v1.OrgService/ListOrgs",
+        "/authsvc.v1.OrgService/GetOrg",
+        "/authsvc.v1.OrgService/GetMember",
+        "/authsvc.v1.OrgService/ListMembers",
+    }
+)
+
+
+def _cells(allowed: bool, reads: bool | None = None) -> list[Any]:
+    """The cells whose expected answer is OK (``allowed``) or a refusal; of
+    the allowed, those of READS or the others."""
     return [
         pytest.param(method, kind, id=f"{svc.name}.{method.name}-{kind.name}")
         for svc, method in _methods()
         for kind in KINDS
         if (expected(declared_access(method), method.name, kind) == OK) is allowed
+        and (reads is None or (_path(svc, method) in READS) is reads)
     ]
 
 
@@ -664,14 +725,15 @@ def shared_worlds() -> dict[int, World]:
 
 @pytest.fixture
 async def shared(_api_server: Api, shared_worlds: dict[int, World]) -> World:
-    """The world of the refused cells of this server.
+    """The world the refused cells and the allowed reads of this server share.
 
-    A refusal must change nothing, and ``refused`` proves that it did not,
-    so the refused cells need no world of their own: they share one, built by
-    the first of them. Its objects are stored next to whatever the last test
-    left (the tables are not emptied for these cells); once anything empties
-    them (a test using ``api``), the next refused cell builds a new one. A
-    cell that fails drops it, so a wrongful change cannot reach the next cells.
+    A refusal must change nothing, and so must a read; each such cell proves
+    that it did not (snapshots of every table), so these cells need no world
+    of their own: they share one, built by the first of them. Its objects are
+    stored next to whatever the last test left (the tables are not emptied
+    for these cells); once anything empties them (a test using ``api``), the
+    next cell builds a new world. A cell that fails drops it, so a wrongful
+    change cannot reach the next cells.
     """
     key = id(_api_server)
     world = shared_worlds.get(key)
@@ -706,7 +768,25 @@ async def test_refused(
         raise
 
 
-@pytest.mark.parametrize(("method", "kind"), _cells(allowed=True))
+@pytest.mark.parametrize(("method", "kind"), _cells(allowed=True, reads=True))
+async def test_allowed_read(
+    shared: World, shared_worlds: dict[int, World], method: MethodDescriptor, kind: Kind
+) -> None:
+    """OK, the answer is the one asked for, and no stored row changed."""
+    api = shared.api
+    try:
+        who_calls = await credential(shared, kind)
+        prepared = await REQUESTS[_path_of(method)](shared, who_calls)
+        before = await api.snapshot()
+        response = await invoke(api, method, prepared.request, who_calls.md)
+        assert await api.snapshot() == before, "a read changed stored data"
+        await prepared.check(response)
+    except Exception:
+        shared_worlds.pop(id(api), None)
+        raise
+
+
+@pytest.mark.parametrize(("method", "kind"), _cells(allowed=True, reads=False))
 async def test_allowed(api: Api, method: MethodDescriptor, kind: Kind) -> None:
     """OK, and the call had its effect; on a world of its own (an allowed call
     may delete what it names)."""

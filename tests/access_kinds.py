@@ -112,7 +112,7 @@ KINDS: tuple[Kind, ...] = (
     ),
     Kind(
         "stale_admin",
-        "a token minted while its user was platform admin, since demoted: acts as a user",
+        "a token minted while its user was platform admin, since demoted (naming another)",
         token=True,
     ),
     Kind("user", "a plain user (no active org), on their own things", token=True, own=True),

@@ -132,11 +132,12 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
     def _begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str, Any, Any]:
         """The call's request id, peer and credentials, read while the call is live.
 
-        Everything the access log needs is taken here, at the start: the
-        context of a call that has ended (a cancelled stream whose generator
-        is closed later, by the event loop) must not be touched, since its
-        native call may already be freed (reading its peer then crashed the
-        process). A credential header given twice becomes ``_TWICE``.
+        Everything the access log needs is taken here, at the start, and the
+        log never reads the context again: once a call has ended its native
+        call may be freed, and reading its peer then crashes the process (as
+        it did when a cancelled stream's generator was closed by the event
+        loop after its call was gone). A credential header given twice
+        becomes ``_TWICE``.
         """
         request_id = ""
         bearer: Any = None

@@ -291,7 +291,15 @@ async def build_server(
     )
     server = grpc.aio.server(
         interceptors=[interceptor],
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            # Request metadata up to 256 KiB: far above any real credential, so
+            # an oversized one reaches the edge and is refused with an ErrorInfo;
+            # soft equal to hard, so nothing below it is rejected at random.
+            ("grpc.max_metadata_size", 256 * 1024),
+            ("grpc.absolute_max_metadata_size", 256 * 1024),
+        ],
     )
     auth_pb2_grpc.add_AuthServiceServicer_to_server(
         AuthServicer(core.auth, core.keys, core.feed), server

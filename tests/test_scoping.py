@@ -124,7 +124,24 @@ def test_is_org_authorized(who: Any, org: Any, roles: tuple[Any, ...], expected:
         (A_MEMBER, ORG_A, True),
         (A_OWNER, ORG_B, False),
         (A_OWNER, uuid.UUID(ORG_B), False),
-        (A_OWNER, ORG_A.upper(), False),  # ids are compared exactly, as authsvc issues them
+        # Ids compare as UUIDs: case and braces do not matter...
+        (A_OWNER, ORG_A.upper(), True),
+        (A_OWNER, "{" + ORG_A + "}", True),
+        (A_OWNER, "{" + ORG_A.upper() + "}", True),
+        (session(org_id=ORG_A.upper()), ORG_A, True),
+        (session(org_id="{" + ORG_A + "}"), uuid.UUID(ORG_A), True),
+        (A_OWNER, "{" + ORG_B + "}", False),
+        # ... other spellings uuid.UUID() takes are strings, and differ.
+        (A_OWNER, ORG_A.replace("-", ""), False),
+        (A_OWNER, "urn:uuid:" + ORG_A, False),
+        (A_OWNER, "{" + ORG_A, False),
+        (A_OWNER, ORG_A + "}", False),
+        (A_OWNER, " " + ORG_A, False),
+        (A_OWNER, ORG_A + "\n", False),
+        # Ids that are not UUIDs compare exactly.
+        (session(org_id="acme"), "acme", True),
+        (session(org_id="acme"), "ACME", False),
+        (session(org_id="acme"), "acme ", False),
         (A_OWNER, "", False),
         (NO_ORG, ORG_A, False),
         (NO_ORG, "", False),  # no org on either side is not "the same org"
@@ -272,7 +289,12 @@ CASES: list[tuple[str, Message, bool]] = [
     ("oneof member, other", Outer(picked=Inner(org_id=ORG_B)), False),
     ("oneof, the other member set", Outer(word=ORG_B), True),
     ("not a UUID either", Outer(inner=Inner(org_id="acme")), False),
-    ("case matters", Outer(inner=Inner(org_id=ORG_A.upper())), False),
+    ("case does not matter", Outer(inner=Inner(org_id=ORG_A.upper())), True),
+    ("braces do not matter", Outer(inner=Inner(org_id="{" + ORG_A + "}")), True),
+    ("other in braces", Outer(inner=Inner(org_id="{" + ORG_B.upper() + "}")), False),
+    ("no hyphens is another string", Outer(inner=Inner(org_id=ORG_A.replace("-", ""))), False),
+    ("urn: is another string", Outer(inner=Inner(org_id="urn:uuid:" + ORG_A)), False),
+    ("repeated, active in two spellings", Outer(orgs=[ORG_A, ORG_A.upper()]), True),
 ]
 
 
@@ -646,5 +668,37 @@ async def test_against_authsvc_set_active_org_names_another_org_and_is_sent(api:
         )
         typed = from_rpc_error(error)
         assert typed.reason == "MEMBER_NOT_FOUND"
+    finally:
+        await channel.close()
+
+
+async def test_against_authsvc_the_active_org_in_another_case_is_sent_and_served(
+    api: Api, log_file: Path
+) -> None:
+    """The client compares org ids as UUIDs, as authsvc does: the active org
+    spelled in upper case passes the local check and authsvc serves it; in
+    braces it passes too, and authsvc (which takes only canonical ids) refuses
+    it as INVALID_ARGUMENT, not as another org."""
+    org_a, owner_a = await org_with_owner(api)
+    channel = grpc.aio.insecure_channel(
+        api.target, interceptors=aio_interceptors(token_credentials(owner_a.token))
+    )
+    from authsvc_client.v1 import orgs_pb2_grpc
+
+    orgs = orgs_pb2_grpc.OrgServiceStub(channel)
+    try:
+        got = await orgs.GetOrg(orgs_pb2.GetOrgRequest(org_id=org_a.id.upper()))
+        assert got.org.id == org_a.id
+        sent_id = uuid.uuid4().hex
+        error = from_rpc_error(
+            await _refused_aio(
+                orgs.GetOrg(
+                    orgs_pb2.GetOrgRequest(org_id="{" + org_a.id + "}"),
+                    metadata=(("x-request-id", sent_id),),
+                )
+            )
+        )
+        assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+        assert _logged(log_file, sent_id)
     finally:
         await channel.close()

@@ -10,12 +10,13 @@ and no status codes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hmac
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, TypeAlias, cast
 
 import grpc
@@ -40,7 +41,10 @@ log = structlog.get_logger("authsvc.rpc")
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar(
     "authsvc_principal", default=ANONYMOUS
 )
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Matched with fullmatch: "$" would also accept a value ending in a newline.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# A credential header sent more than once: refused, never "the last one wins".
+_TWICE = object()
 
 Authenticate = Callable[[str], Awaitable[SessionInfo]]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -114,7 +118,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 self._wrap_stream(
                     method,
                     access,
-                    cast(Callable[..., AsyncIterator[Any]], handler.unary_stream),
+                    cast(Callable[..., AsyncGenerator[Any, None]], handler.unary_stream),
                     handler.request_deserializer,
                 ),
                 request_deserializer=None,
@@ -125,18 +129,27 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped[method] = wrapped
         return wrapped
 
-    def _begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, Any, Any]:
-        """The call's request id and credentials, from its metadata."""
+    def _begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str, Any, Any]:
+        """The call's request id, peer and credentials, read while the call is live.
+
+        Everything the access log needs is taken here, at the start, and the
+        log never reads the context again: once a call has ended its native
+        call may be freed, and reading its peer then crashes the process (as
+        it did when a cancelled stream's generator was closed by the event
+        loop after its call was gone). A credential header given twice
+        becomes ``_TWICE``.
+        """
         request_id = ""
-        bearer = api_key = None
+        bearer: Any = None
+        api_key: Any = None
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
-                bearer = value
+                bearer = value if bearer is None else _TWICE
             elif key == "x-api-key":
-                api_key = value
-            elif key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
+                api_key = value if api_key is None else _TWICE
+            elif key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
                 request_id = value
-        return request_id or os.urandom(16).hex(), bearer, api_key
+        return request_id or os.urandom(16).hex(), context.peer() or "", bearer, api_key
 
     async def _admit(
         self,
@@ -175,7 +188,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         code: str,
         reason: str,
         started: float,
-        context: grpc.aio.ServicerContext[Any, Any],
+        peer: str,
         request_id: str,
     ) -> None:
         log.info(
@@ -184,7 +197,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             code=code,
             reason=reason,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
-            peer=context.peer(),
+            peer=peer,
             request_id=request_id,
         )
 
@@ -197,7 +210,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         async def serve(body: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
-            request_id, bearer, api_key = self._begin(context)
+            request_id, peer, bearer, api_key = self._begin(context)
             code = "OK"
             reason = ""
             try:
@@ -212,7 +225,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 code, reason = _outcome(error)
                 await self._fail(error, method, request_id, context)
             finally:
-                self._log(method, code, reason, started, context, request_id)
+                self._log(method, code, reason, started, peer, request_id)
 
         return serve
 
@@ -220,33 +233,52 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         self,
         method: str,
         access: int,
-        behavior: Callable[..., AsyncIterator[Any]],
+        behavior: Callable[..., AsyncGenerator[Any, None]],
         deserialize: Callable[[bytes], Any] | None,
-    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
-        async def serve(body: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]:
+        # A coroutine that writes, not an async generator that yields: when the
+        # client goes away while grpc is sending a yielded message, grpc drops
+        # the generator suspended at its yield, and the event loop closes it
+        # later, after the call has ended and its context is gone (this once
+        # crashed the process). Here cancellation reaches this coroutine, in
+        # the call's own task, and the handler's generator is closed at once.
+        async def serve(body: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             started = time.perf_counter()
-            request_id, bearer, api_key = self._begin(context)
+            request_id, peer, bearer, api_key = self._begin(context)
             code = "OK"
             reason = ""
+            gone = False  # a write failed: the call is over, there is nothing to abort
             try:
                 request = await self._admit(access, bearer, api_key, body, deserialize)
-                async for response in behavior(request, context):
-                    yield response
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        try:
+                            await context.write(response)
+                        except Exception:
+                            gone = True
+                            raise
             except asyncio.CancelledError:
                 code = "CANCELLED"  # the watcher went away: the usual end of a stream
                 raise
             except grpc.aio.AbortError:
                 raise
             except Exception as error:
+                if gone:
+                    code = "CANCELLED"  # grpc itself ends a call whose write failed
+                    raise
                 code, reason = _outcome(error)
                 await self._fail(error, method, request_id, context)
             finally:
-                self._log(method, code, reason, started, context, request_id)
+                self._log(method, code, reason, started, peer, request_id)
 
         return serve
 
     async def _resolve(self, access: int, bearer: Any, api_key: Any) -> Principal:
         service_name = None
+        if api_key is _TWICE:
+            raise ApiKeyInvalid("only one x-api-key header may be sent")
+        if bearer is _TWICE:
+            raise TokenInvalid("only one authorization header may be sent")
         if api_key is not None:
             service_name = self._api_keys.lookup(str(api_key))
             if service_name is None:

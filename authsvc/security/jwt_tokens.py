@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -14,8 +15,46 @@ from authsvc.domain.models import OrgRole, Role
 from authsvc.errors import TokenExpired, TokenInvalid
 from authsvc.security.secrets import b64url, b64url_decode_canonical
 
-MAX_LENGTH = 4096
 ALGORITHM = "EdDSA"
+# Room above the widest token ``issue`` can produce (below), for header fields
+# a future signer may add; a token longer than that is refused unparsed.
+LENGTH_MARGIN = 128
+_WIDEST_INT = -(2**63)  # iat, exp and ver are 64-bit integers at most
+_WIDEST_KID = "k" * 64  # kids are 32 hex characters; twice that, to be safe
+_SIGNATURE_BYTES = 64  # Ed25519
+
+
+def _b64_length(size: int) -> int:
+    """Characters of unpadded base64url for ``size`` bytes."""
+    return (4 * size + 2) // 3
+
+
+def _json_b64_length(value: dict[str, Any]) -> int:
+    # As PyJWT serializes header and payload (compact, ensure_ascii).
+    return _b64_length(len(json.dumps(value, separators=(",", ":")).encode()))
+
+
+def longest_token(issuer: str, audience: str) -> int:
+    """The length of the longest access token ``AccessTokenCodec.issue`` can
+    produce for this issuer and audience: every claim at its widest."""
+    some_id = str(uuid.UUID(int=0))
+    header = {"alg": ALGORITHM, "typ": "JWT", "kid": _WIDEST_KID}
+    payload = {
+        "iss": issuer,
+        "aud": audience,
+        "sub": some_id,
+        "sid": some_id,
+        "iat": _WIDEST_INT,
+        "exp": _WIDEST_INT,
+        "jti": uuid.UUID(int=0).hex,
+        "role": max((r.value for r in Role), key=len),
+        "ver": _WIDEST_INT,
+        "org_id": some_id,
+        "org_role": max((r.value for r in OrgRole), key=len),
+    }
+    return (
+        _json_b64_length(header) + 1 + _json_b64_length(payload) + 1 + _b64_length(_SIGNATURE_BYTES)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +100,9 @@ class AccessTokenCodec:
         self.issuer = issuer
         self.audience = audience
         self.ttl = ttl
+        # Checked before anything else: no base64 or JSON work on a token that
+        # cannot be one of ours, however large the request that carried it.
+        self.max_length = longest_token(issuer, audience) + LENGTH_MARGIN
 
     def issue(self, key: SigningKey, claims: AccessClaims) -> str:
         assert key.private is not None
@@ -84,11 +126,12 @@ class AccessTokenCodec:
         """Checks signature, algorithm, issuer, audience and expiry.
 
         Raises:
-            TokenInvalid: malformed, forged, foreign, or not an EdDSA token.
+            TokenInvalid: longer than ``max_length``, malformed, forged,
+                foreign, or not an EdDSA token.
             UnknownKeyId: well-formed but signed with a key not in ``keys``.
             TokenExpired: genuine but expired.
         """
-        if len(token) > MAX_LENGTH or token.count(".") != 2:
+        if len(token) > self.max_length or token.count(".") != 2:
             raise TokenInvalid()
         if any(b64url_decode_canonical(part) is None for part in token.split(".")):
             raise TokenInvalid()

@@ -14,6 +14,10 @@ MAX_EMAIL = 254
 MAX_DISPLAY_NAME = 200
 MAX_USER_AGENT = 512
 MAX_IP = 64
+# The canonical text of a UUID (8-4-4-4-12 hex digits, any case). uuid.UUID()
+# alone also takes braces, "urn:uuid:", no hyphens or moved ones, and (through
+# int()) a sign and underscores: many spellings of one id.
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 def email(value: str, field: str = "email") -> tuple[str, str]:
@@ -65,14 +69,12 @@ def user_id(value: str, field: str = "user_id") -> uuid.UUID:
 
 
 def uuid_field(value: str, field: str) -> uuid.UUID:
+    """A UUID in its canonical text (any case); every other spelling is refused."""
     if not value:
         raise InvalidArgument.field(field, "required")
-    if len(value) > 36:
-        raise InvalidArgument.field(field, "not a UUID")
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise InvalidArgument.field(field, "not a UUID") from None
+    if _UUID.fullmatch(value) is None:
+        raise InvalidArgument.field(field, "not a UUID (8-4-4-4-12 hex digits)")
+    return uuid.UUID(value)
 
 
 def page_size(value: int, default: int = 50, maximum: int = 500) -> int:

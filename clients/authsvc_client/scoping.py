@@ -23,10 +23,13 @@ Two halves:
   not empty. A tenant field is a string field marked ``[(authsvc.v1.tenant) =
   true]``, or a string field named ``org_id`` that is not marked
   ``[(authsvc.v1.tenant) = false]`` (``SetActiveOrgRequest.org_id`` is exempt:
-  it names the org to switch to). Each named org must equal the session's
-  active ``org_id`` exactly (authsvc issues ids as lowercase UUID strings);
-  with no session, or a session without an active org, any named org is
-  refused. ``google.protobuf.Any`` fields are opaque and not inspected.
+  it names the org to switch to). Each named org must be the session's
+  active ``org_id``, compared as UUIDs when both are one (canonical 8-4-4-4-12
+  hex digits in any case, optionally in braces: ``{0A...}`` is ``0a...``) and
+  as exact strings otherwise (an id that is not a UUID matches only itself;
+  other spellings ``uuid.UUID()`` takes, such as ``urn:uuid:`` or no hyphens,
+  count as such strings); with no session, or a session without an active
+  org, any named org is refused. ``google.protobuf.Any`` fields are opaque and not inspected.
 
   **How a refusal looks.** Exactly like a refusal by the server: the call
   fails with ``grpc.aio.AioRpcError`` (sync channels: a ``grpc.RpcError`` that
@@ -64,6 +67,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, cast
@@ -90,6 +94,7 @@ __all__ = [
     "is_authorized",
     "is_org_authorized",
     "is_same_org",
+    "same_org_id",
     "session_from_token",
     "tenant_fields",
     "token_credentials",
@@ -147,15 +152,35 @@ def is_authorized(session: SessionInfo, *roles: RoleLike) -> bool:
     return session.role in _role_values(roles, _ROLES, "role_")
 
 
+# A UUID's canonical text in any case, alone or in braces.
+_UUID_TEXT = re.compile(
+    r"(\{)?([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})(?(1)\})"
+)
+
+
+def _org_key(org_id: str) -> str:
+    """What org ids are compared by: a UUID's lowercase canonical text, else the string."""
+    found = _UUID_TEXT.fullmatch(org_id)
+    return found[2].lower() if found else org_id
+
+
+def same_org_id(a: str | uuid.UUID, b: str | uuid.UUID) -> bool:
+    """True iff ``a`` and ``b`` name the same org: equal as UUIDs when both
+    are one (any case, braces or not), else equal as strings. Empty never matches."""
+    a, b = str(a), str(b)
+    if not a or not b:
+        return False
+    return a == b or _org_key(a) == _org_key(b)
+
+
 def is_same_org(session: SessionInfo, org_id: str | uuid.UUID) -> bool:
     """True iff the session has an active org and it is ``org_id``.
 
     The tenant check with no role gating, for handlers that do their own role
     logic or only confirm a resource belongs to the caller's org. An empty
-    ``org_id`` never matches.
+    ``org_id`` never matches; ids compare as ``same_org_id`` does.
     """
-    wanted = str(org_id)
-    return bool(session.org_id) and bool(wanted) and session.org_id == wanted
+    return same_org_id(session.org_id, org_id)
 
 
 def is_org_authorized(session: SessionInfo, org_id: str | uuid.UUID, *roles: RoleLike) -> bool:
@@ -472,7 +497,7 @@ class TenantScope:
         for field, org in _named_orgs(request, node):
             if not active:
                 raise _Refusal(field, f"{field} names an organization and there is no active org")
-            if org != active:
+            if not same_org_id(org, active):
                 raise _Refusal(field, f"{field} names another organization than the active org")
         return creds
 

@@ -97,6 +97,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import port_for
 import pytest
+from mirakuru.base import SimpleExecutor
 from pytest_postgresql import factories as pg_factories
 from pytest_postgresql.config import get_config as get_pg_config
 from pytest_postgresql.executors import PostgreSQLExecutor
@@ -356,6 +357,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker("postgres")
         if "redis" in registered and "redis_url" in names:
             item.add_marker("redis")
+
+
+# --------------------------------------------------------------------------- mirakuru
+
+# mirakuru starts servers with ``preexec_fn=os.setsid``, which runs Python in
+# the forked child; with grpc's threads alive in this process (a test that
+# restarts Redis or PostgreSQL while servers run) that child can crash before
+# it execs. ``start_new_session`` does the same setsid() without Python.
+_mirakuru_popen_kwargs = SimpleExecutor._popen_kwargs
+
+
+def _popen_kwargs_without_preexec(self: SimpleExecutor) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(_mirakuru_popen_kwargs.fget(self))  # type: ignore[attr-defined]
+    if kwargs.pop("preexec_fn", None) is os.setsid:
+        kwargs["start_new_session"] = True
+    return kwargs
+
+
+SimpleExecutor._popen_kwargs = property(_popen_kwargs_without_preexec)  # type: ignore[method-assign,assignment]
 
 
 # --------------------------------------------------------------------------- PostgreSQL

@@ -1,9 +1,9 @@
 """Two replicas on one PostgreSQL and one Redis: revocations cross over.
 
 Postgres backend only. Each replica keeps its own Authenticate cache; a
-sign-out or a role change on one must reach the other through the Redis
-event stream, and while that stream cannot be followed the other must stop
-trusting its cache.
+sign-out or a role change on one must reach the other through the event log
+(the Redis stream, or the database's log while Redis is down), and what was
+cached before the follower lost the stream is not trusted afterwards.
 """
 
 from __future__ import annotations

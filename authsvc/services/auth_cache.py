@@ -7,9 +7,9 @@ only safe while no revocation can be missed, so an entry is honoured only if
   can be if an event were ever lost),
 * no invalidation event for its session or its user arrived after the entry
   was built (``mark`` is called on every such event, from this replica's own
-  revocations synchronously, from other replicas' through the event bus), and
-* the event bus is healthy, i.e. is not possibly missing events right now,
-* and it was resolved after the bus last resumed from a failure (``clear``).
+  revocations synchronously, from other replicas' through the event bus),
+* the event bus is healthy, i.e. is not possibly missing events right now, and
+* it was resolved after the bus last resumed from a failure (``clear``).
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class StreamCall(Protocol):
 
 
 #: The position before every event: authsvc replays all it holds, and says
-#: (``gap``) when its log is younger than a token can live.
+#: (``gap``) when its log cannot vouch for everything a live token may need.
 FROM_THE_START = "0-0"
 
 #: Opens WatchRevocations after a position; leaving the context ends the call

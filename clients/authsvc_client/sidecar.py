@@ -109,9 +109,9 @@ measures it).
 * Start: the first stream asks for authsvc's whole log (``after="0-0"``),
   which keeps every event as long as a token can live, so revocations made
   before the sidecar started are refused too, without a call per token.
-* Gaps: when authsvc says events after our position may be lost
-  (``gap=true``: its in-process log restarted, or Redis lost its stream, less
-  than a token lifetime ago), every token issued before then (``iat`` earlier
+* Gaps: when authsvc says events after our position may be missing
+  (``gap=true``: its log cannot vouch for that position, e.g. one from another
+  deployment or from before a database restore), every token issued before then (``iat`` earlier
   than now + ``gap_margin``) is checked online with Authenticate, cached
   ``online_cache_ttl`` seconds, until the retention has passed and every such
   token has expired. A token minted later needs no check: the stream covers

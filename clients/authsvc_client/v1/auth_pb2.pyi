@@ -452,10 +452,12 @@ class WatchRevocationsResponse(_message.Message):
     position: _builtins.str
     """The position after this response; send it as `after` to resume."""
     gap: _builtins.bool
-    """Set on the first response when events after `after` may be lost (the
-    server's log no longer holds that position, for example after an
-    embedded server restarted). A verifier should then check every token
-    minted before now online (Authenticate) until it expires.
+    """Set on the first response when events after `after` may be missing: the
+    server's log cannot vouch for that position (one it never gave out, such
+    as another deployment's or one from before a database restore, or one
+    older than a log that is itself younger than a token lifetime). The
+    replay then holds everything the log has. A verifier should check every
+    token minted before now online (Authenticate) until it expires.
     """
     retention_seconds: _builtins.int
     """How long a revocation must be kept: the longest an access token lives."""

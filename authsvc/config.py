@@ -37,8 +37,8 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None
     issuer: str = "authsvc"
     audience: str = "authsvc"
-    access_token_ttl: int = Field(default=900, ge=10)
-    session_ttl: int = Field(default=30 * 24 * 3600, ge=60)
+    access_token_ttl: int = Field(default=900, ge=1)
+    session_ttl: int = Field(default=30 * 24 * 3600, ge=1)
     refresh_reuse_grace: float = Field(default=10.0, ge=0)
     refresh_reuse_grace_count: int = Field(default=20, ge=0)
     key_reload_interval: float = Field(default=60.0, gt=0)

@@ -404,7 +404,7 @@ async def test_serve_without_a_data_dir_uses_dot_authsvc_in_the_working_director
 async def test_invalid_settings_exit_2_without_a_traceback(tmp_path: Path) -> None:
     result = await run_authsvc(
         "migrate",
-        env=clean_env(AUTHSVC_DATA_DIR=str(tmp_path), AUTHSVC_ACCESS_TOKEN_TTL="1"),
+        env=clean_env(AUTHSVC_DATA_DIR=str(tmp_path), AUTHSVC_ACCESS_TOKEN_TTL="0"),
     )
     assert result.code == 2
     assert "invalid settings" in result.stderr

@@ -16,6 +16,7 @@ import json
 import re
 import signal
 import stat
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -210,11 +211,25 @@ async def test_create_admin_again_promotes_an_existing_user(
     api = await servers()
     created = await api.sign_up(_email("user"))
     assert created.user.role == users_pb2.ROLE_USER
+    token = created.tokens.access_token
+    # Cached by the running server (for up to AUTHSVC_AUTH_CACHE_TTL, 60 s).
+    who = await api.auth.Authenticate(auth_pb2.AuthenticateRequest(access_token=token))
+    assert who.session.role == users_pb2.ROLE_USER
 
     other_password = f"not used {uuid.uuid4().hex[:8]}"
     result = await create_admin(storage, created.user.email, other_password)
     assert result.code == 0, result.stderr
     assert result.stdout == f"made admin {created.user.email} ({created.user.id})\n"
+
+    # The CLI's change reaches the running server through the event log (its
+    # relay polls for events other processes committed), not after the TTL.
+    started = time.monotonic()
+    while True:
+        who = await api.auth.Authenticate(auth_pb2.AuthenticateRequest(access_token=token))
+        if who.session.role == users_pb2.ROLE_ADMIN:
+            break
+        assert time.monotonic() - started < 3.0, "the running server still serves the old role"
+        await asyncio.sleep(0.02)
 
     # Promoted, and the account keeps its own password.
     signed = await api.auth.SignInWithPassword(

@@ -40,7 +40,7 @@ from authsvc.services.sessions import SessionService
 from authsvc.services.users import UserService
 from authsvc.storage import migrate
 from authsvc.storage.database import SqlDatabase, create_engine
-from authsvc.storage.event_log import EventLog, LocalEventBus
+from authsvc.storage.event_log import EventLog, LocalEventBus, stop_task
 from authsvc.storage.memory import MemoryRateLimiter
 from authsvc.storage.redis_store import RedisEventBus, RedisRateLimiter
 from authsvc_client.v1 import (
@@ -244,7 +244,7 @@ class Server:
         # listener closes; in-flight calls carry on meanwhile.
         await asyncio.sleep(min(0.5, grace))
         for task in self._tasks:
-            task.cancel()
+            await stop_task(task)
         await self.server.stop(grace)
         await self.core.close()
         log.info("server.stopped")

@@ -20,7 +20,6 @@ the source of truth, and it outlives restarts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -38,6 +37,19 @@ BATCH = 1000
 REPLAY_LIMIT = 50_000
 #: Seconds between prunes of events older than the retention.
 PRUNE_EVERY = 60.0
+
+
+async def stop_task(task: asyncio.Task[None], within: float = 2.0) -> None:
+    """Cancels a background task and waits for it, but not forever: a driver
+    call that ignores its cancellation (a Redis read on a dead connection)
+    must not hold up the server's shutdown."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=within)
+    if not done:
+        log.warning("background.stop_timed_out", task=task.get_name())
+        return
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("background.failed_at_stop", task=task.get_name())
 
 
 def position_text(key: tuple[int, int]) -> str:
@@ -191,9 +203,7 @@ class Relay:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
 
     async def _run(self) -> None:
         pruned = time.monotonic()

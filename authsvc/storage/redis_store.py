@@ -20,7 +20,6 @@ itself unhealthy, and the Authenticate cache is bypassed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,7 +31,14 @@ from redis.exceptions import RedisError, ResponseError
 from authsvc.domain.events import Event, Replay, position_key
 from authsvc.domain.ports import EventHandler
 from authsvc.errors import AuthError, BackendUnavailable
-from authsvc.storage.event_log import EventLog, Fanout, Relay, newest_position, position_text
+from authsvc.storage.event_log import (
+    EventLog,
+    Fanout,
+    Relay,
+    newest_position,
+    position_text,
+    stop_task,
+)
 
 log = structlog.get_logger("authsvc.events")
 
@@ -140,9 +146,7 @@ class RedisEventBus:
     async def close(self) -> None:
         await self._relay.close()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
         await self._follower.aclose()
 
     # -- the relay ------------------------------------------------------------------

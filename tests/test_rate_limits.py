@@ -60,11 +60,22 @@ async def start(backend_urls: Backend, tmp_path: Path, log_file: Path) -> AsyncI
     async def start(**overrides: Any) -> Api:
         api = await start_api(backend_urls, tmp_path, **{**NO_LIMITS, **overrides})
         started.append(api)
+        # Stopping a server whose event follower has not made its first read
+        # yet can hang (see test_time_rules); wait for that read.
+        await _until(api.server.core.bus.healthy, 5.0, "following the event stream")
         return api
 
     yield start
     for api in reversed(started):
         await stop_api(api)
+
+
+async def _until(predicate: Callable[[], bool], within: float, what: str) -> None:
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > within:
+            raise AssertionError(f"not {what} after {within} s")
+        await asyncio.sleep(0.01)
 
 
 def _email(prefix: str = "limit") -> str:
@@ -328,6 +339,7 @@ async def test_rate_limited_calls_fail_closed_while_redis_is_down(
         rate_limit_window=WINDOW,
     )
     try:
+        await _until(api.server.core.bus.healthy, 5.0, "following the event stream")
         created = await api.sign_up(_email("known"))
         known = created.user.email
         assert await _reason(_sign_in(api, known)) == "OK"

@@ -147,7 +147,10 @@ class RedisEventBus:
         await self._relay.close()
         if self._task is not None:
             await stop_task(self._task)
-        await self._follower.aclose()
+        try:
+            await asyncio.wait_for(self._follower.aclose(), 2.0)
+        except (TimeoutError, RedisError, OSError):
+            log.warning("events.follower_close_failed")
 
     # -- the relay ------------------------------------------------------------------
 

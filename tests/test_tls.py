@@ -31,7 +31,7 @@ from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from tests.app import Api, Backend, Storage, remember, start_api, stop_api
 from tests.app import test_settings as make_settings
 from tests.infra import asyncpg_dsn
-from tests.processes import spawn_authsvc
+from tests.processes import assert_no_secrets, spawn_authsvc
 
 EMBEDDED = Backend("embedded", {})
 TIMEOUT = 5.0
@@ -403,6 +403,7 @@ async def test_half_a_key_pair_stops_the_cli_with_a_clear_message(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+    assert_no_secrets(err.decode(errors="replace"), proc=proc)
     assert proc.returncode != 0
     assert b"set both AUTHSVC_TLS_CERT_FILE and AUTHSVC_TLS_KEY_FILE" in out + err
 

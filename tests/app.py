@@ -336,7 +336,7 @@ RATE_LIMIT_KEYS = "authsvc:rl:"
 
 async def redis_contents(client: aioredis.Redis) -> dict[str, Any]:
     """Every key (but the rate limiter's) and its value: strings by value,
-    streams by entries, and so on; TTLs left out, they tick."""
+    streams by entries, and so on; TTLs are left out, they tick."""
     out: dict[str, Any] = {}
     async for raw in client.scan_iter(count=1000):
         key = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -348,7 +348,16 @@ async def redis_contents(client: aioredis.Redis) -> dict[str, Any]:
         if kind == "string":
             value = await client.get(key)
         elif kind == "stream":
-            value = await client.xrange(key)
+            # What the entries say, not when: without their ids and publication
+            # times, as a set (announcing an announced event again changes
+            # nothing a reader acts on).
+            entries = await client.xrange(key)
+            value = sorted(
+                {
+                    tuple(sorted((k, v) for k, v in fields.items() if k != b"at"))
+                    for _, fields in entries
+                }
+            )
         elif kind == "hash":
             value = sorted((await client.hgetall(key)).items())
         elif kind == "list":

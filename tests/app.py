@@ -351,10 +351,10 @@ async def redis_contents(client: aioredis.Redis) -> dict[str, Any]:
             # What the entries say, not when: without their ids and publication
             # times, as a set (announcing an announced event again changes
             # nothing a reader acts on).
-            entries = await client.xrange(key)
+            entries: list[Any] = list(await client.xrange(key) or [])
             value = sorted(
                 {
-                    tuple(sorted((k, v) for k, v in fields.items() if k != b"at"))
+                    tuple(sorted((k, v) for k, v in (fields or {}).items() if k != b"at"))
                     for _, fields in entries
                 }
             )
@@ -530,6 +530,36 @@ async def api(_api_server: Api) -> Api:
     if core.redis is not None:
         await reset_redis(core.redis)
     return _api_server
+
+
+@pytest.fixture
+async def own_server(
+    api: Api, backend_urls: Backend, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[Api]]]:
+    """Starts servers with other settings on this test's backend.
+
+    Requesting ``api`` empties the tables first. On Postgres the extra server
+    shares the database (and Redis) with the shared one, so the rows it made
+    are removed when the test ends.
+    """
+    started: list[Api] = []
+
+    async def start(**overrides: Any) -> Api:
+        other = await start_api(backend_urls, tmp_path / f"own-{len(started)}", **overrides)
+        started.append(other)
+        return other
+
+    yield start
+    for other in started:
+        await stop_api(other)
+    async with api.server.core.db.transaction() as tx:
+        for table in (memberships, orgs, refresh_tokens, sessions, users):
+            await tx.conn.execute(delete(table))
+
+
+#: What a server needs for a spent refresh token to count as reused at once:
+#: no grace interval to wait out.
+NO_GRACE = {"refresh_reuse_grace": 0.0}
 
 
 @dataclass

@@ -8,6 +8,7 @@ emptied before each test.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -45,6 +46,7 @@ from authsvc.storage.tables import (
     users,
 )
 from authsvc_client.errors import AuthsvcError, from_rpc_error
+from authsvc_client.sidecar import Sidecar
 from authsvc_client.v1 import (
     auth_pb2,
     auth_pb2_grpc,
@@ -615,6 +617,26 @@ async def servers(
     yield start
     for api in reversed(started):
         await stop_api(api)
+
+
+# -- sidecars ------------------------------------------------------------------
+
+
+async def until_tokens_are_covered(sidecar: Sidecar, bound: float = 2.0) -> None:
+    """Waits until a token minted now needs no online check in watch mode.
+
+    After a gap in the revocation log (authsvc's log is younger than a token
+    lifetime, as in this suite, so the first answer reports one) tokens issued
+    before the stream's first answer are checked online; ``iat`` is whole
+    seconds, so that is until the second after it has begun. The condition is
+    the sidecar's own (its watcher's ``needs_online``), polled.
+    """
+    watcher = sidecar._watcher
+    assert watcher is not None, "not a started watch-mode sidecar"
+    deadline = time.monotonic() + bound
+    while watcher.needs_online(int(time.time())):
+        assert time.monotonic() < deadline, "tokens minted now are still checked online"
+        await asyncio.sleep(0.005)
 
 
 # -- organizations -------------------------------------------------------------

@@ -78,7 +78,10 @@ PASSWORD = "correct horse battery staple"
 
 SECRETS: set[str] = {SECRET_KEY, API_KEY, PASSWORD}
 SECRET_BYTES: set[bytes] = set()
-_PURPOSES: set[str] = set()  # every Secrets.subkey purpose seen
+# Every Secrets.subkey purpose: those of today, and any other an in-process
+# server derives (recorded), so subprocesses' subkeys are known even when no
+# in-process server ran before them.
+_PURPOSES: set[str] = {"key-seal", "page-token", "refresh-token"}
 _MASTERS: set[bytes] = {SECRET_KEY.encode()}
 
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
@@ -102,6 +105,13 @@ def remember(*values: str) -> None:
             SECRETS.add(value.rsplit(".", 1)[1])  # the signature alone
         elif value.startswith(("rt_", "ak_")) and len(value) > 20:
             SECRETS.add(value[3:])
+
+
+def remember_master(secret: str) -> None:
+    """A master secret (AUTHSVC_SECRET_KEY, a secret.key file): it and every
+    subkey derived from it (for each purpose the servers used) are searched."""
+    remember(secret)
+    _MASTERS.add(secret.encode())
 
 
 def remember_bytes(*values: bytes) -> None:

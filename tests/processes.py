@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.app import UNCHECKED_PROCESSES, find_leaks
+from tests.app import UNCHECKED_PROCESSES, find_leaks, remember_master
 
 VENV_BIN = Path(sys.prefix) / "bin"
 
@@ -38,6 +38,10 @@ def clean_env(**settings: str) -> dict[str, str]:
     return env
 
 
+#: pid -> (AUTHSVC_SECRET_KEY, the secret.key file it would make) of each spawned process
+_MASTERS_OF: dict[int, tuple[str | None, Path | None]] = {}
+
+
 def assert_no_secrets(
     text: str, *extra: str, proc: asyncio.subprocess.Process | None = None
 ) -> None:
@@ -45,6 +49,13 @@ def assert_no_secrets(
     marked as checked."""
     if proc is not None:
         UNCHECKED_PROCESSES.pop(proc.pid, None)
+        # The process's master secret, configured or made on first start:
+        # its subkeys are searched for too.
+        configured, key_file = _MASTERS_OF.pop(proc.pid, (None, None))
+        if configured:
+            remember_master(configured)
+        if key_file is not None and key_file.is_file():
+            remember_master(key_file.read_text().strip())
     leaks = find_leaks(text, *extra)
     assert not leaks, f"a subprocess's output shows {', '.join(leaks)}"
 
@@ -78,6 +89,9 @@ async def spawn_authsvc(
         cwd=cwd,
     )
     UNCHECKED_PROCESSES[proc.pid] = " ".join(["authsvc", *args])
+    data_dir = env.get("AUTHSVC_DATA_DIR")
+    key_file = Path(data_dir) if data_dir else (cwd or Path.cwd()) / ".authsvc"
+    _MASTERS_OF[proc.pid] = (env.get("AUTHSVC_SECRET_KEY"), key_file / "secret.key")
     return proc
 
 

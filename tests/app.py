@@ -36,7 +36,7 @@ from authsvc.app import Server, build_server
 from authsvc.config import Settings
 from authsvc.security.secrets import Secrets
 from authsvc.storage import migrate
-from authsvc.storage.redis_store import EPOCH
+from authsvc.storage.redis_store import EPOCH, STREAM
 from authsvc.storage.tables import (
     memberships,
     metadata,
@@ -387,9 +387,11 @@ async def redis_contents(client: aioredis.Redis) -> dict[str, Any]:
 async def reset_redis(client: aioredis.Redis) -> None:
     """Puts back what tests change in the session's Redis: no rate-limit
     counters, and a revocation stream younger than the retention (the epoch of
-    now; tests that want an old one, or none, set it themselves)."""
+    now; tests that want an old one, or none, set it themselves) holding no
+    earlier test's events (so a snapshot reads only this test's)."""
     await client.delete(*[k async for k in client.scan_iter(RATE_LIMIT_KEYS + "*")] or ["_"])
     await client.set(EPOCH, str(int(time.time() * 1000)))
+    await client.xtrim(STREAM, maxlen=0, approximate=False)
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

@@ -606,7 +606,7 @@ async def test_an_expired_token_is_refused_even_from_the_cache(api: Api, edges: 
         assert asked < now + 2, "served after it expired"
         await asyncio.sleep(0.01)
     assert (error.code, error.reason) == EXPIRED
-    assert now + 2 <= time.time() < now + 2.5
+    assert time.time() >= now + 2  # refused from exp on, not before
 
 
 async def test_a_public_method_needs_no_token_but_refuses_a_bad_one(api: Api, edges: Make) -> None:

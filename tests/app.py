@@ -387,11 +387,13 @@ async def redis_contents(client: aioredis.Redis) -> dict[str, Any]:
 async def reset_redis(client: aioredis.Redis) -> None:
     """Puts back what tests change in the session's Redis: no rate-limit
     counters, and a revocation stream younger than the retention (the epoch of
-    now; tests that want an old one, or none, set it themselves) holding no
-    earlier test's events (so a snapshot reads only this test's)."""
+    now; tests that want an old one, or none, set it themselves) holding only
+    the newest earlier event (so a snapshot reads little more than this test's
+    events; one is kept because a stream with none answers position "0-0",
+    and a watcher resuming from there is told of a gap every time)."""
     await client.delete(*[k async for k in client.scan_iter(RATE_LIMIT_KEYS + "*")] or ["_"])
     await client.set(EPOCH, str(int(time.time() * 1000)))
-    await client.xtrim(STREAM, maxlen=0, approximate=False)
+    await client.xtrim(STREAM, maxlen=1, approximate=False)
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

@@ -286,40 +286,50 @@ async def build_server(
     # thread pool and Redis client behind.
     credentials = _credentials(settings)
     core = await build_core(settings)
-    interceptor = EdgeInterceptor(
-        access_table(SERVICES), core.auth.authenticate, ApiKeys(settings.api_keys)
-    )
-    server = grpc.aio.server(
-        interceptors=[interceptor],
-        options=[
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-            # Request metadata up to 256 KiB: far above any real credential, so
-            # an oversized one reaches the edge and is refused with an ErrorInfo;
-            # soft equal to hard, so nothing below it is rejected at random.
-            ("grpc.max_metadata_size", 256 * 1024),
-            ("grpc.absolute_max_metadata_size", 256 * 1024),
-        ],
-    )
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(
-        AuthServicer(core.auth, core.keys, core.feed), server
-    )
-    users_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(core.users), server)
-    sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(core.sessions), server)
-    orgs_pb2_grpc.add_OrgServiceServicer_to_server(OrgServicer(core.orgs), server)
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    if extra is not None:
-        extra(server)
-    if settings.reflection:
-        names = [s.full_name for s in SERVICES]
-        names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-        names += [reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, server)
-    if credentials is None:
-        port = server.add_insecure_port(settings.listen)
-    else:
-        port = server.add_secure_port(settings.listen, credentials)
+    try:
+        interceptor = EdgeInterceptor(
+            access_table(SERVICES), core.auth.authenticate, ApiKeys(settings.api_keys)
+        )
+        server = grpc.aio.server(
+            interceptors=[interceptor],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                # Request metadata up to 256 KiB: far above any real credential,
+                # so an oversized one reaches the edge and is refused with an
+                # ErrorInfo; soft equal to hard, so nothing below it is
+                # rejected at random.
+                ("grpc.max_metadata_size", 256 * 1024),
+                ("grpc.absolute_max_metadata_size", 256 * 1024),
+            ],
+        )
+        auth_pb2_grpc.add_AuthServiceServicer_to_server(
+            AuthServicer(core.auth, core.keys, core.feed), server
+        )
+        users_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(core.users), server)
+        sessions_pb2_grpc.add_SessionServiceServicer_to_server(
+            SessionServicer(core.sessions), server
+        )
+        orgs_pb2_grpc.add_OrgServiceServicer_to_server(OrgServicer(core.orgs), server)
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        if extra is not None:
+            extra(server)
+        if settings.reflection:
+            names = [s.full_name for s in SERVICES]
+            names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+            names += [reflection.SERVICE_NAME]
+            reflection.enable_server_reflection(names, server)
+        if credentials is None:
+            port = server.add_insecure_port(settings.listen)
+        else:
+            port = server.add_secure_port(settings.listen, credentials)
+    except BaseException:
+        # Whatever fails after build_core (add_secure_port refusing the
+        # certificate or key it was given, a bad ``extra``) must not leave
+        # the database engine, thread pool and Redis client behind.
+        await core.close()
+        raise
     return Server(core=core, server=server, health=health, port=port)
 
 

@@ -1,7 +1,9 @@
 """``authsvc`` as a subprocess, exactly as an operator runs it.
 
-Subprocesses log to their own stderr; ``run_authsvc`` checks that for secrets
-like the suite's own log.
+Subprocesses log to their own stderr. Whoever reads a spawned process's
+output must hand it to ``assert_no_secrets(text, proc=proc)``, which checks it
+like the suite's own log (tests.app.find_leaks); ``run_authsvc`` does. The
+suite fails at the end if a spawned process's output was never checked.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.app import SECRETS
+from tests.app import UNCHECKED_PROCESSES, find_leaks, remember_master
 
 VENV_BIN = Path(sys.prefix) / "bin"
 
@@ -36,9 +38,26 @@ def clean_env(**settings: str) -> dict[str, str]:
     return env
 
 
-def assert_no_secrets(text: str, *extra: str) -> None:
-    leaked = [s for s in (*SECRETS, *extra) if s and s in text]
-    assert not leaked, f"{len(leaked)} secret(s) appear in a subprocess's output"
+#: pid -> (AUTHSVC_SECRET_KEY, the secret.key file it would make) of each spawned process
+_MASTERS_OF: dict[int, tuple[str | None, Path | None]] = {}
+
+
+def assert_no_secrets(
+    text: str, *extra: str, proc: asyncio.subprocess.Process | None = None
+) -> None:
+    """``text`` (a subprocess's output) shows no secret; ``proc``'s output is
+    marked as checked."""
+    if proc is not None:
+        UNCHECKED_PROCESSES.pop(proc.pid, None)
+        # The process's master secret, configured or made on first start:
+        # its subkeys are searched for too.
+        configured, key_file = _MASTERS_OF.pop(proc.pid, (None, None))
+        if configured:
+            remember_master(configured)
+        if key_file is not None and key_file.is_file():
+            remember_master(key_file.read_text().strip())
+    leaks = find_leaks(text, *extra)
+    assert not leaks, f"a subprocess's output shows {', '.join(leaks)}"
 
 
 def env_secrets(env: dict[str, str]) -> list[str]:
@@ -60,7 +79,7 @@ async def spawn_authsvc(
     ``console_script=False`` runs ``python -m authsvc`` instead of the script.
     """
     program = [authsvc_bin()] if console_script else [sys.executable, "-m", "authsvc"]
-    return await asyncio.create_subprocess_exec(
+    proc = await asyncio.create_subprocess_exec(
         *program,
         *args,
         stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
@@ -69,6 +88,11 @@ async def spawn_authsvc(
         env=env,
         cwd=cwd,
     )
+    UNCHECKED_PROCESSES[proc.pid] = " ".join(["authsvc", *args])
+    data_dir = env.get("AUTHSVC_DATA_DIR")
+    key_file = Path(data_dir) if data_dir else (cwd or Path.cwd()) / ".authsvc"
+    _MASTERS_OF[proc.pid] = (env.get("AUTHSVC_SECRET_KEY"), key_file / "secret.key")
+    return proc
 
 
 @dataclass(frozen=True)
@@ -89,9 +113,10 @@ async def run_authsvc(
         )
     except TimeoutError:
         proc.kill()
-        await proc.wait()
+        out, err = await proc.communicate()
+        assert_no_secrets(err.decode(errors="replace"), *env_secrets(env), proc=proc)
         raise AssertionError(f"authsvc {' '.join(args)} did not finish in {seconds}s") from None
     assert proc.returncode is not None
     result = Result(proc.returncode, out.decode(), err.decode())
-    assert_no_secrets(result.stderr, *env_secrets(env))
+    assert_no_secrets(result.stderr, *env_secrets(env), proc=proc)
     return result

@@ -124,7 +124,7 @@ class ServeProcess:
             await self.kill()
             raise AssertionError(f"authsvc serve ignored SIGTERM for {seconds}s") from None
         await self._drain()
-        assert_no_secrets(self.stderr, *env_secrets(self.env))
+        assert_no_secrets(self.stderr, *env_secrets(self.env), proc=self.proc)
         return code
 
     async def kill(self) -> None:
@@ -132,6 +132,7 @@ class ServeProcess:
             self.proc.kill()
             await self.proc.wait()
         await self._drain()
+        assert_no_secrets(self.stderr, *env_secrets(self.env), proc=self.proc)
 
     async def _drain(self) -> None:
         if self._reader is not None:

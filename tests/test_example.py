@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import math
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from tests.app import (
     remember,
     service,
     set_active_org,
+    until_tokens_are_covered,
 )
 
 #: online mode: how long an Authenticate answer is reused
@@ -81,8 +81,8 @@ async def notes(api: Api, request: pytest.FixtureRequest) -> AsyncIterator[Notes
     await sidecar.start()
     if mode == "watch":
         # Tokens minted before the stream's first answer are checked online
-        # (they may predate it); iat has whole seconds: mint from the next one.
-        await asyncio.sleep(math.ceil(time.time()) - time.time() + 0.05)
+        # (they may predate it): mint from when they are not.
+        await until_tokens_are_covered(sidecar)
     store = NoteStore()
     server, port = build_server(store, sidecar=sidecar)
     await server.start()

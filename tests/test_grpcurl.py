@@ -275,17 +275,44 @@ async def test_an_org_walkthrough_with_json(
         (created["user"]["id"], "ORG_ROLE_OWNER")
     ]
 
-    # A watcher (an API key) hears the sign-out; grpcurl prints each response.
-    watch = asyncio.ensure_future(
-        grpcurl(
-            grpcurl_bin,
-            *("-plaintext", "-max-time", "3", "-H", f"x-api-key: {API_KEY}", api.target),
-            "authsvc.v1.AuthService/WatchRevocations",
-            cwd=tmp_path,
-        )
+    # A watcher (an API key) hears the sign-out; grpcurl prints each response
+    # as it comes: the first (the replay) says the stream is open.
+    watcher = await asyncio.create_subprocess_exec(
+        grpcurl_bin,
+        *("-plaintext", "-max-time", "20", "-H", f"x-api-key: {API_KEY}", api.target),
+        "authsvc.v1.AuthService/WatchRevocations",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=tmp_path,
     )
-    await asyncio.sleep(1.0)
-    await call("authsvc.v1.AuthService/SignOut", headers=in_org)
-    watched = await watch
-    assert switched["session_id"] in watched.stdout, (watched.code, watched.stderr)
-    assert '"revoked": true' in watched.stdout
+    try:
+        assert watcher.stdout is not None
+        opened = await asyncio.wait_for(_read_until(watcher.stdout, '"position"'), 20)
+        await call("authsvc.v1.AuthService/SignOut", headers=in_org)
+        heard = await asyncio.wait_for(
+            _read_until(watcher.stdout, switched["session_id"], '"revoked": true'), 20
+        )
+    finally:
+        if watcher.returncode is None:
+            watcher.kill()
+        await watcher.communicate()
+    assert switched["session_id"] not in opened, opened
+    assert heard.index(switched["session_id"]) < heard.index('"revoked": true'), heard
+
+
+async def _read_until(stream: asyncio.StreamReader, *needles: str) -> str:
+    """Reads lines until the text read holds every needle, in that order."""
+    text = ""
+    while True:
+        line = await stream.readline()
+        if not line:
+            raise AssertionError(f"the output ended before {needles}: {text}")
+        text += line.decode()
+        position = 0
+        for needle in needles:
+            position = text.find(needle, position)
+            if position < 0:
+                break
+        else:
+            return text

@@ -8,6 +8,7 @@ or the session's PostgreSQL database with Redis).
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,12 +16,14 @@ from typing import Any
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 from pytest_redis import factories as redis_factories
 from sqlalchemy import select
 
 from authsvc.errors import WeakPassword
 from authsvc.storage.tables import users
+from authsvc_client.errors import from_rpc_error
 from authsvc_client.v1 import auth_pb2, users_pb2
 from tests.app import PASSWORD, Api, Backend, bearer, failure, remember, start_api, stop_api
 
@@ -210,7 +213,33 @@ async def test_sign_in_rehashes_to_the_current_argon2_parameters(servers: Start)
 # or a NAT/load balancer in between does. The session's Redis is not touched:
 # other servers' pooled connections would die too.
 _idle_redis_proc = redis_factories.redis_proc(host="127.0.0.1", timeout=1)
-IDLE = 2.5  # seconds: well past that timeout (Redis checks idle clients about every 100 ms)
+IDLE_BOUND = 5.0  # seconds: Redis closes them after 1 s (it checks about every 100 ms)
+
+
+async def _until_idle_connections_closed(url: str) -> None:
+    """Waits until Redis has closed every client connection open now but the
+    blocked ones (a blocking XREAD is exempt from the idle timeout) and our
+    own; fails if there was none, or if they are still open after IDLE_BOUND."""
+    admin = aioredis.from_url(url)
+    try:
+        me = str(await admin.client_id())
+
+        async def idle() -> set[str]:
+            clients = await admin.client_list()
+            return {
+                str(c["id"])
+                for c in clients
+                if str(c["id"]) != me and "b" not in str(c["flags"]) and c["cmd"] != "xread"
+            }
+
+        waiting = await idle()
+        assert waiting, "no idle connection to be closed"
+        deadline = time.monotonic() + IDLE_BOUND
+        while waiting & await idle():
+            assert time.monotonic() < deadline, f"Redis kept {waiting} open past its timeout"
+            await asyncio.sleep(0.05)
+    finally:
+        await admin.aclose()
 
 
 @pytest.fixture
@@ -230,9 +259,10 @@ async def test_sign_in_works_after_redis_closed_an_idle_connection(
     try:
         email = _email("idle")
         await api.sign_up(email)
+        url = idle_redis_backend.urls["redis_url"]
         outcomes = []
         for _ in range(3):
-            await asyncio.sleep(IDLE)
+            await _until_idle_connections_closed(url)
             try:
                 await _sign_in(api, email)
                 outcomes.append("OK")
@@ -261,12 +291,19 @@ async def test_sign_out_reaches_other_replicas_after_redis_closed_an_idle_connec
         token = created.tokens.access_token
         # Warm the second replica's cache, then let the connections go idle.
         await second.auth.Authenticate(auth_pb2.AuthenticateRequest(access_token=token))
-        await asyncio.sleep(IDLE)
+        await _until_idle_connections_closed(idle_redis_backend.urls["redis_url"])
         await first.auth.SignOut(auth_pb2.SignOutRequest(), metadata=bearer(token))
-        await asyncio.sleep(first.settings.revocation_max_lag)
-        error = await failure(
-            second.auth.Authenticate(auth_pb2.AuthenticateRequest(access_token=token))
-        )
+        # The second replica refuses the token within the revocation lag
+        # (until then its cache may still answer).
+        deadline = time.monotonic() + first.settings.revocation_max_lag + 0.5
+        while True:
+            try:
+                await second.auth.Authenticate(auth_pb2.AuthenticateRequest(access_token=token))
+            except grpc.aio.AioRpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                break
+            assert time.monotonic() < deadline, "the sign-out never reached the other replica"
+            await asyncio.sleep(0.02)
         assert error.reason == "SESSION_REVOKED"
     finally:
         await stop_api(second)

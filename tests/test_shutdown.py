@@ -23,8 +23,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
-from tests.app import SECRETS, remember
-from tests.processes import spawn_authsvc
+from tests.app import remember
+from tests.processes import assert_no_secrets, spawn_authsvc
 
 GRACE = 10.0
 # A SignUp costs one Argon2 hash of this size: about 1.4 s on an idle 2-core box.
@@ -110,8 +110,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Proc]:
             process.kill()
             await process.wait()
         await asyncio.wait_for(asyncio.gather(*proc.readers), timeout=10)
-        leaked = sorted(s for s in SECRETS if s in proc.output)
-        assert not leaked, f"{len(leaked)} secrets appear in the server's output"
+        assert_no_secrets(proc.output, proc=process)
 
 
 async def _wait_serving(proc: Proc, deadline: float = 60.0) -> None:

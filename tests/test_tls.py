@@ -10,24 +10,28 @@ import asyncio
 import datetime as dt
 import ipaddress
 import os
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from authsvc import app as app_module
-from authsvc.app import Core, Server, build_core, build_server
+from authsvc.app import Server, build_server
+from authsvc.storage import migrate
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
-from tests.app import Api, Backend, remember, start_api, stop_api
+from tests.app import Api, Backend, Storage, remember, start_api, stop_api
 from tests.app import test_settings as make_settings
-from tests.processes import spawn_authsvc
+from tests.infra import asyncpg_dsn
+from tests.processes import assert_no_secrets, spawn_authsvc
 
 EMBEDDED = Backend("embedded", {})
 TIMEOUT = 5.0
@@ -286,31 +290,91 @@ async def test_mtls_accepts_a_client_certificate_signed_by_the_ca(mtls_api: Api,
 # --------------------------------------------------------------------------- misconfiguration
 
 
+@dataclass(frozen=True)
+class Resources:
+    """What a built core holds open, as seen from outside it."""
+
+    threads: frozenset[int]  # idents, but not the process-wide ones
+    postgres_connections: int  # to the test's database, besides our probe
+    redis_clients: int  # connected to the session's Redis, besides our probe
+
+
+def _process_wide(thread: threading.Thread) -> bool:
+    """Threads made once per process: asyncio's default executor, grpc.aio's poller."""
+    return thread.name.startswith("asyncio_") or "_poll_wrapper" in thread.name
+
+
+async def _resources(storage: Storage) -> Resources:
+    threads = frozenset(t.ident for t in threading.enumerate() if t.ident and not _process_wide(t))
+    pg = redis_clients = 0
+    if storage.backend.name == "postgres":
+        conn = await asyncpg.connect(asyncpg_dsn(storage.backend.urls["database_url"]))
+        try:
+            pg = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await conn.close()
+        client = aioredis.from_url(storage.backend.urls["redis_url"])
+        try:
+            redis_clients = len(await client.client_list()) - 1
+        finally:
+            await client.aclose()
+    return Resources(threads, pg, redis_clients)
+
+
+async def _nothing_left(storage: Storage, before: Resources) -> None:
+    """The resources are back to ``before`` (a closed engine's threads and
+    connections take a moment to go)."""
+    deadline = time.monotonic() + 5.0
+    while (now := await _resources(storage)) != before:
+        if time.monotonic() > deadline:
+            threads = [
+                t.name for t in threading.enumerate() if t.ident in now.threads - before.threads
+            ]
+            raise AssertionError(f"left behind: {now} (new threads {threads}), before: {before}")
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture
-async def built_cores(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[Core]]:
-    """Records every Core that build_server builds, and closes them at the end.
+async def tls_storage(storage: Storage) -> Storage:
+    """The test's store, migrated (so build_core gets as far as it can)."""
+    if storage.backend.name == "postgres":
+        await asyncio.to_thread(migrate.upgrade, storage.backend.urls["database_url"])
+    return storage
 
-    build_server builds the core (database engine, thread pool, Redis client)
-    before it reads the TLS settings, and does not close it when those are
-    wrong; without this the leaked SQLite connection thread later reports
-    "Event loop is closed".
-    """
-    cores: list[Core] = []
 
-    async def recording(*args: Any, **kwargs: Any) -> Core:
-        core = await build_core(*args, **kwargs)
-        cores.append(core)
-        return core
+@pytest.mark.parametrize("broken", ["cert", "key"])
+async def test_unusable_certificate_content_fails_to_start_and_leaves_nothing(
+    broken: str, pki: Pki, tls_storage: Storage, log_file: Path
+) -> None:
+    """Files that exist but hold no certificate or key: the port cannot be
+    opened, build_server raises, and the core it built is closed (no database
+    connection, connection thread or Redis client is left behind)."""
+    garbage = tls_storage.data_dir.parent / "garbage.pem"
+    garbage.write_text(
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n"
+    )
+    files = {"tls_cert_file": pki.server.cert, "tls_key_file": pki.server.key}
+    files[f"tls_{broken}_file"] = garbage
+    settings = make_settings(tls_storage.data_dir, **tls_storage.backend.urls, **files)
+    before = await _resources(tls_storage)
+    # A good build on the store, closed again, gives back everything (and
+    # makes what stays for good, e.g. asyncio's default executor, exist).
+    server = await build_server(make_settings(tls_storage.data_dir, **tls_storage.backend.urls))
+    await server.server.stop(0)
+    await server.core.close()
+    await _nothing_left(tls_storage, before)
 
-    monkeypatch.setattr(app_module, "build_core", recording)
-    yield cores
-    for core in cores:
-        await core.close()
+    with pytest.raises(RuntimeError, match="Failed to bind"):
+        await build_server(settings)
+    await _nothing_left(tls_storage, before)
 
 
 @pytest.mark.parametrize("given", ["cert", "key"])
 async def test_half_a_key_pair_fails_to_start(
-    given: str, pki: Pki, tmp_path: Path, log_file: Path, built_cores: list[Core]
+    given: str, pki: Pki, tmp_path: Path, log_file: Path
 ) -> None:
     only = (
         {"tls_cert_file": pki.server.cert} if given == "cert" else {"tls_key_file": pki.server.key}
@@ -339,12 +403,13 @@ async def test_half_a_key_pair_stops_the_cli_with_a_clear_message(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+    assert_no_secrets(err.decode(errors="replace"), proc=proc)
     assert proc.returncode != 0
     assert b"set both AUTHSVC_TLS_CERT_FILE and AUTHSVC_TLS_KEY_FILE" in out + err
 
 
 async def test_client_ca_without_a_server_certificate_fails_to_start(
-    pki: Pki, tmp_path: Path, log_file: Path, built_cores: list[Core]
+    pki: Pki, tmp_path: Path, log_file: Path
 ) -> None:
     """Asking for client certificates but serving plaintext is a misconfiguration.
 
@@ -360,5 +425,6 @@ async def test_client_ca_without_a_server_certificate_fails_to_start(
         with pytest.raises(ValueError, match="TLS"):
             await build()
     finally:
-        for server in built:  # never started; its core is closed by built_cores
+        for server in built:  # only if it wrongly started
             await server.server.stop(0)
+            await server.core.close()

@@ -28,9 +28,13 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import text, update
 
+from authsvc.errors import BackendUnavailable, TransientConflict
 from authsvc.security.secrets import sha256
 from authsvc.storage import migrate
+from authsvc.storage.database import TRANSIENT_ATTEMPTS, SqlDatabase, create_engine
+from authsvc.storage.tables import users as users_table
 from authsvc_client.errors import from_rpc_error
 from authsvc_client.v1 import auth_pb2, users_pb2
 from tests.app import PASSWORD, Api, Backend, bearer, remember, start_api, stop_api
@@ -142,6 +146,19 @@ async def _refusal(call: Awaitable[Any]) -> Any:
     except grpc.aio.AioRpcError as rpc_error:
         return from_rpc_error(rpc_error)
     raise AssertionError("the call succeeded")
+
+
+async def _retried(call: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:
+    """``call()`` until it is not refused with BACKEND_UNAVAILABLE."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as rpc_error:
+            error = from_rpc_error(rpc_error)
+            if error.reason != "BACKEND_UNAVAILABLE" or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- servers
@@ -662,7 +679,9 @@ async def test_too_many_connections_answer_backend_unavailable(
             database_pool_size=4,
         )
         try:
-            users = await asyncio.gather(*(api.sign_up() for _ in range(4)))
+            # One at a time (the relay's polls take the one connection now
+            # and then: such a sign-up is refused and made again).
+            users = [await _retried(api.sign_up) for _ in range(4)]
 
             async def burst(tally: Tally) -> None:
                 api.server.core.cache.clear()
@@ -708,3 +727,162 @@ async def test_too_many_connections_answer_backend_unavailable(
     finally:
         await db_admin.close()
         await admin.close()
+
+
+# --------------------------------------------------------------------------- 5
+
+
+@pytest.fixture
+async def db(
+    make_postgres_db: Callable[..., str], log_file: Path
+) -> AsyncIterator[tuple[SqlDatabase, str]]:
+    """authsvc's SqlDatabase on a migrated database of the session's server
+    (these tests break no server), and that database's URL."""
+    url = make_postgres_db()
+    await asyncio.to_thread(migrate.upgrade, url)
+    database = SqlDatabase(create_engine(url, pool_size=4, pgbouncer=False))
+    try:
+        yield database, url
+    finally:
+        await database.close()
+
+
+async def _two_users(url: str) -> tuple[uuid.UUID, uuid.UUID]:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        ids = (uuid.uuid4(), uuid.uuid4())
+        for i, user_id in enumerate(ids):
+            await conn.execute(
+                "INSERT INTO users (id, email, email_key, password_hash, display_name, role,"
+                " email_verified, created_at, updated_at)"
+                " VALUES ($1, $2, $2, 'x', '', 'user', false, now(), now())",
+                user_id,
+                f"lock-{i}-{user_id.hex[:8]}@example.com",
+            )
+        return ids
+    finally:
+        await conn.close()
+
+
+async def _names(url: str, ids: Sequence[uuid.UUID]) -> list[str]:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        return [
+            await conn.fetchval("SELECT display_name FROM users WHERE id = $1", i) for i in ids
+        ]
+    finally:
+        await conn.close()
+
+
+def _mark(user_id: uuid.UUID, mark: str) -> Any:
+    return (
+        update(users_table)
+        .where(users_table.c.id == user_id)
+        .values(display_name=users_table.c.display_name + mark)
+    )
+
+
+async def test_a_deadlock_is_run_again_and_both_transactions_commit(
+    db: tuple[SqlDatabase, str],
+) -> None:
+    """Two transactions lock two rows in opposite orders; PostgreSQL aborts
+    one with 40P01, ``attempts()`` runs it again, both commit, once each."""
+    database, url = db
+    a, b = await _two_users(url)
+    barrier = asyncio.Barrier(2)
+    both_hold_one = asyncio.Event()
+    tries = {"ab": 0, "ba": 0}
+
+    async def move(first: uuid.UUID, second: uuid.UUID, name: str) -> None:
+        async for attempt in database.attempts():
+            async with attempt as tx:
+                tries[name] += 1
+                await tx.conn.execute(_mark(first, f"[{name}]"))
+                if tries[name] == 1:
+                    # Both hold their first row before either asks for its second.
+                    await barrier.wait()
+                    both_hold_one.set()
+                await tx.conn.execute(_mark(second, f"[{name}]"))
+
+    started = time.monotonic()
+    await asyncio.wait_for(asyncio.gather(move(a, b, "ab"), move(b, a, "ba")), 30)
+    print(f"\ndeadlock: attempts {tries}, {time.monotonic() - started:.2f}s")
+    assert both_hold_one.is_set()
+    assert sorted(tries.values()) == [1, 2], tries
+    # Both committed, each exactly once (the lost attempt left nothing).
+    for name in await _names(url, (a, b)):
+        assert sorted(name.replace("][", "] [").split()) == ["[ab]", "[ba]"], name
+
+
+async def test_a_transaction_that_always_loses_ends_backend_unavailable(
+    db: tuple[SqlDatabase, str],
+) -> None:
+    """Every attempt is made the victim of a real deadlock: another
+    connection (deadlock_timeout 10 s) holds row B and waits for row A,
+    which the attempt holds; the attempt (deadlock_timeout 20 ms) then asks
+    for B, detects the deadlock first and is aborted with 40P01. After
+    TRANSIENT_ATTEMPTS of those the caller gets BackendUnavailable, and
+    nothing of it was committed."""
+    database, url = db
+    a, b = await _two_users(url)
+    rival = await asyncpg.connect(asyncpg_dsn(url))
+    monitor = await asyncpg.connect(asyncpg_dsn(url))
+    rival_pid = rival.get_server_pid()
+    await rival.execute("SET deadlock_timeout = '10s'")
+    tries = 0
+    losses: list[str] = []
+
+    async def rival_waits_for(row: uuid.UUID) -> None:
+        await rival.execute(
+            "UPDATE users SET display_name = display_name || '[rival]' WHERE id = $1", row
+        )
+
+    async def waiting_on_a_lock() -> None:
+        deadline = time.monotonic() + 10
+        while (
+            await monitor.fetchval(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", rival_pid
+            )
+            != "Lock"
+        ):
+            assert time.monotonic() < deadline, "the rival never waited"
+            await asyncio.sleep(0.005)
+
+    try:
+        with pytest.raises(BackendUnavailable) as raised:
+            async for attempt in database.attempts():
+                async with attempt as tx:
+                    tries += 1
+                    await tx.conn.execute(text("SET LOCAL deadlock_timeout = '20ms'"))
+                    await rival.execute("BEGIN")
+                    await rival_waits_for(b)  # the rival holds B
+                    await tx.conn.execute(_mark(a, "[loser]"))  # the attempt holds A
+                    blocked = asyncio.create_task(rival_waits_for(a))
+                    await waiting_on_a_lock()
+                    try:
+                        await tx.conn.execute(_mark(b, "[loser]"))
+                    except Exception as error:
+                        losses.append(_state(error))
+                        raise
+                    finally:
+                        # The attempt's abort released A: the rival goes on.
+                        await asyncio.wait_for(blocked, 10)
+                        await rival.execute("ROLLBACK")
+    finally:
+        await rival.close()
+        await monitor.close()
+    print(f"\nalways losing: {tries} attempts, SQLSTATEs {losses}")
+    assert tries == TRANSIENT_ATTEMPTS == 4
+    assert losses == ["40P01"] * TRANSIENT_ATTEMPTS
+    assert isinstance(raised.value.__cause__, TransientConflict)
+    assert raised.value.retry_after is not None
+    assert await _names(url, (a, b)) == ["", ""]
+
+
+def _state(error: BaseException) -> str:
+    orig = getattr(error, "orig", None)
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        state = getattr(candidate, "sqlstate", None)
+        if isinstance(state, str):
+            return state
+    return type(error).__name__

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 import uuid
 from collections import Counter
@@ -208,8 +209,19 @@ async def replicas(
     try:
         yield a, b
     finally:
-        await stop_api(b)
-        await stop_api(a)
+        await stop_or_dump(b)
+        await stop_or_dump(a)
+
+
+async def stop_or_dump(api: Api, within: float = 40.0) -> None:
+    """stop_api, or, if stopping hangs, every task's stack on stderr (a
+    server that cannot stop after a fault is a finding, not a test hang)."""
+    try:
+        await asyncio.wait_for(stop_api(api), within)
+    except TimeoutError:
+        for task in asyncio.all_tasks():
+            task.print_stack(file=sys.stderr)
+        raise
 
 
 async def _admin(pg: PostgresExecutor, dbname: str = "postgres") -> asyncpg.Connection:

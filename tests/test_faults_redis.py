@@ -30,7 +30,14 @@ from authsvc_client.errors import from_rpc_error
 from authsvc_client.v1 import auth_pb2
 from tests.app import PASSWORD, Api, Backend, bearer, start_api, stop_api
 from tests.infra import asyncpg_dsn
-from tests.test_faults import CALL_TIMEOUT, CLIENTS, RECOVERY, Tally, unavailable_with_retry
+from tests.test_faults import (
+    CALL_TIMEOUT,
+    CLIENTS,
+    RECOVERY,
+    Tally,
+    stop_or_dump,
+    unavailable_with_retry,
+)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -88,8 +95,8 @@ async def replicas(
     try:
         yield a, b
     finally:
-        await stop_api(b)
-        await stop_api(a)
+        await stop_or_dump(b)
+        await stop_or_dump(a)
 
 
 def _redis_pid(executor: RedisExecutor) -> int:

@@ -39,6 +39,9 @@ _TRANSIENT_STATES = frozenset({"40001", "40P01"})
 # After these the connection is useless (or on the wrong server): drop it
 # rather than hand it to the next transaction.
 _DISCARD_STATES = frozenset({"25006"})
+#: Seconds a SQLite write waits for another connection's lock (a CLI run on
+#: the same file) before the call gets UNAVAILABLE.
+SQLITE_BUSY_TIMEOUT = 5.0
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -48,14 +51,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT * 1000)}")
     cursor.close()
 
 
 def create_engine(url: str, *, pool_size: int, pgbouncer: bool) -> AsyncEngine:
     """Builds the engine for a SQLAlchemy URL (SQLite or Postgres)."""
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
+        engine = create_async_engine(
+            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT}, hide_parameters=True
+        )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     connect_args: dict[str, Any] = {}

@@ -48,7 +48,7 @@ from tests.app import (
 )
 from tests.events import logged
 from tests.infra import asyncpg_dsn
-from tests.processes import clean_env, spawn_authsvc
+from tests.processes import assert_no_secrets, clean_env, spawn_authsvc
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -389,6 +389,8 @@ async def test_a_replica_killed_between_commit_and_relay_loses_no_event(
         os.kill(proc.pid, signal.SIGKILL)
         await proc.wait()
         await tx.rollback()
+        assert proc.stderr is not None
+        assert_no_secrets((await proc.stderr.read()).decode(errors="replace"), proc=proc)
 
         # B's relay (polling) gives it a position, Redis gets it, B's watcher too.
         response = await asyncio.wait_for(_next_revocation(stream), 5.0)

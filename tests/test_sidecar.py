@@ -947,10 +947,18 @@ async def test_watch_mode_keeps_verifying_with_cached_keys_while_authsvc_is_down
     fresh = await _signed_up(api)  # minted while the sidecar cannot reach authsvc
     for tokens in (cached, fresh):
         assert (await edge.session(tokens.access_token))["sessionId"] == tokens.session_id
-    # A key it cannot fetch: unavailable, not invalid (it may be genuine).
+    # A key it cannot fetch: unavailable, not invalid (it may be genuine) once
+    # the refetch floor lets the sidecar try; within the floor since its last
+    # fetch attempt, the unknown kid is refused as invalid without one.
     unknown = _mint(api, _payload(fresh.access_token), kid=uuid.uuid4().hex)
-    error = await edge.refusal(unknown)
-    assert (error.code, error.reason) == UNAVAILABLE
+    deadline = time.monotonic() + 2.0
+    while True:
+        error = await edge.refusal(unknown)
+        if (error.code, error.reason) == UNAVAILABLE:
+            break
+        assert (error.code, error.reason) == INVALID
+        assert time.monotonic() < deadline, "an unknown kid never made the sidecar try a fetch"
+        await asyncio.sleep(0.02)
 
     # Back: revocations made while it was away are applied (replayed).
     await _sign_out(api, fresh.access_token)

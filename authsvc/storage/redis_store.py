@@ -252,6 +252,15 @@ _REDIS_RETRY = 1.0
 BATCH_READ = 1000
 
 
+#: Seconds a rate-limit check may take before the call fails closed.
+LIMIT_TIMEOUT = 2.0
+
+
+def _consume(task: "asyncio.Future[Any]") -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class RedisRateLimiter:
     """Fixed windows: INCR plus EXPIRE NX in one round trip.
 
@@ -262,17 +271,30 @@ class RedisRateLimiter:
         self._redis = client
 
     async def hit(self, key: str, limit: int, window: int) -> float | None:
-        name = "authsvc:rl:" + key
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.incr(name)
-                pipe.expire(name, window, nx=True)
-                pipe.ttl(name)
-                count, _, ttl = await pipe.execute()
-        except (RedisError, OSError) as error:
+        # Bounded as a whole: redis-py's retries (reconnects within each try)
+        # can add up to several seconds against a Redis that hangs. The call
+        # runs as a task of its own, left to end by itself when it overruns,
+        # so a driver call slow to honour cancellation cannot hold this one.
+        counting = asyncio.ensure_future(self._count("authsvc:rl:" + key, window))
+        done, _ = await asyncio.wait({counting}, timeout=LIMIT_TIMEOUT)
+        if not done:
+            counting.cancel()
+            counting.add_done_callback(_consume)
             # Fail closed: no sign-in without the brute-force limit.
+            raise BackendUnavailable()
+        try:
+            count, ttl = counting.result()
+        except (RedisError, OSError) as error:
             raise BackendUnavailable() from error
-        return float(max(ttl, 1)) if int(count) > limit else None
+        return float(max(ttl, 1)) if count > limit else None
+
+    async def _count(self, name: str, window: int) -> tuple[int, int]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.incr(name)
+            pipe.expire(name, window, nx=True)
+            pipe.ttl(name)
+            count, _, ttl = await pipe.execute()
+        return int(count), int(ttl)
 
     async def close(self) -> None:
         return None

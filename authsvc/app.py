@@ -159,7 +159,13 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
         limiter = MemoryRateLimiter()
     db.on_commit = bus.committed
     access_ttl = timedelta(seconds=settings.access_token_ttl)
-    keys = KeyStore(db, secrets, clock, access_ttl=access_ttl)
+    keys = KeyStore(
+        db,
+        secrets,
+        clock,
+        access_ttl=access_ttl,
+        retire_margin=timedelta(seconds=settings.key_retire_margin),
+    )
     await keys.load(create=create_keys)
     executor = ThreadPoolExecutor(settings.hash_workers, thread_name_prefix="argon2")
     hasher = Argon2Hasher(

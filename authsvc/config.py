@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     refresh_reuse_grace: float = Field(default=10.0, ge=0)
     refresh_reuse_grace_count: int = Field(default=20, ge=0)
     key_reload_interval: float = Field(default=60.0, gt=0)
+    key_retire_margin: float = Field(default=120.0, ge=0)
     auth_cache_size: int = Field(default=100_000, ge=0)
     auth_cache_ttl: float = Field(default=60.0, ge=0)
     revocation_max_lag: float = Field(default=2.0, gt=0)

@@ -200,7 +200,7 @@ async def _sidecar(api: Api) -> AsyncIterator[Sidecar]:
         await sidecar.close()
 
 
-@pytest.mark.parametrize("comeback", ["with-its-data", "empty"])
+@pytest.mark.parametrize("comeback", ["with-its-data", "empty", "flushed"])
 async def test_a_sign_out_made_while_redis_is_down_is_never_undone(
     replicas: tuple[Api, Api],
     redis_server: RedisExecutor,
@@ -208,7 +208,8 @@ async def test_a_sign_out_made_while_redis_is_down_is_never_undone(
     comeback: str,
 ) -> None:
     """The user's scenario, exactly: X1 and X2 authenticated (and cached) on
-    B, Redis stops, X1 signs out on A, Redis starts again."""
+    B, Redis stops, X1 signs out on A, Redis starts again: with its data,
+    empty (no persistence), or flushed right after it came back."""
     a, b = replicas
     x1, x1_session = await _signed_in(a)
     x2, x2_session = await _signed_in(a)
@@ -235,6 +236,10 @@ async def test_a_sign_out_made_while_redis_is_down_is_never_undone(
         if comeback == "empty":
             dump.unlink()
         await asyncio.to_thread(redis_server.start)
+        if comeback == "flushed":
+            # Back with its data, and at once FLUSHALL (an operator, or a
+            # failover to an empty replica after the event was relayed).
+            await _retry(rclient.flushall)
 
         # From the moment Redis is back: refused every time, by both; X2 lives.
         refusals = await asyncio.gather(

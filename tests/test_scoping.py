@@ -8,6 +8,7 @@ whose access log records every RPC it receives by request id.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -627,7 +628,6 @@ async def test_against_authsvc_a_foreign_org_never_reaches_the_server(
         )
         _check_refusal(error)
         assert await api.snapshot() == before
-        assert not _logged(log_file, refused_id)
 
         # The matching org goes through, with the interceptor's token.
         passed_id = uuid.uuid4().hex
@@ -635,7 +635,14 @@ async def test_against_authsvc_a_foreign_org_never_reaches_the_server(
             orgs_pb2.GetOrgRequest(org_id=org_a.id), metadata=(("x-request-id", passed_id),)
         )
         assert got.org.id == org_a.id
-        assert _logged(log_file, passed_id)
+        # The access-log line is written after the answer goes out: wait for
+        # it. Once the later call's line is there, the refused call would
+        # have had its line too, had it reached the server.
+        deadline = time.monotonic() + 5.0
+        while not _logged(log_file, passed_id):
+            assert time.monotonic() < deadline, "the passing call was never logged"
+            await asyncio.sleep(0.01)
+        assert not _logged(log_file, refused_id)
 
         # org_slug is not a tenant field (the interceptor cannot resolve
         # slugs): authsvc itself refuses another org's slug.

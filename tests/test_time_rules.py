@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from google.protobuf.json_format import MessageToDict
 from sqlalchemy import update
 
 from authsvc.storage import migrate
-from authsvc.storage.tables import sessions, signing_keys
+from authsvc.storage.tables import sessions
 from authsvc_client.errors import AuthsvcError, from_rpc_error
 from authsvc_client.v1 import auth_pb2, sessions_pb2
 from tests.app import (
@@ -210,6 +210,7 @@ async def test_a_session_ends_at_its_absolute_lifetime_however_often_it_is_refre
 # --------------------------------------------------------------------------- signing keys
 
 ACCESS_TTL = 2
+MARGIN = 1.0  # AUTHSVC_KEY_RETIRE_MARGIN for the key test
 RELOAD = 0.2
 
 
@@ -233,12 +234,12 @@ def _verify_locally(token: str, keys: dict[str, dict[str, str]], api: Api) -> No
 async def test_a_retired_key_stays_in_the_jwks_until_its_tokens_expire_then_leaves(
     storage: Storage, servers: Start
 ) -> None:
-    """The stay side runs in real time on a 2 s token lifetime. The leave side
-    does not: KeyStore keeps a retired key 2 minutes (a fixed clock-skew
-    margin) past the access-token lifetime. Rather than wait for that, the key's
-    retirement is moved back in the database, far past any such margin; the
-    periodic reload must then drop it from the JWKS."""
-    api = await servers(access_token_ttl=ACCESS_TTL, key_reload_interval=RELOAD)
+    """In real time, on a 2 s token lifetime and a 1 s retirement margin: the
+    retired key stays while its tokens live, and leaves at the first reload
+    after the lifetime and the margin have passed."""
+    api = await servers(
+        access_token_ttl=ACCESS_TTL, key_reload_interval=RELOAD, key_retire_margin=MARGIN
+    )
     await _until(api.server.core.bus.healthy, 5.0, "following the event stream")
     created = await api.sign_up()
     old_token = created.tokens.access_token
@@ -246,6 +247,7 @@ async def test_a_retired_key_stays_in_the_jwks_until_its_tokens_expire_then_leav
     old_exp = claims(old_token)["exp"]
 
     new_kid = await api.server.core.keys.rotate()
+    retired = time.time()
     assert new_kid != old_kid
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=created.user.email, password=PASSWORD)
@@ -281,18 +283,14 @@ async def test_a_retired_key_stays_in_the_jwks_until_its_tokens_expire_then_leav
     assert checks >= 5, f"only {checks} checks before the token expired"
     assert last_check >= old_exp - 1.0, "the checks stopped well before the token's end"
 
-    # Every token the old key signed has long expired: it leaves the JWKS at
-    # the next reload, and a token naming it is no longer accepted.
-    async with api.server.core.db.transaction() as tx:
-        await tx.conn.execute(
-            update(signing_keys)
-            .where(signing_keys.c.kid == old_kid)
-            .values(retired_at=datetime.now(UTC) - timedelta(seconds=ACCESS_TTL, minutes=30))
-        )
-    deadline = time.monotonic() + RELOAD + 2.0
+    # Every token the old key signed has expired, and the margin has passed:
+    # it leaves the JWKS at the next reload (not before), and a token naming
+    # it is no longer accepted.
+    leaves_after = retired + ACCESS_TTL + MARGIN
     while old_kid in await _jwks(api):
-        assert time.monotonic() < deadline, "the retired key stayed in the JWKS"
+        assert time.time() < leaves_after + RELOAD + 2.0, "the retired key stayed in the JWKS"
         await asyncio.sleep(POLL)
+    assert time.time() >= leaves_after - 0.5, "the retired key left within its margin"
     assert set(await _jwks(api)) == {new_kid}
     error = await failure(who(api, old_token))
     assert (error.code, error.reason) == (UNAUTHENTICATED, "TOKEN_INVALID")
@@ -304,7 +302,9 @@ async def test_a_retired_key_stays_in_the_jwks_until_its_tokens_expire_then_leav
     assert jwt.get_unverified_header(signed.tokens.access_token)["kid"] == new_kid
     assert (await who(api, signed.tokens.access_token)).user_id == created.user.id
     # A replica starting now does not publish it either.
-    other = await servers(access_token_ttl=ACCESS_TTL, key_reload_interval=RELOAD)
+    other = await servers(
+        access_token_ttl=ACCESS_TTL, key_reload_interval=RELOAD, key_retire_margin=MARGIN
+    )
     assert set(await _jwks(other)) == {new_kid}
     # Stopping a server whose event follower has not yet made its first read
     # of the stream can hang (the cancelled XREVRANGE never returns); let it.

@@ -26,20 +26,26 @@ from authsvc.domain.ports import Clock, Database
 from authsvc.security.jwt_tokens import SigningKey
 from authsvc.security.secrets import Secrets
 
-# Tokens carry whole-second timestamps and other servers' clocks drift: keep
-# retired keys this much longer than the access-token lifetime.
-_SKEW = timedelta(minutes=2)
 _FORCED_RELOAD_FLOOR = 1.0
 
 
 class KeyStore:
     def __init__(
-        self, db: Database, secrets: Secrets, clock: Clock, *, access_ttl: timedelta
+        self,
+        db: Database,
+        secrets: Secrets,
+        clock: Clock,
+        *,
+        access_ttl: timedelta,
+        retire_margin: timedelta = timedelta(minutes=2),
     ) -> None:
         self._db = db
         self._secrets = secrets
         self._clock = clock
         self._access_ttl = access_ttl
+        # Tokens carry whole-second timestamps and other servers' clocks
+        # drift: retired keys stay this much longer than a token lives.
+        self._retire_margin = retire_margin
         self._keys: dict[str, SigningKey] = {}
         self._active: SigningKey | None = None
         self._last_forced = 0.0
@@ -90,13 +96,13 @@ class KeyStore:
         async with self._db.transaction() as tx:
             await tx.keys.add(record)
             await tx.keys.retire_others(kid, now)
-            await tx.keys.delete_retired_before(now - self._access_ttl - _SKEW)
+            await tx.keys.delete_retired_before(now - self._access_ttl - self._retire_margin)
             records = await tx.keys.all()
         self._install(records)
         return kid
 
     def _install(self, records: list[SigningKeyRecord]) -> None:
-        horizon = self._clock.now() - self._access_ttl - _SKEW
+        horizon = self._clock.now() - self._access_ttl - self._retire_margin
         keys: dict[str, SigningKey] = {}
         active: SigningKey | None = None
         for record in records:  # newest first

@@ -231,13 +231,10 @@ class Relay:
                 woken = False
 
 
-class LocalEventBus:
-    """The embedded default's bus: one process, its log in SQLite.
-
-    Committed events reach this process's caches at once (``committed``);
-    once positioned they reach its watchers. The log survives restarts, so
-    a watcher resuming after one misses nothing.
-    """
+class LoggedBus:
+    """What every bus over the log does: this process's handlers and
+    listeners, a relay, and replays from the log. Subclasses give the relay's
+    step (``_relay_step``) and how to follow the other processes' events."""
 
     def __init__(self, log_: EventLog, *, poll: float) -> None:
         self._log = log_
@@ -252,8 +249,25 @@ class LocalEventBus:
         return self._fanout.listen(listener)
 
     def committed(self, events: Sequence[Event]) -> None:
+        # Local first: this process honours its own revocation at once; the
+        # relay carries it to the others (and to this process's watchers).
         self._fanout.handle(events)
         self._relay.wake()
+
+    async def replay(self, after: str) -> Replay:
+        return await self._log.replay(after)
+
+    async def _relay_step(self, woken: bool) -> None:
+        raise NotImplementedError
+
+
+class LocalEventBus(LoggedBus):
+    """The embedded default's bus: one process, its log in SQLite.
+
+    Committed events reach this process's caches at once (``committed``);
+    once positioned they reach its watchers. The log survives restarts, so
+    a watcher resuming after one misses nothing.
+    """
 
     async def _relay_step(self, woken: bool) -> None:
         if not woken:
@@ -261,9 +275,6 @@ class LocalEventBus:
             if not pending:
                 return
         self._fanout.deliver(await self._log.assign())
-
-    async def replay(self, after: str) -> Replay:
-        return await self._log.replay(after)
 
     def healthy(self) -> bool:
         return True

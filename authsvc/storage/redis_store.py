@@ -21,20 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
-from authsvc.domain.events import Event, Replay, position_key
-from authsvc.domain.ports import EventHandler
+from authsvc.domain.events import Event, position_key
 from authsvc.errors import AuthError, BackendUnavailable
 from authsvc.storage.event_log import (
     EventLog,
-    Fanout,
-    Relay,
+    LoggedBus,
     newest_position,
     position_text,
     stop_task,
@@ -82,7 +79,7 @@ def _event(entry_id: Any, fields: Any) -> Event:
     )
 
 
-class RedisEventBus:
+class RedisEventBus(LoggedBus):
     """Args:
     client: for the relay's appends and reads.
     follower: a client of its own for the blocking XREAD (its socket
@@ -102,36 +99,18 @@ class RedisEventBus:
         max_lag: float,
         poll: float,
     ) -> None:
+        super().__init__(log_, poll=poll)
         self._redis = client
         self._follower = follower
-        self._log = log_
-        self.retention = log_.retention
         self._max_lag = max_lag
         self._poll = poll
         # An idle XREAD must return (and refresh _last_read) well within
         # max_lag, or a healthy but quiet stream would look stale.
         self._block_ms = max(10, min(_BLOCK_MS, int(max_lag * 1000 / 2)))
-        self._fanout = Fanout()
-        self._relay = Relay(log_, self._relay_step, poll=poll)
         self._append = client.register_script(_APPEND)
         self._last_read = 0.0
         self._task: asyncio.Task[None] | None = None
         self.stream = ""
-
-    def subscribe(self, handler: EventHandler, on_reset: Callable[[], None]) -> None:
-        self._fanout.subscribe(handler, on_reset)
-
-    def listen(self, listener: EventHandler) -> Callable[[], None]:
-        return self._fanout.listen(listener)
-
-    def committed(self, events: Sequence[Event]) -> None:
-        # Local first: this replica honours its own revocation at once; the
-        # others hear of it through the relay and the stream.
-        self._fanout.handle(events)
-        self._relay.wake()
-
-    async def replay(self, after: str) -> Replay:
-        return await self._log.replay(after)
 
     def healthy(self) -> bool:
         return time.monotonic() - self._last_read < self._max_lag
@@ -256,7 +235,7 @@ BATCH_READ = 1000
 LIMIT_TIMEOUT = 2.0
 
 
-def _consume(task: "asyncio.Future[Any]") -> None:
+def _consume(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
 

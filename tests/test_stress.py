@@ -132,7 +132,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Served, str]]:
             await server.proc.wait()
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(server.reader, 10)
-        assert_no_secrets(server.stderr)
+        assert_no_secrets(server.stderr, proc=server.proc)
 
 
 # -- the ways a client walks away ----------------------------------------------

@@ -444,8 +444,8 @@ class AuthService:
         """Revokes the caller's session; takes effect at once."""
         async for attempt in self._db.attempts():
             async with attempt as tx:
-                await tx.sessions.revoke(session.session_id, self._clock.now(), "signed_out")
-                await tx.events.add(*session_revoked(session.session_id))
+                if await tx.sessions.revoke(session.session_id, self._clock.now(), "signed_out"):
+                    await tx.events.add(*session_revoked(session.session_id))
         log.info("session.signed_out", session_id=str(session.session_id))
 
     async def authenticate(self, access_token: str) -> SessionInfo:

@@ -60,8 +60,10 @@ class SessionService:
                 # Someone else's session answers exactly like a missing one.
                 if session is None or not principal.may_act_on(session.user_id):
                     raise SessionNotFound() if principal.is_admin else PermissionDenied()
-                await tx.sessions.revoke(sid, self._clock.now(), "revoked")
-                await tx.events.add(*session_revoked(sid))
+                # An event only for a session that was live: announcing an
+                # old revocation again would change nothing for anyone.
+                if await tx.sessions.revoke(sid, self._clock.now(), "revoked"):
+                    await tx.events.add(*session_revoked(sid))
 
     async def revoke_all(self, principal: Principal, user_id: str) -> int:
         """Raises: InvalidArgument, PermissionDenied, UserNotFound."""

@@ -13,6 +13,7 @@ import grpc
 from authsvc.api import convert
 from authsvc.api.edge import current_principal
 from authsvc.domain.models import OrgRole
+from authsvc.domain.principal import SessionInfo
 from authsvc.services.auth import AuthService
 from authsvc.services.keys import KeyStore
 from authsvc.services.orgs import OrgService
@@ -32,12 +33,47 @@ from authsvc_client.v1 import (
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+#: Most AuthenticateResponse messages kept by ``_Responses``.
+RESPONSES_KEPT = 8192
+
+
+class _Responses:
+    """Authenticate's response message for each SessionInfo, built once.
+
+    A token ``AuthService.authenticate`` answers from its cache comes back as
+    the very SessionInfo object the cache holds, so the message is built on
+    the first hit and reused on the next ones; a fresh resolution is a new
+    object and gets a new message. This only renders what ``authenticate``
+    has already accepted: a revoked or expired session raises there, before
+    any message is looked up.
+
+    Keyed by identity (an immutable SessionInfo; the id of one held here
+    cannot be reused by another while it is held). The oldest go beyond
+    ``kept``. The messages are never mutated once built: grpc only
+    serializes them.
+    """
+
+    def __init__(self, kept: int = RESPONSES_KEPT) -> None:
+        self._kept = kept
+        self._by_id: dict[int, tuple[SessionInfo, auth_pb2.AuthenticateResponse]] = {}
+
+    def get(self, info: SessionInfo) -> auth_pb2.AuthenticateResponse:
+        found = self._by_id.get(id(info))
+        if found is not None and found[0] is info:
+            return found[1]
+        response = auth_pb2.AuthenticateResponse(session=convert.session_info(info))
+        if len(self._by_id) >= self._kept:
+            del self._by_id[next(iter(self._by_id))]
+        self._by_id[id(info)] = (info, response)
+        return response
+
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     def __init__(self, auth: AuthService, keys: KeyStore, feed: RevocationFeed) -> None:
         self._auth = auth
         self._keys = keys
         self._feed = feed
+        self._responses = _Responses()
 
     async def SignUp(
         self, request: auth_pb2.SignUpRequest, context: Context
@@ -112,7 +148,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self, request: auth_pb2.AuthenticateRequest, context: Context
     ) -> auth_pb2.AuthenticateResponse:
         info = await self._auth.authenticate(request.access_token)
-        return auth_pb2.AuthenticateResponse(session=convert.session_info(info))
+        return self._responses.get(info)
 
     async def GetJwks(
         self, request: auth_pb2.GetJwksRequest, context: Context

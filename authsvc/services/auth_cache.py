@@ -25,6 +25,10 @@ class _Entry:
     info: SessionInfo
     built_at: float
     valid_until: float
+    # The invalidation keys of info (str of its session and user ids), made
+    # once here rather than on every hit.
+    session_key: str
+    user_key: str
 
 
 class AuthCache:
@@ -45,8 +49,8 @@ class AuthCache:
         inv = self._invalidated
         if (
             now >= entry.valid_until
-            or inv.get(str(entry.info.session_id), -1.0) >= entry.built_at
-            or inv.get(str(entry.info.user_id), -1.0) >= entry.built_at
+            or inv.get(entry.session_key, -1.0) >= entry.built_at
+            or inv.get(entry.user_key, -1.0) >= entry.built_at
         ):
             del self._entries[digest]
             return None
@@ -60,7 +64,9 @@ class AuthCache:
             # Drop the oldest insertion; dicts keep insertion order.
             del self._entries[next(iter(self._entries))]
         valid_until = built_at + min(self._ttl, token_ttl)
-        self._entries[digest] = _Entry(info, built_at, valid_until)
+        self._entries[digest] = _Entry(
+            info, built_at, valid_until, str(info.session_id), str(info.user_id)
+        )
 
     def mark(self, key: str) -> None:
         """Invalidates every entry of a session id or user id built before now."""

@@ -23,4 +23,9 @@ without it in one run:
 ``sidecar``          its orchestrator
 ``notes_server``     the notes server process (a protected and a plain server)
 ``sidecar_loadgen``  its load generator process
+
+``python -m tests.bench revocation`` is a third: how long a signed-out session's
+token is still accepted by a sidecar in watch mode (SignOut returned -> first
+refusal; median, p90, max), on the embedded default and across two replicas on
+PostgreSQL and Redis (``revocation``; its servers are ``server`` processes).
 """

@@ -5,6 +5,11 @@ if sys.argv[1:2] == ["sidecar"]:
 
     sys.exit(sidecar_main(sys.argv[2:]))
 
+if sys.argv[1:2] == ["revocation"]:
+    from .revocation import main as revocation_main
+
+    sys.exit(revocation_main(sys.argv[2:]))
+
 from .run import main
 
 sys.exit(main())

@@ -35,6 +35,7 @@ from tests.app import (
     Api,
     OrgUser,
     bearer,
+    bounded_teardown,
     org_member,
     org_with_owner,
     refreshed,
@@ -91,9 +92,9 @@ async def notes(api: Api, request: pytest.FixtureRequest) -> AsyncIterator[Notes
     try:
         yield Notes(mode, store, notes_pb2_grpc.NotesStub(channel), sidecar, target)
     finally:
-        await channel.close()
-        await server.stop(0)
-        await sidecar.close()
+        await bounded_teardown(channel.close(), "closing the notes channel")
+        await bounded_teardown(server.stop(0), "stopping the notes server")
+        await bounded_teardown(sidecar.close(), "closing the notes sidecar")
 
 
 async def refused(call: Any) -> AuthsvcError:

@@ -52,6 +52,7 @@ from tests.app import (
     Backend,
     Storage,
     bearer,
+    bounded_teardown,
     failure,
     org_member,
     org_with_owner,
@@ -308,7 +309,9 @@ async def edges(counted: Counted) -> AsyncIterator[Make]:
             threaded.start()
 
             async def stop() -> None:
-                await asyncio.to_thread(lambda: threaded.stop(0).wait())
+                await bounded_teardown(
+                    asyncio.to_thread(lambda: threaded.stop(0).wait()), "stopping a threaded server"
+                )
                 await asyncio.to_thread(sidecar.close_sync)
 
         else:
@@ -319,8 +322,8 @@ async def edges(counted: Counted) -> AsyncIterator[Make]:
             await server.start()
 
             async def stop() -> None:
-                await server.stop(0)
-                await sidecar.close()
+                await bounded_teardown(server.stop(0), "stopping a server behind the sidecar")
+                await bounded_teardown(sidecar.close(), "closing a sidecar")
 
         edge = Edge(sidecar, grpc.aio.insecure_channel(f"127.0.0.1:{port}"), stop)
         made.append(edge)
@@ -330,7 +333,7 @@ async def edges(counted: Counted) -> AsyncIterator[Make]:
 
     yield make
     for edge in reversed(made):
-        await edge.channel.close()
+        await bounded_teardown(edge.channel.close(), "closing a test channel")
         await edge.stop()
 
 

@@ -495,9 +495,19 @@ class PostgresExecutor:
     server: PostgresServer
 
     def pg_ctl(self, *args: str, timeout: float = 60) -> None:
-        """Runs ``pg_ctl ARGS -D <datadir>`` (e.g. ``restart -m fast``)."""
+        """Runs ``pg_ctl ARGS -D <datadir> -l <its log>`` (e.g. ``restart -m
+        fast``); without ``-l`` a (re)started server would write to our pipe,
+        which then never closes."""
         subprocess.run(
-            [self.executor.executable, *args, "-D", self.executor.datadir, "-w"],
+            [
+                self.executor.executable,
+                *args,
+                "-D",
+                self.executor.datadir,
+                "-l",
+                self.executor.logfile,
+                "-w",
+            ],
             check=True,
             capture_output=True,
             timeout=timeout,

@@ -510,9 +510,7 @@ async def test_postgres_restarted_under_load(
     replicas: tuple[Api, Api], pg: PostgresExecutor, pg_url: str
 ) -> None:
     async def restart() -> None:
-        # With its log file: without -l the new postmaster writes to pg_ctl's
-        # stdout, a pipe that then never closes.
-        await asyncio.to_thread(pg.pg_ctl, "restart", "-m", "fast", "-l", pg.executor.logfile)
+        await asyncio.to_thread(pg.pg_ctl, "restart", "-m", "fast")
 
     await _outage_under_load(replicas, pg_url, restart, "pg_ctl restart -m fast")
 

@@ -20,6 +20,7 @@ import jwt
 import pytest
 from sqlalchemy import update
 
+from authsvc.storage import event_log
 from authsvc.storage.tables import event_log_head
 from authsvc_client.v1 import auth_pb2, orgs_pb2, sessions_pb2
 from tests.app import (
@@ -358,3 +359,32 @@ async def test_stopping_the_server_ends_watch_streams_at_once(
     await api.channel.close()
     # Well inside the 10 s grace an open stream would otherwise hold it for.
     assert time.monotonic() - started < 5.0
+
+
+async def test_a_long_replay_comes_in_parts_and_misses_nothing(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A log longer than one replay (REPLAY_LIMIT events; 3 here) is sent in
+    parts, in order, before the live events: none falls between them."""
+    monkeypatch.setattr(event_log, "REPLAY_LIMIT", 3)
+    revoked = []
+    for _ in range(7):
+        token, session_id = await _signed_in(api)
+        await api.auth.SignOut(auth_pb2.SignOutRequest(), metadata=bearer(token))
+        revoked.append(session_id)
+    await logged(api)
+    stream = _watch(api, after="0-0")
+    try:
+        first = await _next(stream)
+        assert not first.gap
+        assert [r.session_id for r in first.revocations] == revoked[:3]
+        seen = [r.session_id for r in first.revocations]
+        while len(seen) < len(revoked):
+            seen += [r.session_id for r in (await _next_events(stream)).revocations]
+        assert seen == revoked
+        # And live events follow.
+        token, live = await _signed_in(api)
+        await api.auth.SignOut(auth_pb2.SignOutRequest(), metadata=bearer(token))
+        assert [r.session_id for r in (await _next_events(stream)).revocations] == [live]
+    finally:
+        stream.cancel()

@@ -77,6 +77,8 @@ class Replay:
     events: list[Event]
     position: str
     gap: bool
+    #: The log holds more after ``position``: read on from there.
+    more: bool = False
 
 
 def position_key(position: str) -> tuple[int, int]:

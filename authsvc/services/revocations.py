@@ -79,6 +79,11 @@ class RevocationFeed:
             replay = await self._bus.replay(after)
             position = replay.position
             yield FeedBatch(_forwarded(replay.events), position, replay.gap)
+            while replay.more:
+                # A long log comes in parts; live events queue meanwhile.
+                replay = await self._bus.replay(position)
+                position = replay.position
+                yield FeedBatch(_forwarded(replay.events), position)
             while True:
                 try:
                     first = await asyncio.wait_for(queue.get(), self._heartbeat)

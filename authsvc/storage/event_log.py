@@ -131,13 +131,14 @@ class EventLog:
             events: list[Event] = []
             floor = (horizon, -1)
             while len(events) < REPLAY_LIMIT:
-                batch = await reader.events.after(max(start, floor), BATCH)
+                want = min(BATCH, REPLAY_LIMIT - len(events))
+                batch = await reader.events.after(max(start, floor), want)
                 events.extend(batch)
-                if len(batch) < BATCH:
+                if len(batch) < want:
                     break
                 start = position_key(batch[-1].position)
         if events:
-            return Replay(events, events[-1].position, gap)
+            return Replay(events, events[-1].position, gap, more=len(events) >= REPLAY_LIMIT)
         return Replay([], position_text(newest) if gap else after, gap)
 
     async def prune(self) -> None:

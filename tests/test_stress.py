@@ -312,9 +312,9 @@ async def test_abandoned_calls_do_not_crash_the_server(served: tuple[Served, str
     # A deadline may pass before a loaded server takes the call: that way
     # needs only to have reached it often enough to count.
     least = {"deadline": 10}
-    assert all(
-        reached.get(how, 0) >= least.get(how, STREAMS // len(ways) // 4) for how in later
-    ), reached
+    assert all(reached.get(how, 0) >= least.get(how, STREAMS // len(ways) // 4) for how in later), (
+        reached
+    )
     # Each stream that reached the server was logged once (not later, when
     # the garbage collector gets round to it).
     assert len(watched) > STREAMS // 2, len(watched)

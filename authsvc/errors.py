@@ -217,3 +217,21 @@ class TokenStale(AuthError):
     code = "UNAUTHENTICATED"
     reason = "TOKEN_STALE"
     default_message = "the token's claims changed; refresh it"
+
+
+class EtagMismatch(AuthError):
+    code = "ABORTED"
+    reason = "ETAG_MISMATCH"
+    default_message = "the resource changed since it was read (stale etag)"
+
+
+class OrgHasMembers(AuthError):
+    code = "FAILED_PRECONDITION"
+    reason = "ORG_HAS_MEMBERS"
+    default_message = "the organization has other members; delete it with force"
+
+
+class PendingTokenInvalid(AuthError):
+    code = "UNAUTHENTICATED"
+    reason = "PENDING_TOKEN_INVALID"
+    default_message = "the pending sign-in is unknown, used or expired; sign in again"

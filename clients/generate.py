@@ -40,7 +40,9 @@ def _relativize(text: str) -> str:
 
 
 def generate(dest: Path) -> None:
-    protos = sorted(p.relative_to(PROTOS).as_posix() for p in PROTOS.rglob("*.proto"))
+    # protos/google is vendored googleapis; its Python code comes from the
+    # googleapis-common-protos package.
+    protos = sorted(p.relative_to(PROTOS).as_posix() for p in (PROTOS / "authsvc").rglob("*.proto"))
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
         bin_dir = Path(sys.executable).parent

@@ -30,7 +30,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 
 from authsvc.domain.models import Role
 from authsvc.security.jwt_tokens import AccessClaims, SigningKey
-from authsvc_client.v1 import auth_pb2, orgs_pb2, users_pb2
+from authsvc_client.v1 import auth_pb2, orgs_pb2, resources_pb2, users_pb2
 from tests.app import (
     API_KEY,
     Api,
@@ -46,9 +46,9 @@ from tests.app import (
     who,
 )
 
-OWNER = orgs_pb2.ORG_ROLE_OWNER
-ADMIN = orgs_pb2.ORG_ROLE_ADMIN
-MEMBER = orgs_pb2.ORG_ROLE_MEMBER
+OWNER = resources_pb2.ORG_ROLE_OWNER
+ADMIN = resources_pb2.ORG_ROLE_ADMIN
+MEMBER = resources_pb2.ORG_ROLE_MEMBER
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -227,7 +227,7 @@ class World:
         created = await self.api.sign_up()
         await self.api.users.UpdateUser(
             users_pb2.UpdateUserRequest(
-                user=users_pb2.User(id=created.user.id, role=users_pb2.ROLE_ADMIN),
+                user=resources_pb2.User(id=created.user.id, role=resources_pb2.ROLE_ADMIN),
                 update_mask=FieldMask(paths=["role"]),
             ),
             metadata=service(),
@@ -351,14 +351,14 @@ class World:
         admin = await self._new_admin()
         await self.api.users.UpdateUser(
             users_pb2.UpdateUserRequest(
-                user=users_pb2.User(id=admin.id, role=users_pb2.ROLE_USER),
+                user=resources_pb2.User(id=admin.id, role=resources_pb2.ROLE_USER),
                 update_mask=FieldMask(paths=["role"]),
             ),
             metadata=service(),
         )
         # The token still says admin; the server reads the live role.
         assert claims(admin.token)["role"] == Role.ADMIN.value
-        assert (await who(self.api, admin.token)).role == users_pb2.ROLE_USER
+        assert (await who(self.api, admin.token)).role == resources_pb2.ROLE_USER
         return admin
 
     async def stale_org_admin(self) -> OrgUser:

@@ -55,6 +55,7 @@ from authsvc_client.v1 import (
     auth_pb2_grpc,
     orgs_pb2,
     orgs_pb2_grpc,
+    resources_pb2,
     sessions_pb2_grpc,
     users_pb2_grpc,
 )
@@ -315,11 +316,16 @@ class Api:
     def settings(self) -> Settings:
         return self.server.core.settings
 
-    async def sign_up(self, email: str | None = None, password: str = PASSWORD) -> Any:
+    async def sign_up(
+        self, email: str | None = None, password: str = PASSWORD
+    ) -> resources_pb2.SignInResult:
+        """Signs a new user up; the SignInResult (``.user``, ``.tokens``)."""
         email = email or f"user-{uuid.uuid4().hex[:12]}@example.com"
         response = await self.auth.SignUp(auth_pb2.SignUpRequest(email=email, password=password))
-        remember(password, response.tokens.access_token, response.tokens.refresh_token)
-        return response
+        remember(
+            password, response.result.tokens.access_token, response.result.tokens.refresh_token
+        )
+        return response.result
 
     async def admin_token(self) -> str:
         """Signs up a user, makes it admin through the API key, signs it in."""
@@ -328,8 +334,8 @@ class Api:
         signed = await self.auth.SignInWithPassword(
             auth_pb2.SignInWithPasswordRequest(email=created.user.email, password=PASSWORD)
         )
-        remember(signed.tokens.access_token, signed.tokens.refresh_token)
-        return str(signed.tokens.access_token)
+        remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
+        return str(signed.result.tokens.access_token)
 
     async def settled(self) -> None:
         """Waits until every committed event has its position and, with
@@ -712,7 +718,7 @@ async def until_tokens_are_covered(sidecar: Sidecar, bound: float = 2.0) -> None
 # -- organizations -------------------------------------------------------------
 
 
-OrgRole: TypeAlias = orgs_pb2.OrgRole.ValueType
+OrgRole: TypeAlias = resources_pb2.OrgRole.ValueType
 
 
 def new_slug(prefix: str = "org") -> str:
@@ -725,8 +731,8 @@ class OrgUser:
     """A user and the token pair of one session of theirs (its active org, if
     any, is the one it was made for)."""
 
-    user: Any  # users_pb2.User
-    tokens: Any  # auth_pb2.TokenPair
+    user: Any  # resources_pb2.User
+    tokens: Any  # resources_pb2.TokenPair
 
     @property
     def id(self) -> str:
@@ -764,7 +770,9 @@ async def org_with_owner(
     return response.org, OrgUser(created.user, tokens)
 
 
-async def org_member(api: Api, org_id: str, role: OrgRole = orgs_pb2.ORG_ROLE_MEMBER) -> OrgUser:
+async def org_member(
+    api: Api, org_id: str, role: OrgRole = resources_pb2.ORG_ROLE_MEMBER
+) -> OrgUser:
     """A new user, added to the org with ``role`` (by the API key), whose
     session has the org active."""
     created = await api.sign_up()

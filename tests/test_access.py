@@ -46,7 +46,14 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
 import authsvc_client.v1 as client_v1
-from authsvc_client.v1 import auth_pb2, options_pb2, orgs_pb2, sessions_pb2, users_pb2
+from authsvc_client.v1 import (
+    auth_pb2,
+    options_pb2,
+    orgs_pb2,
+    resources_pb2,
+    sessions_pb2,
+    users_pb2,
+)
 from tests.access_kinds import (
     ADMIN as ORG_ADMIN,
 )
@@ -359,7 +366,7 @@ async def _update_user(w: World, c: Caller) -> Prepared:
         assert got.user.display_name == "Renamed"
 
     req = users_pb2.UpdateUserRequest(
-        user=users_pb2.User(id=target.id, display_name="Renamed"),
+        user=resources_pb2.User(id=target.id, display_name="Renamed"),
         update_mask=FieldMask(paths=["display_name"]),
     )
     return Prepared(req, check)
@@ -472,7 +479,9 @@ async def _update_org(w: World, c: Caller) -> Prepared:
         assert got.org.name == r.org.name == "Renamed"
 
     req = orgs_pb2.UpdateOrgRequest(
-        org_id=org.id, org=orgs_pb2.Org(name="Renamed"), update_mask=FieldMask(paths=["name"])
+        org_id=org.id,
+        values=resources_pb2.Org(name="Renamed"),
+        update_mask=FieldMask(paths=["name"]),
     )
     return Prepared(req, check)
 
@@ -873,7 +882,7 @@ async def test_permission_is_checked_before_existence(api: Api) -> None:
         if name == "UpdateUser":
             return api.users.UpdateUser(
                 users_pb2.UpdateUserRequest(
-                    user=users_pb2.User(id=user_id, display_name="Mallory"),
+                    user=resources_pb2.User(id=user_id, display_name="Mallory"),
                     update_mask=FieldMask(paths=["display_name"]),
                 ),
                 metadata=md,

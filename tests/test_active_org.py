@@ -25,7 +25,7 @@ import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 
-from authsvc_client.v1 import auth_pb2, orgs_pb2, sessions_pb2, users_pb2
+from authsvc_client.v1 import auth_pb2, orgs_pb2, resources_pb2, sessions_pb2, users_pb2
 from tests.app import (
     NO_GRACE,
     PASSWORD,
@@ -45,10 +45,10 @@ from tests.app import (
     who,
 )
 
-OWNER = orgs_pb2.ORG_ROLE_OWNER
-ADMIN = orgs_pb2.ORG_ROLE_ADMIN
-MEMBER = orgs_pb2.ORG_ROLE_MEMBER
-NO_ROLE = orgs_pb2.ORG_ROLE_UNSPECIFIED
+OWNER = resources_pb2.ORG_ROLE_OWNER
+ADMIN = resources_pb2.ORG_ROLE_ADMIN
+MEMBER = resources_pb2.ORG_ROLE_MEMBER
+NO_ROLE = resources_pb2.ORG_ROLE_UNSPECIFIED
 ROLE_CLAIM = {OWNER: "owner", ADMIN: "admin", MEMBER: "member"}
 
 MEMBER_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, "MEMBER_NOT_FOUND")
@@ -93,8 +93,8 @@ async def _sign_in(api: Api, email: str) -> Any:
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=email, password=PASSWORD)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
-    return signed.tokens
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
+    return signed.result.tokens
 
 
 # -- SetActiveOrg ------------------------------------------------------------------
@@ -367,7 +367,7 @@ async def test_a_platform_role_change_bumps_ver(api: Api) -> None:
     old_ver = _ver(member.token)
     await api.users.UpdateUser(
         users_pb2.UpdateUserRequest(
-            user=users_pb2.User(id=member.id, role=users_pb2.ROLE_ADMIN),
+            user=resources_pb2.User(id=member.id, role=resources_pb2.ROLE_ADMIN),
             update_mask=FieldMask(paths=["role"]),
         ),
         metadata=service(),

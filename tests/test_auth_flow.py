@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import grpc
 
-from authsvc_client.v1 import auth_pb2, sessions_pb2, users_pb2
+from authsvc_client.v1 import auth_pb2, resources_pb2, sessions_pb2, users_pb2
 from tests.app import PASSWORD, Api, bearer, failure, remember
 
 
 async def test_sign_up_signs_in_and_authenticates(api: Api) -> None:
     created = await api.sign_up("Ada.Lovelace@Example.COM")
     assert created.user.email == "Ada.Lovelace@example.com"
-    assert created.user.role == users_pb2.ROLE_USER
+    assert created.user.role == resources_pb2.ROLE_USER
     assert created.tokens.token_type == "Bearer"
     assert created.tokens.expires_in == api.settings.access_token_ttl
     assert created.tokens.refresh_token.startswith("rt_")
@@ -22,7 +22,7 @@ async def test_sign_up_signs_in_and_authenticates(api: Api) -> None:
     assert who.session.user_id == created.user.id
     assert who.session.session_id == created.tokens.session_id
     assert who.session.email == created.user.email
-    assert who.session.role == users_pb2.ROLE_USER
+    assert who.session.role == resources_pb2.ROLE_USER
 
     me = await api.users.GetCurrentUser(
         users_pb2.GetCurrentUserRequest(), metadata=bearer(created.tokens.access_token)
@@ -41,9 +41,9 @@ async def test_sign_in_with_any_case_of_the_email(api: Api) -> None:
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email="MIXED@example.com", password=PASSWORD)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
-    assert signed.user.id == created.user.id
-    assert signed.tokens.session_id != created.tokens.session_id
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
+    assert signed.result.user.id == created.user.id
+    assert signed.result.tokens.session_id != created.tokens.session_id
 
 
 async def test_unknown_email_and_wrong_password_fail_alike(api: Api) -> None:

@@ -41,7 +41,7 @@ from google.rpc import error_details_pb2
 
 from authsvc.domain.models import Cursor
 from authsvc.security.page_tokens import PageTokens, fingerprint
-from authsvc_client.v1 import auth_pb2, orgs_pb2, sessions_pb2, users_pb2
+from authsvc_client.v1 import auth_pb2, orgs_pb2, resources_pb2, sessions_pb2, users_pb2
 from tests.app import (
     PASSWORD,
     Api,
@@ -116,7 +116,7 @@ class Ctx:
         signed = await api.auth.SignInWithPassword(
             auth_pb2.SignInWithPasswordRequest(email=user.user.email, password=PASSWORD)
         )
-        remember(signed.tokens.access_token, signed.tokens.refresh_token)
+        remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
         jwks = await api.auth.GetJwks(auth_pb2.GetJwksRequest())
         active = api.server.core.keys.active
         assert active.private is not None
@@ -127,7 +127,7 @@ class Ctx:
         )
         own_page = await api.sessions.ListSessions(
             sessions_pb2.ListSessionsRequest(page_size=1),
-            metadata=bearer(signed.tokens.access_token),
+            metadata=bearer(signed.result.tokens.access_token),
         )
         service_page = await api.sessions.ListSessions(
             sessions_pb2.ListSessionsRequest(user_id=user.user.id, page_size=1),
@@ -137,7 +137,7 @@ class Ctx:
             api=api,
             user=user,
             other=other,
-            user_token=signed.tokens.access_token,
+            user_token=signed.result.tokens.access_token,
             kid=active.kid,
             server_key=active.private,
             public_raw=public_raw,
@@ -308,7 +308,7 @@ def sign_up_email(email: str) -> Build:
 
 
 def sign_up_from(**client: str) -> Build:
-    return sign_up(client_info=auth_pb2.ClientInfo(**client))
+    return sign_up(client_info=resources_pb2.ClientInfo(**client))
 
 
 def sign_in(email: str | None = None, password: str | None = None, **fields: Any) -> Build:
@@ -348,7 +348,7 @@ def update_user(
     def build(ctx: Ctx) -> Any:
         uid = ctx.user.user.id if user_id is None else user_id(ctx)
         return users_pb2.UpdateUserRequest(
-            user=users_pb2.User(id=uid, **values), update_mask=FieldMask(paths=paths)
+            user=resources_pb2.User(id=uid, **values), update_mask=FieldMask(paths=paths)
         )
 
     return build
@@ -499,21 +499,21 @@ CASES = [
     invalid(
         "signin-client-ip-not-an-ip",
         "auth.SignInWithPassword",
-        sign_in(client_info=auth_pb2.ClientInfo(ip_address="999.1.1.1")),
+        sign_in(client_info=resources_pb2.ClientInfo(ip_address="999.1.1.1")),
         "client_info.ip_address",
         creds=_service,
     ),
     invalid(
         "signin-client-user-agent-1mb",
         "auth.SignInWithPassword",
-        sign_in(client_info=auth_pb2.ClientInfo(user_agent="u" * MB)),
+        sign_in(client_info=resources_pb2.ClientInfo(user_agent="u" * MB)),
         "client_info.user_agent",
         creds=_service,
     ),
     invalid(
         "signin-client-ip-scoped-ipv6-1mb",
         "auth.SignInWithPassword",
-        sign_in(client_info=auth_pb2.ClientInfo(ip_address="fe80::1%" + "a" * MB)),
+        sign_in(client_info=resources_pb2.ClientInfo(ip_address="fe80::1%" + "a" * MB)),
         "client_info.ip_address",
         creds=_service,
     ),
@@ -531,7 +531,7 @@ CASES = [
     invalid(
         "refresh-client-ip-not-an-ip",
         "auth.RefreshToken",
-        refresh(user_refresh, client_info=auth_pb2.ClientInfo(ip_address="nope")),
+        refresh(user_refresh, client_info=resources_pb2.ClientInfo(ip_address="nope")),
         "client_info.ip_address",
         creds=_service,
     ),
@@ -988,7 +988,9 @@ def create_org(**fields: Any) -> Build:
 def update_org(paths: list[str], ident: str = "id", **values: Any) -> Build:
     def build(ctx: Ctx) -> Any:
         return orgs_pb2.UpdateOrgRequest(
-            **naming(ident)(ctx), org=orgs_pb2.Org(**values), update_mask=FieldMask(paths=paths)
+            **naming(ident)(ctx),
+            values=resources_pb2.Org(**values),
+            update_mask=FieldMask(paths=paths),
         )
 
     return build
@@ -1055,7 +1057,7 @@ MEMBER_USER = {
 # What a member method needs besides the org and the user to be well formed.
 MEMBER_EXTRA: dict[str, dict[str, Any]] = {
     "orgs.AddMember": {},
-    "orgs.UpdateMember": {"role": orgs_pb2.ORG_ROLE_ADMIN},
+    "orgs.UpdateMember": {"role": resources_pb2.ORG_ROLE_ADMIN},
     "orgs.RemoveMember": {},
     "orgs.GetMember": {},
 }
@@ -1472,13 +1474,13 @@ async def test_undecodable_request_is_invalid_argument(api: Api) -> None:
         ),
         pytest.param(
             "auth.SignInWithPassword",
-            sign_in(client_info=auth_pb2.ClientInfo(user_agent="Gateway\x00/1.0")),
+            sign_in(client_info=resources_pb2.ClientInfo(user_agent="Gateway\x00/1.0")),
             _service,
             id="signin-user-agent-nul",
         ),
         pytest.param(
             "auth.RefreshToken",
-            refresh(user_refresh, client_info=auth_pb2.ClientInfo(user_agent="\x00")),
+            refresh(user_refresh, client_info=resources_pb2.ClientInfo(user_agent="\x00")),
             _service,
             id="refresh-user-agent-nul",
         ),
@@ -1525,5 +1527,5 @@ async def test_long_unicode_email_within_the_limit_is_accepted(api: Api) -> None
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=email.replace(".com", ".COM"), password=PASSWORD)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
-    assert signed.user.id == created.user.id
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
+    assert signed.result.user.id == created.user.id

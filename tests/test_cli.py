@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authsvc_client.v1 import auth_pb2, auth_pb2_grpc, users_pb2, users_pb2_grpc
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc, resources_pb2, users_pb2, users_pb2_grpc
 from tests.app import (
     PASSWORD,
     SECRET_KEY,
@@ -191,16 +191,16 @@ async def test_migrate_then_create_admin_who_signs_in_as_admin(
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=email, password=password)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
-    assert signed.user.id == user_id
-    assert signed.user.role == users_pb2.ROLE_ADMIN
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
+    assert signed.result.user.id == user_id
+    assert signed.result.user.role == resources_pb2.ROLE_ADMIN
     who = await api.auth.Authenticate(
-        auth_pb2.AuthenticateRequest(access_token=signed.tokens.access_token)
+        auth_pb2.AuthenticateRequest(access_token=signed.result.tokens.access_token)
     )
-    assert who.session.role == users_pb2.ROLE_ADMIN
+    assert who.session.role == resources_pb2.ROLE_ADMIN
     # An admin-only call works with the admin's token.
     listed = await api.users.ListUsers(
-        users_pb2.ListUsersRequest(), metadata=bearer(signed.tokens.access_token)
+        users_pb2.ListUsersRequest(), metadata=bearer(signed.result.tokens.access_token)
     )
     assert [u.email for u in listed.users] == [email]
 
@@ -211,11 +211,11 @@ async def test_create_admin_again_promotes_an_existing_user(
     await prepare(storage)
     api = await servers()
     created = await api.sign_up(_email("user"))
-    assert created.user.role == users_pb2.ROLE_USER
+    assert created.user.role == resources_pb2.ROLE_USER
     token = created.tokens.access_token
     # Cached by the running server (for up to AUTHSVC_AUTH_CACHE_TTL, 60 s).
     who = await api.auth.Authenticate(auth_pb2.AuthenticateRequest(access_token=token))
-    assert who.session.role == users_pb2.ROLE_USER
+    assert who.session.role == resources_pb2.ROLE_USER
 
     other_password = f"not used {uuid.uuid4().hex[:8]}"
     result = await create_admin(storage, created.user.email, other_password)
@@ -227,7 +227,7 @@ async def test_create_admin_again_promotes_an_existing_user(
     started = time.monotonic()
     while True:
         who = await api.auth.Authenticate(auth_pb2.AuthenticateRequest(access_token=token))
-        if who.session.role == users_pb2.ROLE_ADMIN:
+        if who.session.role == resources_pb2.ROLE_ADMIN:
             break
         assert time.monotonic() - started < 3.0, "the running server still serves the old role"
         await asyncio.sleep(0.02)
@@ -236,9 +236,9 @@ async def test_create_admin_again_promotes_an_existing_user(
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=created.user.email, password=PASSWORD)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
-    assert signed.user.id == created.user.id
-    assert signed.user.role == users_pb2.ROLE_ADMIN
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
+    assert signed.result.user.id == created.user.id
+    assert signed.result.user.role == resources_pb2.ROLE_ADMIN
     error = await failure(
         api.auth.SignInWithPassword(
             auth_pb2.SignInWithPasswordRequest(email=created.user.email, password=other_password)
@@ -307,7 +307,7 @@ async def test_api_key_new_entry_lets_a_service_list_users(
             created = await auth_pb2_grpc.AuthServiceStub(channel).SignUp(
                 auth_pb2.SignUpRequest(email=email, password=PASSWORD), timeout=30
             )
-            remember(created.tokens.access_token, created.tokens.refresh_token)
+            remember(created.result.tokens.access_token, created.result.tokens.refresh_token)
             stub = users_pb2_grpc.UserServiceStub(channel)
             listed = await stub.ListUsers(
                 users_pb2.ListUsersRequest(), metadata=(("x-api-key", key),)
@@ -320,7 +320,8 @@ async def test_api_key_new_entry_lets_a_service_list_users(
             # A user's own token is not enough for this admin-only call.
             error = await failure(
                 stub.ListUsers(
-                    users_pb2.ListUsersRequest(), metadata=bearer(created.tokens.access_token)
+                    users_pb2.ListUsersRequest(),
+                    metadata=bearer(created.result.tokens.access_token),
                 )
             )
             assert error.reason == "PERMISSION_DENIED"
@@ -357,8 +358,8 @@ async def _check_serving(target: str) -> None:
         created = await auth.SignUp(
             auth_pb2.SignUpRequest(email=_email("newcomer"), password=PASSWORD), timeout=30
         )
-        remember(created.tokens.access_token, created.tokens.refresh_token)
-        assert created.tokens.access_token
+        remember(created.result.tokens.access_token, created.result.tokens.refresh_token)
+        assert created.result.tokens.access_token
 
 
 async def test_serve_embedded_with_zero_configuration(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ from authsvc_client.errors import (
     from_rpc_error,
     status_metadata,
 )
-from authsvc_client.v1 import orgs_pb2, users_pb2
+from authsvc_client.v1 import resources_pb2
 from tests.app import (
     API_KEY,
     NO_GRACE,
@@ -179,7 +179,7 @@ async def test_sign_up_sign_in_refresh_authenticate_and_sign_out(
     assert (up.user.email, up.user.display_name, up.user.role) == (
         email,
         "Ada",
-        users_pb2.ROLE_USER,
+        resources_pb2.ROLE_USER,
     )
     assert up.tokens.token_type == "Bearer"
 
@@ -314,12 +314,12 @@ async def test_users_with_the_api_key(api: Api, service: AuthsvcClient) -> None:
         await service.list_users_by_cursor(after="garbage")
 
     updated = await service.update_user(user_id=ids[0], display_name="Grace", role="admin")
-    assert (updated.display_name, updated.role) == ("Grace", users_pb2.ROLE_ADMIN)
+    assert (updated.display_name, updated.role) == ("Grace", resources_pb2.ROLE_ADMIN)
     assert [u.id for u in await service.list_users(role="admin")] == [ids[0]]
-    assert [u.id async for u in service.iter_users(role=users_pb2.ROLE_ADMIN)] == [ids[0]]
+    assert [u.id async for u in service.iter_users(role=resources_pb2.ROLE_ADMIN)] == [ids[0]]
     assert await service.count_users() == 5
     assert await service.count_users(role="admin") == 1
-    assert await service.count_users(role=users_pb2.ROLE_USER) == 4
+    assert await service.count_users(role=resources_pb2.ROLE_USER) == 4
     prefix = made[2].user.email[:14]
     assert [u.id for u in await service.list_users(email_prefix=prefix)] == [ids[2]]
     email = _email()
@@ -503,10 +503,14 @@ async def test_members(api: Api, client: AuthsvcClient, service: AuthsvcClient) 
     ids = [p.user.id for p in people]
 
     added = await owner.add_org_member(org_id=org.id, user_id=ids[0])
-    assert (added.org_id, added.user_id, added.role) == (org.id, ids[0], orgs_pb2.ORG_ROLE_MEMBER)
+    assert (added.org_id, added.user_id, added.role) == (
+        org.id,
+        ids[0],
+        resources_pb2.ORG_ROLE_MEMBER,
+    )
     assert added.email == people[0].user.email
     await owner.add_org_member(org_id=uuid.UUID(org.id), user_id=ids[1], role="admin")
-    await owner.add_org_member(slug=org.slug, user_id=ids[2], role=orgs_pb2.ORG_ROLE_OWNER)
+    await owner.add_org_member(slug=org.slug, user_id=ids[2], role=resources_pb2.ORG_ROLE_OWNER)
     await service.add_org_member(org_id=org.id, user_id=uuid.UUID(ids[3]))
     with pytest.raises(MemberAlreadyExists):
         await owner.add_org_member(org_id=org.id, user_id=ids[0])
@@ -525,20 +529,20 @@ async def test_members(api: Api, client: AuthsvcClient, service: AuthsvcClient) 
     assert ([m.user_id for m in page.items + rest.items], rest.next_cursor) == (every, None)
 
     got = await owner.get_org_member(org_id=org.id, user_id=ids[1])
-    assert got.role == orgs_pb2.ORG_ROLE_ADMIN
+    assert got.role == resources_pb2.ORG_ROLE_ADMIN
     assert (await owner.get_org_member(slug=org.slug, user_id=uuid.UUID(ids[2]))).role == (
-        orgs_pb2.ORG_ROLE_OWNER
+        resources_pb2.ORG_ROLE_OWNER
     )
     with pytest.raises(MemberNotFound):
         await owner.get_org_member(org_id=org.id, user_id=uuid.uuid4())
 
     changed = await owner.update_org_member(org_id=org.id, user_id=ids[0], role="admin")
-    assert changed.role == orgs_pb2.ORG_ROLE_ADMIN
+    assert changed.role == resources_pb2.ORG_ROLE_ADMIN
     with pytest.raises(MemberNotFound):
         await owner.update_org_member(org_id=org.id, user_id=uuid.uuid4(), role="member")
     with pytest.raises(InvalidArgument):
         await owner.update_org_member(
-            org_id=org.id, user_id=ids[0], role=orgs_pb2.ORG_ROLE_UNSPECIFIED
+            org_id=org.id, user_id=ids[0], role=resources_pb2.ORG_ROLE_UNSPECIFIED
         )
 
     # A member (not admin) may read but not add.
@@ -584,7 +588,7 @@ async def test_set_active_org_switches_and_clears(api: Api, client: AuthsvcClien
     cleared = await client.set_active_org(refresh_token=switched.refresh_token, org_id=None)
     _remember(cleared)
     who = await client.authenticate(cleared.access_token)
-    assert (who.org_id, who.org_role) == ("", orgs_pb2.ORG_ROLE_UNSPECIFIED)
+    assert (who.org_id, who.org_role) == ("", resources_pb2.ORG_ROLE_UNSPECIFIED)
 
 
 async def test_set_active_org_with_a_spent_token_is_reuse(

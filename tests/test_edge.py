@@ -27,7 +27,7 @@ from authsvc.api.status import to_status
 from authsvc.errors import AuthError, FieldViolation, InvalidArgument
 from authsvc.security.jwt_tokens import AccessTokenCodec
 from authsvc_client.errors import AuthsvcError
-from authsvc_client.v1 import auth_pb2, orgs_pb2, sessions_pb2, users_pb2
+from authsvc_client.v1 import auth_pb2, orgs_pb2, resources_pb2, sessions_pb2, users_pb2
 from tests.app import (
     API_KEY,
     Api,
@@ -212,7 +212,7 @@ async def test_update_user_with_a_huge_unknown_mask_path(api: Api, path: str) ->
     metadata limit."""
     created = await api.sign_up()
     request = users_pb2.UpdateUserRequest(
-        user=users_pb2.User(id=created.user.id, display_name="New"),
+        user=resources_pb2.User(id=created.user.id, display_name="New"),
         update_mask=FieldMask(paths=[path]),
     )
     error = await failure(
@@ -226,7 +226,9 @@ async def test_update_user_with_a_huge_unknown_mask_path(api: Api, path: str) ->
 async def test_update_org_with_a_huge_unknown_mask_path(api: Api, path: str) -> None:
     org, owner = await org_with_owner(api)
     request = orgs_pb2.UpdateOrgRequest(
-        org_id=org.id, org=orgs_pb2.Org(name="New"), update_mask=FieldMask(paths=["name", path])
+        org_id=org.id,
+        values=resources_pb2.Org(name="New"),
+        update_mask=FieldMask(paths=["name", path]),
     )
     for metadata in (owner.md, service()):
         error = await failure(api.orgs.UpdateOrg(request, metadata=metadata))

@@ -26,7 +26,7 @@ import pytest
 from authsvc_client.errors import AuthsvcError, OrgMismatch, from_rpc_error
 from authsvc_client.scoping import aio_interceptors
 from authsvc_client.sidecar import AuthInterceptor, Sidecar
-from authsvc_client.v1 import auth_pb2, orgs_pb2
+from authsvc_client.v1 import auth_pb2, orgs_pb2, resources_pb2
 from examples.notes import notes_pb2, notes_pb2_grpc
 from examples.notes.service import NoteStore, build_server
 from tests.app import (
@@ -135,7 +135,7 @@ def counts(notes: Notes, *orgs: str) -> list[int]:
 async def test_members_read_and_write_their_orgs_notes(api: Api, notes: Notes) -> None:
     org, owner = await org_with_owner(api)
     member = await org_member(api, org.id)
-    admin = await org_member(api, org.id, orgs_pb2.ORG_ROLE_ADMIN)
+    admin = await org_member(api, org.id, resources_pb2.ORG_ROLE_ADMIN)
     made = [await create(notes, member, org.id, f"n{i}") for i in range(5)]
     assert {n.org_id for n in made} == {org.id}
     assert {n.author_user_id for n in made} == {member.id}
@@ -214,9 +214,9 @@ async def test_without_an_active_org_nothing_is_reachable(api: Api, notes: Notes
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=owner.user.email, password=PASSWORD)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
     stranger = await api.sign_up()
-    for token in (signed.tokens.access_token, stranger.tokens.access_token):
+    for token in (signed.result.tokens.access_token, stranger.tokens.access_token):
         md = bearer(token)
         for org_id in (org.id, ""):
             for call in (

@@ -72,7 +72,7 @@ async def sign_in(api: Api, email: str) -> Any:
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=email, password=PASSWORD)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
     return signed
 
 

@@ -28,7 +28,7 @@ from google.rpc import error_details_pb2
 
 from authsvc.app import SERVICES
 from authsvc_client.errors import from_rpc_error
-from authsvc_client.v1 import auth_pb2, orgs_pb2, sessions_pb2, users_pb2
+from authsvc_client.v1 import auth_pb2, orgs_pb2, resources_pb2, sessions_pb2, users_pb2
 from tests.app import PASSWORD, Api, OrgUser, new_slug, org_member, org_with_owner, remember
 
 MIB = 1 << 20
@@ -60,7 +60,7 @@ class Ctx:
         victim = await api.auth.SignInWithPassword(
             auth_pb2.SignInWithPasswordRequest(email=owner.user.email, password=PASSWORD)
         )
-        remember(victim.tokens.access_token, victim.tokens.refresh_token)
+        remember(victim.result.tokens.access_token, victim.result.tokens.refresh_token)
         return cls(api, admin, owner, member, org, victim)
 
 
@@ -70,23 +70,23 @@ BUILDERS: dict[str, Callable[[Ctx], Message]] = {
         email=f"new-{uuid.uuid4().hex[:8]}@example.com",
         password="a perfectly fine password",
         display_name="New",
-        client_info=auth_pb2.ClientInfo(ip_address="203.0.113.9", user_agent="ua/1"),
+        client_info=resources_pb2.ClientInfo(ip_address="203.0.113.9", user_agent="ua/1"),
     ),
     "AuthService.SignInWithPassword": lambda c: auth_pb2.SignInWithPasswordRequest(
         email=c.owner.user.email,
         password=PASSWORD,
-        client_info=auth_pb2.ClientInfo(ip_address="203.0.113.9", user_agent="ua/1"),
+        client_info=resources_pb2.ClientInfo(ip_address="203.0.113.9", user_agent="ua/1"),
     ),
     "AuthService.RefreshToken": lambda c: auth_pb2.RefreshTokenRequest(
         refresh_token=c.victim.tokens.refresh_token,
-        client_info=auth_pb2.ClientInfo(ip_address="203.0.113.9", user_agent="ua/1"),
+        client_info=resources_pb2.ClientInfo(ip_address="203.0.113.9", user_agent="ua/1"),
     ),
     "AuthService.SignOut": lambda c: auth_pb2.SignOutRequest(),
     "AuthService.Authenticate": lambda c: auth_pb2.AuthenticateRequest(access_token=c.owner.token),
     "AuthService.SetActiveOrg": lambda c: auth_pb2.SetActiveOrgRequest(
         refresh_token=c.victim.tokens.refresh_token,
         org_id=c.org.id,
-        client_info=auth_pb2.ClientInfo(ip_address="203.0.113.9", user_agent="ua/1"),
+        client_info=resources_pb2.ClientInfo(ip_address="203.0.113.9", user_agent="ua/1"),
     ),
     "AuthService.WatchRevocations": lambda c: auth_pb2.WatchRevocationsRequest(after="0-0"),
     "AuthService.GetJwks": lambda c: auth_pb2.GetJwksRequest(),
@@ -96,7 +96,7 @@ BUILDERS: dict[str, Callable[[Ctx], Message]] = {
         email_prefix="a", page_size=10, page_token=""
     ),
     "UserService.UpdateUser": lambda c: users_pb2.UpdateUserRequest(
-        user=users_pb2.User(id=c.owner.id, display_name="Renamed", email=c.owner.user.email),
+        user=resources_pb2.User(id=c.owner.id, display_name="Renamed", email=c.owner.user.email),
         update_mask=FieldMask(paths=["display_name"]),
     ),
     "UserService.DeleteUser": lambda c: users_pb2.DeleteUserRequest(user_id=c.member.id),
@@ -116,16 +116,16 @@ BUILDERS: dict[str, Callable[[Ctx], Message]] = {
     "OrgService.GetOrg": lambda c: orgs_pb2.GetOrgRequest(org_id=c.org.id),
     "OrgService.UpdateOrg": lambda c: orgs_pb2.UpdateOrgRequest(
         org_id=c.org.id,
-        org=orgs_pb2.Org(name="Renamed", slug=c.org.slug),
+        values=resources_pb2.Org(name="Renamed", slug=c.org.slug),
         update_mask=FieldMask(paths=["name"]),
     ),
     "OrgService.DeleteOrg": lambda c: orgs_pb2.DeleteOrgRequest(org_slug="no-such-org"),
     "OrgService.ListOrgs": lambda c: orgs_pb2.ListOrgsRequest(user_id=c.owner.id, page_size=5),
     "OrgService.AddMember": lambda c: orgs_pb2.AddMemberRequest(
-        org_id=c.org.id, user_id=c.member.id, role=orgs_pb2.ORG_ROLE_MEMBER
+        org_id=c.org.id, user_id=c.member.id, role=resources_pb2.ORG_ROLE_MEMBER
     ),
     "OrgService.UpdateMember": lambda c: orgs_pb2.UpdateMemberRequest(
-        org_id=c.org.id, user_id=c.member.id, role=orgs_pb2.ORG_ROLE_ADMIN
+        org_id=c.org.id, user_id=c.member.id, role=resources_pb2.ORG_ROLE_ADMIN
     ),
     "OrgService.RemoveMember": lambda c: orgs_pb2.RemoveMemberRequest(
         org_id=c.org.id, user_id=c.member.id

@@ -30,7 +30,7 @@ import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from authsvc_client.errors import from_rpc_error
-from authsvc_client.v1 import auth_pb2, orgs_pb2, orgs_pb2_grpc
+from authsvc_client.v1 import auth_pb2, orgs_pb2, orgs_pb2_grpc, resources_pb2
 from tests.app import (
     Api,
     OrgRole,
@@ -47,9 +47,9 @@ from tests.app import (
     who,
 )
 
-OWNER = orgs_pb2.ORG_ROLE_OWNER
-ADMIN = orgs_pb2.ORG_ROLE_ADMIN
-MEMBER = orgs_pb2.ORG_ROLE_MEMBER
+OWNER = resources_pb2.ORG_ROLE_OWNER
+ADMIN = resources_pb2.ORG_ROLE_ADMIN
+MEMBER = resources_pb2.ORG_ROLE_MEMBER
 
 PD = (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
 LAST_OWNER = (grpc.StatusCode.FAILED_PRECONDITION, "LAST_OWNER")
@@ -69,7 +69,7 @@ class Cast:
     admin2: OrgUser
     member: OrgUser
     member2: OrgUser
-    outsider: Any  # users_pb2.User
+    outsider: Any  # resources_pb2.User
     platform_admin: str  # access token, no active org
 
     @classmethod
@@ -142,7 +142,7 @@ def _update_org(api: Api, c: Cast, md: Metadata, _: str) -> Any:
     return api.orgs.UpdateOrg(
         orgs_pb2.UpdateOrgRequest(
             org_id=c.org.id,
-            org=orgs_pb2.Org(name="Renamed"),
+            values=resources_pb2.Org(name="Renamed"),
             update_mask=FieldMask(paths=["name"]),
         ),
         metadata=md,

@@ -25,7 +25,7 @@ import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.rpc import error_details_pb2
 
-from authsvc_client.v1 import auth_pb2, orgs_pb2, sessions_pb2, users_pb2
+from authsvc_client.v1 import auth_pb2, orgs_pb2, resources_pb2, sessions_pb2, users_pb2
 from tests.app import (
     PASSWORD,
     Api,
@@ -45,10 +45,10 @@ from tests.app import (
     who,
 )
 
-OWNER = orgs_pb2.ORG_ROLE_OWNER
-ADMIN = orgs_pb2.ORG_ROLE_ADMIN
-MEMBER = orgs_pb2.ORG_ROLE_MEMBER
-NO_ROLE = orgs_pb2.ORG_ROLE_UNSPECIFIED
+OWNER = resources_pb2.ORG_ROLE_OWNER
+ADMIN = resources_pb2.ORG_ROLE_ADMIN
+MEMBER = resources_pb2.ORG_ROLE_MEMBER
+NO_ROLE = resources_pb2.ORG_ROLE_UNSPECIFIED
 
 IA = (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
 PD = (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
@@ -80,7 +80,7 @@ def _get(api: Api, md: Metadata, **ident: str) -> Any:
 def _update(api: Api, md: Metadata, paths: list[str], ident: dict[str, str], **values: Any) -> Any:
     return api.orgs.UpdateOrg(
         orgs_pb2.UpdateOrgRequest(
-            org=orgs_pb2.Org(**values), update_mask=FieldMask(paths=paths), **ident
+            values=resources_pb2.Org(**values), update_mask=FieldMask(paths=paths), **ident
         ),
         metadata=md,
     )
@@ -404,8 +404,8 @@ async def _second_session_in(api: Api, email: str, org_id: str) -> Any:
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=email, password=PASSWORD)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
-    return await set_active_org(api, signed.tokens.refresh_token, org_id)
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
+    return await set_active_org(api, signed.result.tokens.refresh_token, org_id)
 
 
 async def test_delete_org_by_slug_by_admin_and_service(api: Api) -> None:

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from authsvc.errors import WeakPassword
 from authsvc.storage.tables import users
 from authsvc_client.errors import from_rpc_error
-from authsvc_client.v1 import auth_pb2, users_pb2
+from authsvc_client.v1 import auth_pb2, resources_pb2
 from tests.app import PASSWORD, Api, Backend, bearer, failure, remember, start_api, stop_api
 
 Start = Callable[..., Awaitable[Api]]
@@ -56,7 +56,7 @@ async def _sign_in(api: Api, email: str, password: str = PASSWORD) -> Any:
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=email, password=password)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
     return signed
 
 
@@ -180,7 +180,7 @@ async def test_password_length_policy(servers: Start) -> None:
         remember(password)
         email = _email()
         created = await api.sign_up(email, password=password)
-        assert created.user.role == users_pb2.ROLE_USER
+        assert created.user.role == resources_pb2.ROLE_USER
         assert (await _sign_in(api, email, password)).user.id == created.user.id
 
 

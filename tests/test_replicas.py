@@ -27,7 +27,7 @@ from pytest_redis.executor import RedisExecutor
 from authsvc.security.secrets import sha256
 from authsvc.storage.redis_store import RedisEventBus
 from authsvc_client.errors import from_rpc_error
-from authsvc_client.v1 import auth_pb2, users_pb2
+from authsvc_client.v1 import auth_pb2, resources_pb2, users_pb2
 from tests.app import Api, Backend, bearer, failure, start_api, stop_api
 from tests.infra import asyncpg_dsn
 
@@ -176,12 +176,12 @@ async def test_role_change_on_one_replica_shows_on_the_other(
     token = created.tokens.access_token
     for api in (a, b):
         who = await _authenticate(api, token)
-        assert who.session.role == users_pb2.ROLE_USER
+        assert who.session.role == resources_pb2.ROLE_USER
     assert _cached(b, token)
 
     await a.users.UpdateUser(
         users_pb2.UpdateUserRequest(
-            user=users_pb2.User(id=created.user.id, role=users_pb2.ROLE_ADMIN),
+            user=resources_pb2.User(id=created.user.id, role=resources_pb2.ROLE_ADMIN),
             update_mask=field_mask_pb2.FieldMask(paths=["role"]),
         ),
         metadata=bearer(admin),
@@ -191,16 +191,16 @@ async def test_role_change_on_one_replica_shows_on_the_other(
     stale = 0
     while True:
         who = await _authenticate(b, token)
-        if who.session.role == users_pb2.ROLE_ADMIN:
+        if who.session.role == resources_pb2.ROLE_ADMIN:
             seen = time.perf_counter()
             break
-        assert who.session.role == users_pb2.ROLE_USER
+        assert who.session.role == resources_pb2.ROLE_USER
         stale += 1
         assert time.perf_counter() - returned < DEADLINE, (
             f"B still reports the old role {DEADLINE}s after UpdateUser returned"
         )
         await asyncio.sleep(POLL)
-    assert (await _authenticate(a, token)).session.role == users_pb2.ROLE_ADMIN
+    assert (await _authenticate(a, token)).session.role == resources_pb2.ROLE_ADMIN
     print(
         f"\nrole change on A -> new role on B: {(seen - returned) * 1000:.1f} ms "
         f"(incl. one Authenticate round trip); stale answers: {stale}"

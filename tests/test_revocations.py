@@ -22,7 +22,7 @@ from sqlalchemy import update
 
 from authsvc.storage import event_log
 from authsvc.storage.tables import event_log_head
-from authsvc_client.v1 import auth_pb2, orgs_pb2, sessions_pb2
+from authsvc_client.v1 import auth_pb2, orgs_pb2, resources_pb2, sessions_pb2
 from tests.app import (
     PASSWORD,
     Api,
@@ -93,7 +93,9 @@ async def test_sign_out_arrives_as_a_revocation(watching: tuple[Api, Stream, str
     token, session_id = await _signed_in(api)
     await api.auth.SignOut(auth_pb2.SignOutRequest(), metadata=bearer(token))
     response = await _next_events(stream)
-    assert [(r.session_id, r.revoked) for r in response.revocations] == [(session_id, True)]
+    assert [(r.session_id, r.kind) for r in response.revocations] == [
+        (session_id, auth_pb2.REVOCATION_KIND_SESSION_REVOKED)
+    ]
     assert response.position != position
     assert abs(response.revocations[0].time.seconds - time.time()) < 60
 
@@ -107,8 +109,8 @@ async def test_revoke_all_sends_every_session(watching: tuple[Api, Stream, str])
         signed = await api.auth.SignInWithPassword(
             auth_pb2.SignInWithPasswordRequest(email=created.user.email, password=PASSWORD)
         )
-        remember(signed.tokens.access_token, signed.tokens.refresh_token)
-        others.append(signed.tokens.session_id)
+        remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
+        others.append(signed.result.tokens.session_id)
     await api.sessions.RevokeAllSessions(
         sessions_pb2.RevokeAllSessionsRequest(),
         metadata=bearer(created.tokens.access_token),
@@ -116,7 +118,7 @@ async def test_revoke_all_sends_every_session(watching: tuple[Api, Stream, str])
     seen: set[str] = set()
     while len(seen) < 3:
         response = await _next_events(stream)
-        assert all(r.revoked for r in response.revocations)
+        assert all(r.kind == auth_pb2.REVOCATION_KIND_SESSION_REVOKED for r in response.revocations)
         seen.update(r.session_id for r in response.revocations)
     assert seen == {created.tokens.session_id, *others}
 
@@ -144,19 +146,22 @@ async def test_a_membership_change_makes_older_tokens_stale(
     # The switch itself changed the session's claims: tokens from before it
     # are stale, the new one is not.
     (switch,) = (await _next_events(stream)).revocations
-    assert (switch.session_id, switch.revoked) == (member.tokens.session_id, False)
+    assert (switch.session_id, switch.kind) == (
+        member.tokens.session_id,
+        auth_pb2.REVOCATION_KIND_CLAIMS_CHANGED,
+    )
     assert switch.stale_below_version == old_version > _claims(member.tokens.access_token)["ver"]
 
     await api.orgs.UpdateMember(
         orgs_pb2.UpdateMemberRequest(
-            org_id=org.id, user_id=member.user.id, role=orgs_pb2.ORG_ROLE_ADMIN
+            org_id=org.id, user_id=member.user.id, role=resources_pb2.ORG_ROLE_ADMIN
         ),
         metadata=service(),
     )
     response = await _next_events(stream)
     (event,) = response.revocations
     assert event.session_id == member.tokens.session_id
-    assert not event.revoked
+    assert event.kind == auth_pb2.REVOCATION_KIND_CLAIMS_CHANGED
     assert event.stale_below_version > old_version
 
     # The next refresh mints a token at (not below) the new version.

@@ -39,7 +39,7 @@ from authsvc_client.scoping import (
     tenant_fields,
     token_credentials,
 )
-from authsvc_client.v1 import auth_pb2, orgs_pb2, sessions_pb2, users_pb2
+from authsvc_client.v1 import auth_pb2, orgs_pb2, resources_pb2
 from tests.app import Api, org_with_owner
 
 ORG_A = str(uuid.UUID(int=0xA))
@@ -48,9 +48,9 @@ PD = grpc.StatusCode.PERMISSION_DENIED
 
 
 def session(
-    role: int = users_pb2.ROLE_USER, org_id: str = "", org_role: int = 0
-) -> sessions_pb2.SessionInfo:
-    return sessions_pb2.SessionInfo(
+    role: int = resources_pb2.ROLE_USER, org_id: str = "", org_role: int = 0
+) -> resources_pb2.SessionInfo:
+    return resources_pb2.SessionInfo(
         session_id=str(uuid.uuid4()),
         user_id=str(uuid.uuid4()),
         role=role,  # type: ignore[arg-type]
@@ -62,9 +62,9 @@ def session(
 # -- the helpers ---------------------------------------------------------------
 
 USER = session()
-ADMIN = session(users_pb2.ROLE_ADMIN)
-A_OWNER = session(org_id=ORG_A, org_role=orgs_pb2.ORG_ROLE_OWNER)
-A_MEMBER = session(org_id=ORG_A, org_role=orgs_pb2.ORG_ROLE_MEMBER)
+ADMIN = session(resources_pb2.ROLE_ADMIN)
+A_OWNER = session(org_id=ORG_A, org_role=resources_pb2.ORG_ROLE_OWNER)
+A_MEMBER = session(org_id=ORG_A, org_role=resources_pb2.ORG_ROLE_MEMBER)
 NO_ORG = session()
 
 
@@ -78,10 +78,10 @@ NO_ORG = session()
         (ADMIN, ("admin",), True),
         (ADMIN, ("ADMIN",), True),
         (ADMIN, ("role_admin",), True),
-        (ADMIN, (users_pb2.ROLE_ADMIN,), True),
-        (USER, (users_pb2.ROLE_ADMIN,), False),
-        (ADMIN, ("user", users_pb2.ROLE_ADMIN), True),
-        (session(users_pb2.ROLE_UNSPECIFIED), ("user", "admin"), False),
+        (ADMIN, (resources_pb2.ROLE_ADMIN,), True),
+        (USER, (resources_pb2.ROLE_ADMIN,), False),
+        (ADMIN, ("user", resources_pb2.ROLE_ADMIN), True),
+        (session(resources_pb2.ROLE_UNSPECIFIED), ("user", "admin"), False),
     ],
 )
 def test_is_authorized(who: Any, roles: tuple[Any, ...], expected: bool) -> None:
@@ -102,7 +102,7 @@ def test_unknown_roles_raise_rather_than_match_nothing(bad: Any) -> None:
         (A_OWNER, ORG_A, ("owner",), True),
         (A_OWNER, uuid.UUID(ORG_A), ("owner",), True),
         (A_OWNER, ORG_A, ("admin", "member"), False),
-        (A_OWNER, ORG_A, (orgs_pb2.ORG_ROLE_OWNER,), True),
+        (A_OWNER, ORG_A, (resources_pb2.ORG_ROLE_OWNER,), True),
         (A_OWNER, ORG_A, ("ORG_ROLE_OWNER",), True),
         (A_MEMBER, ORG_A, ("owner", "admin", "member"), True),
         (A_MEMBER, ORG_A, ("owner", "admin"), False),
@@ -530,7 +530,9 @@ async def test_a_token_source_follows_the_current_token(probe: Probe) -> None:
 
 
 async def test_a_callable_source_of_credentials(probe: Probe) -> None:
-    creds = Credentials("opaque-token", session(org_id=ORG_B, org_role=orgs_pb2.ORG_ROLE_OWNER))
+    creds = Credentials(
+        "opaque-token", session(org_id=ORG_B, org_role=resources_pb2.ORG_ROLE_OWNER)
+    )
     async with grpc.aio.insecure_channel(
         probe.target, interceptors=aio_interceptors(lambda: creds)
     ) as channel:
@@ -554,12 +556,12 @@ def test_session_from_token() -> None:
     info = session_from_token(fake_token(ORG_A, "owner", role="admin"))
     assert (info.org_id, info.org_role, info.role) == (
         ORG_A,
-        orgs_pb2.ORG_ROLE_OWNER,
-        users_pb2.ROLE_ADMIN,
+        resources_pb2.ORG_ROLE_OWNER,
+        resources_pb2.ROLE_ADMIN,
     )
     assert info.expire_time.seconds > time.time()
     bare = session_from_token(fake_token())
-    assert (bare.org_id, bare.org_role) == ("", orgs_pb2.ORG_ROLE_UNSPECIFIED)
+    assert (bare.org_id, bare.org_role) == ("", resources_pb2.ORG_ROLE_UNSPECIFIED)
     for bad in ("", "a.b", "not.a.jwt", "a.e30.c"):  # e30 = "{}": no sub/sid
         with pytest.raises(ValueError, match=r"JWT|claims"):
             token_credentials(bad)

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from authsvc_client.v1 import auth_pb2, sessions_pb2, users_pb2
+from authsvc_client.v1 import auth_pb2, resources_pb2, sessions_pb2, users_pb2
 from tests.app import PASSWORD, Api, all_pages, bearer, failure, remember, service
 
 PD = (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
@@ -20,7 +20,7 @@ async def _sign_in(api: Api, email: str, metadata: Any = None, **fields: Any) ->
         auth_pb2.SignInWithPasswordRequest(email=email, password=PASSWORD, **fields),
         metadata=metadata,
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
     return signed
 
 
@@ -345,7 +345,9 @@ async def test_user_may_not_revoke_all_of_another_user(api: Api) -> None:
 
 # -- client_info -----------------------------------------------------------------
 
-GATEWAY = auth_pb2.ClientInfo(ip_address="203.0.113.7", user_agent="Mozilla/5.0 (Gateway Test)")
+GATEWAY = resources_pb2.ClientInfo(
+    ip_address="203.0.113.7", user_agent="Mozilla/5.0 (Gateway Test)"
+)
 
 
 async def _session_of(api: Api, session_id: str) -> Any:
@@ -363,7 +365,7 @@ async def test_client_info_is_honoured_with_the_api_key(api: Api) -> None:
     refreshed = await api.auth.RefreshToken(
         auth_pb2.RefreshTokenRequest(
             refresh_token=signed.tokens.refresh_token,
-            client_info=auth_pb2.ClientInfo(ip_address="2001:db8::1", user_agent="Other/2"),
+            client_info=resources_pb2.ClientInfo(ip_address="2001:db8::1", user_agent="Other/2"),
         ),
         metadata=service(),
     )
@@ -378,8 +380,8 @@ async def test_client_info_is_honoured_with_the_api_key(api: Api) -> None:
         ),
         metadata=service(),
     )
-    remember(gateway_signup.tokens.access_token, gateway_signup.tokens.refresh_token)
-    session = await _session_of(api, gateway_signup.tokens.session_id)
+    remember(gateway_signup.result.tokens.access_token, gateway_signup.result.tokens.refresh_token)
+    session = await _session_of(api, gateway_signup.result.tokens.session_id)
     assert (session.ip_address, session.user_agent) == ("203.0.113.7", "Mozilla/5.0 (Gateway Test)")
 
 
@@ -396,7 +398,7 @@ async def test_client_info_is_ignored_without_the_api_key(api: Api) -> None:
     signed = await _sign_in(
         api,
         created.user.email,
-        client_info=auth_pb2.ClientInfo(ip_address="not-an-ip", user_agent="u" * 10_000),
+        client_info=resources_pb2.ClientInfo(ip_address="not-an-ip", user_agent="u" * 10_000),
     )
     session = await _session_of(api, signed.tokens.session_id)
     assert session.ip_address == "127.0.0.1"
@@ -412,7 +414,7 @@ async def test_invalid_client_ip_with_the_api_key_is_invalid_argument(api: Api) 
                 auth_pb2.SignInWithPasswordRequest(
                     email=created.user.email,
                     password=PASSWORD,
-                    client_info=auth_pb2.ClientInfo(ip_address=ip),
+                    client_info=resources_pb2.ClientInfo(ip_address=ip),
                 ),
                 metadata=service(),
             )

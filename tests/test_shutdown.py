@@ -158,8 +158,8 @@ async def _sign_up(stub: auth_pb2_grpc.AuthServiceAsyncStub, outcome: Outcome) -
             ),
             timeout=GRACE + 20,
         )
-        remember(created.tokens.access_token, created.tokens.refresh_token)
-        assert created.tokens.access_token
+        remember(created.result.tokens.access_token, created.result.tokens.refresh_token)
+        assert created.result.tokens.access_token
     except grpc.aio.AioRpcError as error:
         outcome.error = error
     finally:

@@ -44,7 +44,7 @@ from authsvc_client.sidecar import (
     current_session,
     current_token,
 )
-from authsvc_client.v1 import auth_pb2, orgs_pb2, sessions_pb2
+from authsvc_client.v1 import auth_pb2, orgs_pb2, resources_pb2, sessions_pb2
 from tests.app import (
     API_KEY,
     PASSWORD,
@@ -442,8 +442,8 @@ async def _sign_in(api: Api, email: str) -> Any:
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=email, password=PASSWORD)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
-    return signed.tokens
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
+    return signed.result.tokens
 
 
 async def _sign_out(api: Api, token: str) -> None:
@@ -506,8 +506,8 @@ async def test_a_valid_token_reaches_the_handler_as_session_info(
 async def test_the_active_org_and_its_role_reach_the_handler(api: Api, edges: Make) -> None:
     edge = await edges(api.target, settle=True)
     org, owner = await org_with_owner(api)
-    member = await org_member(api, org.id, orgs_pb2.ORG_ROLE_MEMBER)
-    admin = await org_member(api, org.id, orgs_pb2.ORG_ROLE_ADMIN)
+    member = await org_member(api, org.id, resources_pb2.ORG_ROLE_MEMBER)
+    admin = await org_member(api, org.id, resources_pb2.ORG_ROLE_ADMIN)
     for user, role in (
         (owner, "ORG_ROLE_OWNER"),
         (member, "ORG_ROLE_MEMBER"),
@@ -704,7 +704,7 @@ async def test_a_membership_change_makes_the_token_stale_until_refreshed(
 
     await api.orgs.UpdateMember(
         orgs_pb2.UpdateMemberRequest(
-            org_id=org.id, user_id=member.id, role=orgs_pb2.ORG_ROLE_ADMIN
+            org_id=org.id, user_id=member.id, role=resources_pb2.ORG_ROLE_ADMIN
         ),
         metadata=service(),
     )

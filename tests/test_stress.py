@@ -27,7 +27,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authsvc_client.v1 import auth_pb2, auth_pb2_grpc, users_pb2, users_pb2_grpc
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc, resources_pb2, users_pb2, users_pb2_grpc
 from tests.app import API_KEY, API_KEYS, PASSWORD, SECRET_KEY, remember
 from tests.processes import assert_no_secrets, clean_env, run_authsvc, spawn_authsvc
 
@@ -124,8 +124,8 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Served, str]]:
             signed = await auth_pb2_grpc.AuthServiceStub(channel).SignInWithPassword(
                 auth_pb2.SignInWithPasswordRequest(email=email, password=PASSWORD), timeout=30
             )
-        remember(signed.tokens.access_token, signed.tokens.refresh_token)
-        yield server, signed.tokens.access_token
+        remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
+        yield server, signed.result.tokens.access_token
     finally:
         if server.proc.returncode is None:
             server.proc.kill()
@@ -241,7 +241,7 @@ async def _still_serving(server: Served, token: str) -> None:
         me = await stub.GetCurrentUser(
             users_pb2.GetCurrentUserRequest(), metadata=(("authorization", f"Bearer {token}"),)
         )
-        assert me.user.role == users_pb2.ROLE_ADMIN
+        assert me.user.role == resources_pb2.ROLE_ADMIN
         listed = await stub.ListUsers(
             users_pb2.ListUsersRequest(), metadata=(("x-api-key", API_KEY),)
         )

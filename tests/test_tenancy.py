@@ -34,7 +34,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
 import authsvc_client.v1 as client_v1
-from authsvc_client.v1 import auth_pb2, options_pb2, orgs_pb2, users_pb2
+from authsvc_client.v1 import auth_pb2, options_pb2, orgs_pb2, resources_pb2
 from tests.app import (
     PASSWORD,
     Api,
@@ -49,9 +49,9 @@ from tests.app import (
     set_active_org,
 )
 
-OWNER = orgs_pb2.ORG_ROLE_OWNER
-ADMIN = orgs_pb2.ORG_ROLE_ADMIN
-MEMBER = orgs_pb2.ORG_ROLE_MEMBER
+OWNER = resources_pb2.ORG_ROLE_OWNER
+ADMIN = resources_pb2.ORG_ROLE_ADMIN
+MEMBER = resources_pb2.ORG_ROLE_MEMBER
 
 MISMATCH = (grpc.StatusCode.PERMISSION_DENIED, "ORG_MISMATCH")
 PD = (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
@@ -137,10 +137,10 @@ async def _signed_in(api: Api, user: OrgUser, org_id: str) -> Any:
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=user.user.email, password=PASSWORD)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
     if not org_id:
-        return signed.tokens
-    return await set_active_org(api, signed.tokens.refresh_token, org_id)
+        return signed.result.tokens
+    return await set_active_org(api, signed.result.tokens.refresh_token, org_id)
 
 
 def _request(method: MethodDescriptor, world: World, **ident: str) -> Any:
@@ -316,7 +316,7 @@ async def _admins_own_org(api: Api, admin_token: str) -> tuple[Any, OrgUser]:
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=who.session.email, password=PASSWORD)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
-    tokens = await set_active_org(api, signed.tokens.refresh_token, org.id)
-    user = users_pb2.User(id=who.session.user_id, email=who.session.email)
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
+    tokens = await set_active_org(api, signed.result.tokens.refresh_token, org.id)
+    user = resources_pb2.User(id=who.session.user_id, email=who.session.email)
     return org, OrgUser(user, tokens)

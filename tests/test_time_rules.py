@@ -201,9 +201,9 @@ async def test_a_session_ends_at_its_absolute_lifetime_however_often_it_is_refre
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=created.user.email, password=PASSWORD)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
     (listed,) = await _listed(api, user_id)
-    assert listed.id == signed.tokens.session_id != session_id
+    assert listed.id == signed.result.tokens.session_id != session_id
     assert _seconds(listed.expire_time) >= time.time() + SESSION_TTL - 1.0
 
 
@@ -252,8 +252,8 @@ async def test_a_retired_key_stays_in_the_jwks_until_its_tokens_expire_then_leav
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=created.user.email, password=PASSWORD)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
-    new_token = signed.tokens.access_token
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
+    new_token = signed.result.tokens.access_token
     assert jwt.get_unverified_header(new_token)["kid"] == new_kid
 
     # While the old key's token lives, across several key reloads, the JWKS
@@ -298,9 +298,9 @@ async def test_a_retired_key_stays_in_the_jwks_until_its_tokens_expire_then_leav
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=created.user.email, password=PASSWORD)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
-    assert jwt.get_unverified_header(signed.tokens.access_token)["kid"] == new_kid
-    assert (await who(api, signed.tokens.access_token)).user_id == created.user.id
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
+    assert jwt.get_unverified_header(signed.result.tokens.access_token)["kid"] == new_kid
+    assert (await who(api, signed.result.tokens.access_token)).user_id == created.user.id
     # A replica starting now does not publish it either.
     other = await servers(
         access_token_ttl=ACCESS_TTL, key_reload_interval=RELOAD, key_retire_margin=MARGIN

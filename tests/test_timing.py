@@ -62,7 +62,7 @@ async def _sign_in(api: Api, email: str) -> float:
         auth_pb2.SignInWithPasswordRequest(email=email, password=PASSWORD), timeout=30
     )
     took = time.perf_counter() - started
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
     return took
 
 

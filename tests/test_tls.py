@@ -231,12 +231,12 @@ async def test_tls_server_answers_a_client_that_trusts_its_ca(tls_api: Api, pki:
         created = await stub.SignUp(
             auth_pb2.SignUpRequest(email="tls@example.com", password=password), timeout=TIMEOUT
         )
-        remember(created.tokens.access_token, created.tokens.refresh_token)
+        remember(created.result.tokens.access_token, created.result.tokens.refresh_token)
         who = await stub.Authenticate(
-            auth_pb2.AuthenticateRequest(access_token=created.tokens.access_token),
+            auth_pb2.AuthenticateRequest(access_token=created.result.tokens.access_token),
             timeout=TIMEOUT,
         )
-        assert who.session.user_id == created.user.id
+        assert who.session.user_id == created.result.user.id
 
 
 async def test_tls_server_certificate_names_localhost(tls_api: Api, pki: Pki) -> None:
@@ -283,8 +283,8 @@ async def test_mtls_accepts_a_client_certificate_signed_by_the_ca(mtls_api: Api,
         created = await stub.SignUp(
             auth_pb2.SignUpRequest(email="mtls@example.com", password=password), timeout=TIMEOUT
         )
-        remember(created.tokens.access_token, created.tokens.refresh_token)
-        assert created.user.email == "mtls@example.com"
+        remember(created.result.tokens.access_token, created.result.tokens.refresh_token)
+        assert created.result.user.email == "mtls@example.com"
 
 
 # --------------------------------------------------------------------------- misconfiguration

@@ -12,7 +12,7 @@ import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from authsvc.domain.models import Role, User
-from authsvc_client.v1 import auth_pb2, sessions_pb2, users_pb2
+from authsvc_client.v1 import auth_pb2, resources_pb2, sessions_pb2, users_pb2
 from tests.app import PASSWORD, Api, all_pages, bearer, failure, remember, service
 
 PD = (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
@@ -21,7 +21,7 @@ USER_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND")
 
 def _update(user_id: str, paths: list[str], **values: Any) -> users_pb2.UpdateUserRequest:
     return users_pb2.UpdateUserRequest(
-        user=users_pb2.User(id=user_id, **values), update_mask=FieldMask(paths=paths)
+        user=resources_pb2.User(id=user_id, **values), update_mask=FieldMask(paths=paths)
     )
 
 
@@ -114,7 +114,7 @@ async def test_user_changes_own_display_name(api: Api) -> None:
     assert updated.user.display_name == "Ada Lovelace"
     # Fields outside the mask are ignored, not applied.
     assert updated.user.email == created.user.email
-    assert updated.user.role == users_pb2.ROLE_USER
+    assert updated.user.role == resources_pb2.ROLE_USER
     assert updated.user.create_time == created.user.create_time
     assert updated.user.update_time.ToDatetime() >= created.user.update_time.ToDatetime()
     me = await api.users.GetCurrentUser(users_pb2.GetCurrentUserRequest(), metadata=bearer(token))
@@ -133,8 +133,8 @@ async def test_user_may_not_change_own_email_or_role(api: Api) -> None:
     before = await api.snapshot()
     changes: list[tuple[list[str], dict[str, Any]]] = [
         (["email"], {"email": "new-address@example.com"}),
-        (["role"], {"role": users_pb2.ROLE_ADMIN}),
-        (["display_name", "role"], {"display_name": "Eve", "role": users_pb2.ROLE_ADMIN}),
+        (["role"], {"role": resources_pb2.ROLE_ADMIN}),
+        (["display_name", "role"], {"display_name": "Eve", "role": resources_pb2.ROLE_ADMIN}),
         (["display_name", "email"], {"display_name": "Eve", "email": "eve@example.com"}),
     ]
     for paths, values in changes:
@@ -144,7 +144,7 @@ async def test_user_may_not_change_own_email_or_role(api: Api) -> None:
         assert (error.code, error.reason) == PD, paths
     assert await api.snapshot() == before
     who = await _who(api, created.tokens.access_token)
-    assert who.role == users_pb2.ROLE_USER
+    assert who.role == resources_pb2.ROLE_USER
     assert who.email == created.user.email
 
 
@@ -171,25 +171,25 @@ async def test_role_change_reaches_existing_tokens_at_once(api: Api) -> None:
 
     for promote_with in (bearer(admin), service()):
         # Warm every cache on the way: Authenticate and the edge's own check.
-        assert (await _who(api, token)).role == users_pb2.ROLE_USER
+        assert (await _who(api, token)).role == resources_pb2.ROLE_USER
         error = await failure(
             api.users.CountUsers(users_pb2.CountUsersRequest(), metadata=bearer(token))
         )
         assert (error.code, error.reason) == PD
 
         promoted = await api.users.UpdateUser(
-            _update(created.user.id, ["role"], role=users_pb2.ROLE_ADMIN), metadata=promote_with
+            _update(created.user.id, ["role"], role=resources_pb2.ROLE_ADMIN), metadata=promote_with
         )
-        assert promoted.user.role == users_pb2.ROLE_ADMIN
-        assert (await _who(api, token)).role == users_pb2.ROLE_ADMIN
+        assert promoted.user.role == resources_pb2.ROLE_ADMIN
+        assert (await _who(api, token)).role == resources_pb2.ROLE_ADMIN
         counted = await api.users.CountUsers(users_pb2.CountUsersRequest(), metadata=bearer(token))
         assert counted.count == 2
 
         demoted = await api.users.UpdateUser(
-            _update(created.user.id, ["role"], role=users_pb2.ROLE_USER), metadata=promote_with
+            _update(created.user.id, ["role"], role=resources_pb2.ROLE_USER), metadata=promote_with
         )
-        assert demoted.user.role == users_pb2.ROLE_USER
-        assert (await _who(api, token)).role == users_pb2.ROLE_USER
+        assert demoted.user.role == resources_pb2.ROLE_USER
+        assert (await _who(api, token)).role == resources_pb2.ROLE_USER
         error = await failure(
             api.users.CountUsers(users_pb2.CountUsersRequest(), metadata=bearer(token))
         )
@@ -199,10 +199,10 @@ async def test_role_change_reaches_existing_tokens_at_once(api: Api) -> None:
 async def test_demoted_admin_loses_admin_access_at_once(api: Api) -> None:
     admin = await api.admin_token()
     who = await _who(api, admin)
-    assert who.role == users_pb2.ROLE_ADMIN
+    assert who.role == resources_pb2.ROLE_ADMIN
     await api.users.CountUsers(users_pb2.CountUsersRequest(), metadata=bearer(admin))
     await api.users.UpdateUser(
-        _update(who.user_id, ["role"], role=users_pb2.ROLE_USER), metadata=service()
+        _update(who.user_id, ["role"], role=resources_pb2.ROLE_USER), metadata=service()
     )
     error = await failure(api.users.ListUsers(users_pb2.ListUsersRequest(), metadata=bearer(admin)))
     assert (error.code, error.reason) == PD
@@ -229,8 +229,8 @@ async def test_admin_changes_email(api: Api) -> None:
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email="new.address@example.com", password=PASSWORD)
     )
-    remember(signed.tokens.access_token, signed.tokens.refresh_token)
-    assert signed.user.id == created.user.id
+    remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
+    assert signed.result.user.id == created.user.id
     error = await failure(
         api.auth.SignInWithPassword(
             auth_pb2.SignInWithPasswordRequest(email="old-address@example.com", password=PASSWORD)
@@ -287,18 +287,18 @@ async def test_delete_user_revokes_every_session_at_once(api: Api) -> None:
     second = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=created.user.email, password=PASSWORD)
     )
-    remember(second.tokens.access_token, second.tokens.refresh_token)
+    remember(second.result.tokens.access_token, second.result.tokens.refresh_token)
     bystander = await api.sign_up()
     admin = await api.admin_token()
     # Warm the Authenticate cache: deletion must beat it.
-    for token in (first, second.tokens.access_token):
+    for token in (first, second.result.tokens.access_token):
         assert (await _who(api, token)).user_id == created.user.id
 
     await api.users.DeleteUser(
         users_pb2.DeleteUserRequest(user_id=created.user.id), metadata=bearer(admin)
     )
 
-    for token in (first, second.tokens.access_token):
+    for token in (first, second.result.tokens.access_token):
         error = await failure(
             api.auth.Authenticate(auth_pb2.AuthenticateRequest(access_token=token))
         )
@@ -309,7 +309,7 @@ async def test_delete_user_revokes_every_session_at_once(api: Api) -> None:
         assert error.code == grpc.StatusCode.UNAUTHENTICATED
     error = await failure(
         api.auth.RefreshToken(
-            auth_pb2.RefreshTokenRequest(refresh_token=second.tokens.refresh_token)
+            auth_pb2.RefreshTokenRequest(refresh_token=second.result.tokens.refresh_token)
         )
     )
     assert error.code == grpc.StatusCode.UNAUTHENTICATED
@@ -374,9 +374,9 @@ async def test_count_users_total_and_by_role(api: Api) -> None:
     await api.admin_token()
     for metadata in (service(), bearer(admin)):
         for role, want in [
-            (users_pb2.ROLE_UNSPECIFIED, 7),
-            (users_pb2.ROLE_USER, 5),
-            (users_pb2.ROLE_ADMIN, 2),
+            (resources_pb2.ROLE_UNSPECIFIED, 7),
+            (resources_pb2.ROLE_USER, 5),
+            (resources_pb2.ROLE_ADMIN, 2),
         ]:
             response = await api.users.CountUsers(
                 users_pb2.CountUsersRequest(role=role), metadata=metadata
@@ -489,14 +489,14 @@ async def test_list_users_filters_by_role(api: Api) -> None:
     users = await _sign_up_many(api, [f"role-{i}@example.com" for i in range(4)])
     admin = await api.admin_token()
     admin_id = (await _who(api, admin)).user_id
-    listed, _ = await _list_all(api, service(), role=users_pb2.ROLE_ADMIN)
+    listed, _ = await _list_all(api, service(), role=resources_pb2.ROLE_ADMIN)
     assert [u.id for u in listed] == [admin_id]
-    listed, _ = await _list_all(api, service(), role=users_pb2.ROLE_USER)
+    listed, _ = await _list_all(api, service(), role=resources_pb2.ROLE_USER)
     assert {u.id for u in listed} == {c.user.id for c in users}
-    listed, sizes = await _list_all(api, service(), role=users_pb2.ROLE_USER, page_size=3)
+    listed, sizes = await _list_all(api, service(), role=resources_pb2.ROLE_USER, page_size=3)
     assert sizes == [3, 1]
     assert {u.id for u in listed} == {c.user.id for c in users}
-    assert all(u.role == users_pb2.ROLE_USER for u in listed)
+    assert all(u.role == resources_pb2.ROLE_USER for u in listed)
 
 
 async def test_list_users_filters_by_email_prefix(api: Api) -> None:
@@ -532,5 +532,5 @@ async def test_list_users_filters_by_email_prefix(api: Api) -> None:
     assert await listed("z") == []
     assert len(await listed("")) == len(created)
     # Role and prefix together.
-    users, _ = await _list_all(api, service(), email_prefix="a", role=users_pb2.ROLE_ADMIN)
+    users, _ = await _list_all(api, service(), email_prefix="a", role=resources_pb2.ROLE_ADMIN)
     assert users == []

@@ -15,14 +15,14 @@ from authsvc.domain.principal import Principal, SessionInfo
 from authsvc.errors import InvalidArgument
 from authsvc.services.auth import IssuedTokens
 from authsvc.services.validation import MAX_IP, MAX_USER_AGENT
-from authsvc_client.v1 import auth_pb2, orgs_pb2, sessions_pb2, users_pb2
+from authsvc_client.v1 import auth_pb2, resources_pb2
 
-_ROLE_TO_PROTO = {Role.USER: users_pb2.ROLE_USER, Role.ADMIN: users_pb2.ROLE_ADMIN}
+_ROLE_TO_PROTO = {Role.USER: resources_pb2.ROLE_USER, Role.ADMIN: resources_pb2.ROLE_ADMIN}
 _ROLE_FROM_PROTO = {v: k for k, v in _ROLE_TO_PROTO.items()}
 _ORG_ROLE_TO_PROTO = {
-    OrgRole.OWNER: orgs_pb2.ORG_ROLE_OWNER,
-    OrgRole.ADMIN: orgs_pb2.ORG_ROLE_ADMIN,
-    OrgRole.MEMBER: orgs_pb2.ORG_ROLE_MEMBER,
+    OrgRole.OWNER: resources_pb2.ORG_ROLE_OWNER,
+    OrgRole.ADMIN: resources_pb2.ORG_ROLE_ADMIN,
+    OrgRole.MEMBER: resources_pb2.ORG_ROLE_MEMBER,
 }
 _ORG_ROLE_FROM_PROTO = {int(v): k for k, v in _ORG_ROLE_TO_PROTO.items()}
 
@@ -32,13 +32,13 @@ def timestamp(value: datetime) -> Timestamp:
     return Timestamp(seconds=int(value.timestamp()), nanos=value.microsecond * 1000)
 
 
-def role_to_proto(role: Role) -> users_pb2.Role.ValueType:
+def role_to_proto(role: Role) -> resources_pb2.Role.ValueType:
     return _ROLE_TO_PROTO[role]
 
 
 def role_filter(value: int, field: str = "role") -> Role | None:
     """A role filter: ROLE_UNSPECIFIED means any."""
-    if value == users_pb2.ROLE_UNSPECIFIED:
+    if value == resources_pb2.ROLE_UNSPECIFIED:
         return None
     return role_from_proto(value, field)
 
@@ -55,15 +55,15 @@ def role_or_none(value: int) -> Role | None:
     return role
 
 
-def org_role_to_proto(role: OrgRole | None) -> orgs_pb2.OrgRole.ValueType:
-    return _ORG_ROLE_TO_PROTO[role] if role is not None else orgs_pb2.ORG_ROLE_UNSPECIFIED
+def org_role_to_proto(role: OrgRole | None) -> resources_pb2.OrgRole.ValueType:
+    return _ORG_ROLE_TO_PROTO[role] if role is not None else resources_pb2.ORG_ROLE_UNSPECIFIED
 
 
 def org_role_from_proto(
     value: int, field: str = "role", *, default: OrgRole | None = None
 ) -> OrgRole:
     """An org role from a request; ORG_ROLE_UNSPECIFIED means ``default``."""
-    if value == orgs_pb2.ORG_ROLE_UNSPECIFIED and default is not None:
+    if value == resources_pb2.ORG_ROLE_UNSPECIFIED and default is not None:
         return default
     role = _ORG_ROLE_FROM_PROTO.get(value)
     if role is None:
@@ -71,8 +71,8 @@ def org_role_from_proto(
     return role
 
 
-def org(value: Org) -> orgs_pb2.Org:
-    return orgs_pb2.Org(
+def org(value: Org) -> resources_pb2.Org:
+    return resources_pb2.Org(
         id=str(value.id),
         slug=value.slug,
         name=value.name,
@@ -81,8 +81,8 @@ def org(value: Org) -> orgs_pb2.Org:
     )
 
 
-def member(value: Member) -> orgs_pb2.Member:
-    return orgs_pb2.Member(
+def member(value: Member) -> resources_pb2.Member:
+    return resources_pb2.Member(
         org_id=str(value.org_id),
         user_id=str(value.user_id),
         role=org_role_to_proto(value.role),
@@ -93,8 +93,8 @@ def member(value: Member) -> orgs_pb2.Member:
     )
 
 
-def user(value: User) -> users_pb2.User:
-    return users_pb2.User(
+def user(value: User) -> resources_pb2.User:
+    return resources_pb2.User(
         id=str(value.id),
         email=value.email,
         email_verified=value.email_verified,
@@ -105,9 +105,9 @@ def user(value: User) -> users_pb2.User:
     )
 
 
-def session(value: Session, principal: Principal) -> sessions_pb2.Session:
+def session(value: Session, principal: Principal) -> resources_pb2.Session:
     current = principal.session is not None and principal.session.session_id == value.id
-    return sessions_pb2.Session(
+    return resources_pb2.Session(
         id=str(value.id),
         user_id=str(value.user_id),
         create_time=timestamp(value.created_at),
@@ -120,8 +120,8 @@ def session(value: Session, principal: Principal) -> sessions_pb2.Session:
     )
 
 
-def session_info(value: SessionInfo) -> sessions_pb2.SessionInfo:
-    return sessions_pb2.SessionInfo(
+def session_info(value: SessionInfo) -> resources_pb2.SessionInfo:
+    return resources_pb2.SessionInfo(
         session_id=str(value.session_id),
         user_id=str(value.user_id),
         email=value.email,
@@ -133,18 +133,24 @@ def session_info(value: SessionInfo) -> sessions_pb2.SessionInfo:
     )
 
 
+_REVOCATION_KINDS = {
+    SESSION_REVOKED: auth_pb2.REVOCATION_KIND_SESSION_REVOKED,
+    CLAIMS_CHANGED: auth_pb2.REVOCATION_KIND_CLAIMS_CHANGED,
+}
+
+
 def revocation(value: Event) -> auth_pb2.Revocation:
     seconds = int(value.at)
     return auth_pb2.Revocation(
+        kind=_REVOCATION_KINDS[value.kind],
         session_id=value.key,
-        revoked=value.kind == SESSION_REVOKED,
         stale_below_version=value.version if value.kind == CLAIMS_CHANGED else 0,
         time=Timestamp(seconds=seconds, nanos=int((value.at - seconds) * 1e9)),
     )
 
 
-def tokens(value: IssuedTokens) -> auth_pb2.TokenPair:
-    return auth_pb2.TokenPair(
+def tokens(value: IssuedTokens) -> resources_pb2.TokenPair:
+    return resources_pb2.TokenPair(
         access_token=value.access_token,
         token_type="Bearer",  # noqa: S106 (a scheme name, not a secret)
         expires_in=value.expires_in,
@@ -152,6 +158,20 @@ def tokens(value: IssuedTokens) -> auth_pb2.TokenPair:
         refresh_token=value.refresh_token,
         session_id=str(value.session_id),
     )
+
+
+def signed_in(user_value: User, issued: IssuedTokens) -> resources_pb2.SignInResult:
+    return resources_pb2.SignInResult(user=user(user_value), tokens=tokens(issued))
+
+
+def org_key(request: Any) -> tuple[str, str]:
+    """``(org_id, org_slug)`` of a request's ``org`` oneof; both empty when unset."""
+    which = request.WhichOneof("org")
+    if which == "org_id":
+        return request.org_id, ""
+    if which == "org_slug":
+        return "", request.org_slug
+    return "", ""
 
 
 def _peer_ip(peer: str) -> str:
@@ -166,7 +186,7 @@ def _peer_ip(peer: str) -> str:
 
 def client_meta(
     context: grpc.aio.ServicerContext[Any, Any],
-    info: auth_pb2.ClientInfo,
+    info: resources_pb2.ClientInfo,
     has_info: bool,
     principal: Principal,
 ) -> ClientMeta:

@@ -87,9 +87,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             display_name=request.display_name,
             client=client,
         )
-        return auth_pb2.SignUpResponse(
-            user=convert.user(result.user), tokens=convert.tokens(result.tokens)
-        )
+        return auth_pb2.SignUpResponse(result=convert.signed_in(result.user, result.tokens))
 
     async def SignInWithPassword(
         self, request: auth_pb2.SignInWithPasswordRequest, context: Context
@@ -101,8 +99,19 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             email=request.email, password=request.password, client=client
         )
         return auth_pb2.SignInWithPasswordResponse(
-            user=convert.user(result.user), tokens=convert.tokens(result.tokens)
+            result=convert.signed_in(result.user, result.tokens)
         )
+
+    async def CompleteSignIn(
+        self, request: auth_pb2.CompleteSignInRequest, context: Context
+    ) -> auth_pb2.CompleteSignInResponse:
+        client = convert.client_meta(
+            context, request.client_info, request.HasField("client_info"), current_principal()
+        )
+        result = await self._auth.complete_sign_in(
+            pending_token=request.pending_token, client=client
+        )
+        return auth_pb2.CompleteSignInResponse(result=convert.signed_in(result.user, result.tokens))
 
     async def RefreshToken(
         self, request: auth_pb2.RefreshTokenRequest, context: Context
@@ -119,8 +128,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         client = convert.client_meta(
             context, request.client_info, request.HasField("client_info"), current_principal()
         )
+        org_id, org_slug = convert.org_key(request)
         issued = await self._auth.set_active_org(
-            refresh_token=request.refresh_token, org_id=request.org_id, client=client
+            refresh_token=request.refresh_token, org_id=org_id, org_slug=org_slug, client=client
         )
         return auth_pb2.SetActiveOrgResponse(tokens=convert.tokens(issued))
 
@@ -195,10 +205,27 @@ class UserServicer(users_pb2_grpc.UserServiceServicer):
             values.id,
             paths,
             display_name=values.display_name,
-            email=values.email,
-            role=convert.role_or_none(values.role),
         )
         return users_pb2.UpdateUserResponse(user=convert.user(user))
+
+    async def SetUserRole(
+        self, request: users_pb2.SetUserRoleRequest, context: Context
+    ) -> users_pb2.SetUserRoleResponse:
+        user = await self._users.update(
+            current_principal(),
+            request.user_id,
+            ["role"],
+            role=convert.role_or_none(request.role),
+        )
+        return users_pb2.SetUserRoleResponse(user=convert.user(user))
+
+    async def SetUserEmail(
+        self, request: users_pb2.SetUserEmailRequest, context: Context
+    ) -> users_pb2.SetUserEmailResponse:
+        user = await self._users.update(
+            current_principal(), request.user_id, ["email"], email=request.email
+        )
+        return users_pb2.SetUserEmailResponse(user=convert.user(user))
 
     async def DeleteUser(
         self, request: users_pb2.DeleteUserRequest, context: Context
@@ -262,30 +289,29 @@ class OrgServicer(orgs_pb2_grpc.OrgServiceServicer):
     async def GetOrg(
         self, request: orgs_pb2.GetOrgRequest, context: Context
     ) -> orgs_pb2.GetOrgResponse:
-        org = await self._orgs.get(
-            current_principal(), org_id=request.org_id, org_slug=request.org_slug
-        )
+        org_id, org_slug = convert.org_key(request)
+        org = await self._orgs.get(current_principal(), org_id=org_id, org_slug=org_slug)
         return orgs_pb2.GetOrgResponse(org=convert.org(org))
 
     async def UpdateOrg(
         self, request: orgs_pb2.UpdateOrgRequest, context: Context
     ) -> orgs_pb2.UpdateOrgResponse:
+        org_id, org_slug = convert.org_key(request)
         org = await self._orgs.update(
             current_principal(),
-            org_id=request.org_id,
-            org_slug=request.org_slug,
+            org_id=org_id,
+            org_slug=org_slug,
             paths=list(request.update_mask.paths),
-            name=request.org.name,
-            slug=request.org.slug,
+            name=request.values.name,
+            slug=request.values.slug,
         )
         return orgs_pb2.UpdateOrgResponse(org=convert.org(org))
 
     async def DeleteOrg(
         self, request: orgs_pb2.DeleteOrgRequest, context: Context
     ) -> orgs_pb2.DeleteOrgResponse:
-        await self._orgs.delete(
-            current_principal(), org_id=request.org_id, org_slug=request.org_slug
-        )
+        org_id, org_slug = convert.org_key(request)
+        await self._orgs.delete(current_principal(), org_id=org_id, org_slug=org_slug)
         return orgs_pb2.DeleteOrgResponse()
 
     async def ListOrgs(
@@ -302,10 +328,11 @@ class OrgServicer(orgs_pb2_grpc.OrgServiceServicer):
     async def AddMember(
         self, request: orgs_pb2.AddMemberRequest, context: Context
     ) -> orgs_pb2.AddMemberResponse:
+        org_id, org_slug = convert.org_key(request)
         member = await self._orgs.add_member(
             current_principal(),
-            org_id=request.org_id,
-            org_slug=request.org_slug,
+            org_id=org_id,
+            org_slug=org_slug,
             user_id=request.user_id,
             role=convert.org_role_from_proto(request.role, default=OrgRole.MEMBER),
         )
@@ -314,10 +341,11 @@ class OrgServicer(orgs_pb2_grpc.OrgServiceServicer):
     async def UpdateMember(
         self, request: orgs_pb2.UpdateMemberRequest, context: Context
     ) -> orgs_pb2.UpdateMemberResponse:
+        org_id, org_slug = convert.org_key(request)
         member = await self._orgs.update_member(
             current_principal(),
-            org_id=request.org_id,
-            org_slug=request.org_slug,
+            org_id=org_id,
+            org_slug=org_slug,
             user_id=request.user_id,
             role=convert.org_role_from_proto(request.role),
         )
@@ -326,10 +354,11 @@ class OrgServicer(orgs_pb2_grpc.OrgServiceServicer):
     async def RemoveMember(
         self, request: orgs_pb2.RemoveMemberRequest, context: Context
     ) -> orgs_pb2.RemoveMemberResponse:
+        org_id, org_slug = convert.org_key(request)
         await self._orgs.remove_member(
             current_principal(),
-            org_id=request.org_id,
-            org_slug=request.org_slug,
+            org_id=org_id,
+            org_slug=org_slug,
             user_id=request.user_id,
         )
         return orgs_pb2.RemoveMemberResponse()
@@ -337,10 +366,11 @@ class OrgServicer(orgs_pb2_grpc.OrgServiceServicer):
     async def GetMember(
         self, request: orgs_pb2.GetMemberRequest, context: Context
     ) -> orgs_pb2.GetMemberResponse:
+        org_id, org_slug = convert.org_key(request)
         member = await self._orgs.get_member(
             current_principal(),
-            org_id=request.org_id,
-            org_slug=request.org_slug,
+            org_id=org_id,
+            org_slug=org_slug,
             user_id=request.user_id,
         )
         return orgs_pb2.GetMemberResponse(member=convert.member(member))
@@ -348,10 +378,11 @@ class OrgServicer(orgs_pb2_grpc.OrgServiceServicer):
     async def ListMembers(
         self, request: orgs_pb2.ListMembersRequest, context: Context
     ) -> orgs_pb2.ListMembersResponse:
+        org_id, org_slug = convert.org_key(request)
         members, token = await self._orgs.list_members(
             current_principal(),
-            org_id=request.org_id,
-            org_slug=request.org_slug,
+            org_id=org_id,
+            org_slug=org_slug,
             page_size=request.page_size,
             page_token=request.page_token,
         )

@@ -22,6 +22,7 @@ from authsvc.errors import (
     InvalidArgument,
     InvalidCredentials,
     MemberNotFound,
+    PendingTokenInvalid,
     RateLimited,
     RefreshTokenReused,
     SessionExpired,
@@ -287,17 +288,37 @@ class AuthService:
         return await self._rotate(refresh_token, client, KEEP_ORG)
 
     async def set_active_org(
-        self, *, refresh_token: str, org_id: str, client: ClientMeta
+        self, *, refresh_token: str, org_id: str, org_slug: str = "", client: ClientMeta
     ) -> IssuedTokens:
-        """Switches (or, with an empty ``org_id``, clears) the session's active
-        org, rotating its refresh token as a refresh does.
+        """Switches (or, with an empty ``org_id`` and ``org_slug``, clears) the
+        session's active org, rotating its refresh token as a refresh does.
 
         Raises:
             InvalidArgument, TokenInvalid, SessionRevoked, SessionExpired,
             RefreshTokenReused, MemberNotFound.
         """
-        target = validation.uuid_field(org_id, "org_id") if org_id else None
+        target: uuid.UUID | None = None
+        if org_id:
+            target = validation.uuid_field(org_id, "org_id")
+        elif org_slug:
+            slug = validation.slug(org_slug, "org_slug")
+            async with self._db.reader() as tx:
+                found = await tx.orgs.get_by_slug(slug)
+            # An unknown slug fails like an org the user is not in.
+            target = found.id if found is not None else uuid.UUID(int=0)
         return await self._rotate(refresh_token, client, target)
+
+    async def complete_sign_in(self, *, pending_token: str, client: ClientMeta) -> SignedIn:
+        """Completes a sign-in that answered a challenge.
+
+        No sign-in answers a challenge yet, so no pending token is valid.
+
+        Raises:
+            InvalidArgument, PendingTokenInvalid.
+        """
+        if not pending_token:
+            raise InvalidArgument.field("pending_token", "required")
+        raise PendingTokenInvalid()
 
     async def _rotate(
         self, refresh_token: str, client: ClientMeta, org: uuid.UUID | _Keep | None

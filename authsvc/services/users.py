@@ -71,9 +71,9 @@ class UserService:
         user_id: str,
         paths: Sequence[str],
         *,
-        display_name: str,
-        email: str,
-        role: Role | None,
+        display_name: str = "",
+        email: str = "",
+        role: Role | None = None,
     ) -> User:
         """Changes the named fields.
 

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import grpc
 
 from authsvc_client.errors import AuthsvcError, from_rpc_error
+from authsvc_client.v1 import auth_pb2
 
 log = logging.getLogger("authsvc_client.sidecar")
 
@@ -76,7 +77,7 @@ class DenySet:
             session_id = str(event.session_id)
             if not session_id:
                 continue
-            if event.revoked:
+            if event.kind == auth_pb2.REVOCATION_KIND_SESSION_REVOKED:
                 self.revoked[session_id] = until
             elif event.stale_below_version > 0:
                 # Versions only grow; a later event covers an earlier one.

@@ -18,21 +18,21 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from authsvc_client.v1 import orgs_pb2, sessions_pb2, users_pb2
+from authsvc_client.v1 import resources_pb2
 
 ALGORITHM = "EdDSA"
 #: authsvc refuses longer tokens too; nothing it mints comes close.
 MAX_LENGTH = 4096
 _REQUIRED = ["iss", "aud", "sub", "sid", "iat", "exp", "jti"]
 
-_ROLES: Mapping[str, users_pb2.Role.ValueType] = {
-    "user": users_pb2.ROLE_USER,
-    "admin": users_pb2.ROLE_ADMIN,
+_ROLES: Mapping[str, resources_pb2.Role.ValueType] = {
+    "user": resources_pb2.ROLE_USER,
+    "admin": resources_pb2.ROLE_ADMIN,
 }
-_ORG_ROLES: Mapping[str, orgs_pb2.OrgRole.ValueType] = {
-    "owner": orgs_pb2.ORG_ROLE_OWNER,
-    "admin": orgs_pb2.ORG_ROLE_ADMIN,
-    "member": orgs_pb2.ORG_ROLE_MEMBER,
+_ORG_ROLES: Mapping[str, resources_pb2.OrgRole.ValueType] = {
+    "owner": resources_pb2.ORG_ROLE_OWNER,
+    "admin": resources_pb2.ORG_ROLE_ADMIN,
+    "member": resources_pb2.ORG_ROLE_MEMBER,
 }
 
 
@@ -60,7 +60,7 @@ class Verified:
     version: int
     issued_at: int  # epoch seconds (``iat``)
     expires_at: int  # epoch seconds (``exp``)
-    session: sessions_pb2.SessionInfo
+    session: resources_pb2.SessionInfo
 
 
 def key_id(token: str) -> str:
@@ -141,13 +141,13 @@ def _from_claims(claims: dict[str, Any], clock_skew: float) -> Verified:
         raise Invalid()
     if not isinstance(org_id, str) or not isinstance(org_role_name, str):
         raise Invalid()
-    org_role = orgs_pb2.ORG_ROLE_UNSPECIFIED
+    org_role = resources_pb2.ORG_ROLE_UNSPECIFIED
     if org_id or org_role_name:
         # An org claim comes with its role, and names a real org id.
         if not _is_uuid(org_id) or org_role_name not in _ORG_ROLES:
             raise Invalid()
         org_role = _ORG_ROLES[org_role_name]
-    session = sessions_pb2.SessionInfo(
+    session = resources_pb2.SessionInfo(
         session_id=sid,
         user_id=sub,
         role=role,

@@ -10,7 +10,7 @@
 
 Thin by design: each method builds one request, makes one call (the list
 helpers one per page) and returns the response's payload, a generated
-message (``users_pb2.User``, ``orgs_pb2.Org`` ...). The server decides
+message (``resources_pb2.User``, ``resources_pb2.Org`` ...). The server decides
 everything else. A failed call raises the typed exception of its reason
 (``authsvc_client.errors``: ``InvalidCredentials``, ``OrgNotFound``,
 ``LastOwner`` ...), chained to the ``grpc.aio.AioRpcError``.
@@ -59,6 +59,7 @@ from authsvc_client.v1 import (
     auth_pb2_grpc,
     orgs_pb2,
     orgs_pb2_grpc,
+    resources_pb2,
     sessions_pb2,
     sessions_pb2_grpc,
     users_pb2,
@@ -69,11 +70,11 @@ __all__ = ["AuthResult", "AuthsvcClient", "CursorResult"]
 
 T = TypeVar("T")
 Id = str | uuid.UUID
-_ROLES = {"user": users_pb2.ROLE_USER, "admin": users_pb2.ROLE_ADMIN}
+_ROLES = {"user": resources_pb2.ROLE_USER, "admin": resources_pb2.ROLE_ADMIN}
 _ORG_ROLES = {
-    "owner": orgs_pb2.ORG_ROLE_OWNER,
-    "admin": orgs_pb2.ORG_ROLE_ADMIN,
-    "member": orgs_pb2.ORG_ROLE_MEMBER,
+    "owner": resources_pb2.ORG_ROLE_OWNER,
+    "admin": resources_pb2.ORG_ROLE_ADMIN,
+    "member": resources_pb2.ORG_ROLE_MEMBER,
 }
 
 
@@ -81,8 +82,8 @@ _ORG_ROLES = {
 class AuthResult:
     """A signed-up or signed-in user and the tokens of the new session."""
 
-    user: users_pb2.User
-    tokens: auth_pb2.TokenPair
+    user: resources_pb2.User
+    tokens: resources_pb2.TokenPair
 
 
 @dataclass(frozen=True)
@@ -97,26 +98,26 @@ def _id(value: Id | None) -> str:
     return "" if value is None else str(value)
 
 
-def _role(value: str | int | None) -> users_pb2.Role.ValueType:
+def _role(value: str | int | None) -> resources_pb2.Role.ValueType:
     if value is None:
-        return users_pb2.ROLE_UNSPECIFIED
+        return resources_pb2.ROLE_UNSPECIFIED
     if isinstance(value, str):
         return _ROLES[value.lower().removeprefix("role_")]
-    return users_pb2.Role.ValueType(value)
+    return resources_pb2.Role.ValueType(value)
 
 
-def _org_role(value: str | int | None) -> orgs_pb2.OrgRole.ValueType:
+def _org_role(value: str | int | None) -> resources_pb2.OrgRole.ValueType:
     if value is None:
-        return orgs_pb2.ORG_ROLE_UNSPECIFIED
+        return resources_pb2.ORG_ROLE_UNSPECIFIED
     if isinstance(value, str):
         return _ORG_ROLES[value.lower().removeprefix("org_role_")]
-    return orgs_pb2.OrgRole.ValueType(value)
+    return resources_pb2.OrgRole.ValueType(value)
 
 
-def _client_info(user_agent: str | None, ip_address: str | None) -> auth_pb2.ClientInfo | None:
+def _client_info(user_agent: str | None, ip_address: str | None) -> resources_pb2.ClientInfo | None:
     if user_agent is None and ip_address is None:
         return None
-    return auth_pb2.ClientInfo(user_agent=user_agent or "", ip_address=ip_address or "")
+    return resources_pb2.ClientInfo(user_agent=user_agent or "", ip_address=ip_address or "")
 
 
 class AuthsvcClient:
@@ -308,7 +309,7 @@ class AuthsvcClient:
         *,
         user_agent: str | None = None,
         ip_address: str | None = None,
-    ) -> auth_pb2.TokenPair:
+    ) -> resources_pb2.TokenPair:
         """Exchanges a refresh token for a new pair (the presented one is spent).
 
         Raises:
@@ -318,7 +319,7 @@ class AuthsvcClient:
             refresh_token=refresh_token, client_info=_client_info(user_agent, ip_address)
         )
         response = await self._call(self._auth.RefreshToken, request, "")
-        return cast(auth_pb2.TokenPair, response.tokens)
+        return cast(resources_pb2.TokenPair, response.tokens)
 
     async def set_active_org(
         self,
@@ -327,7 +328,7 @@ class AuthsvcClient:
         org_id: Id | None,
         user_agent: str | None = None,
         ip_address: str | None = None,
-    ) -> auth_pb2.TokenPair:
+    ) -> resources_pb2.TokenPair:
         """Switches the session of ``refresh_token`` to ``org_id`` (``None``: no org).
 
         The seed names the session by id; authsvc by its refresh token, which
@@ -342,9 +343,9 @@ class AuthsvcClient:
             client_info=_client_info(user_agent, ip_address),
         )
         response = await self._call(self._auth.SetActiveOrg, request, "")
-        return cast(auth_pb2.TokenPair, response.tokens)
+        return cast(resources_pb2.TokenPair, response.tokens)
 
-    async def authenticate(self, access_token: str) -> sessions_pb2.SessionInfo:
+    async def authenticate(self, access_token: str) -> resources_pb2.SessionInfo:
         """Resolves an access token against the live session.
 
         Unlike the seed (which returns ``None``), a token that does not
@@ -355,7 +356,7 @@ class AuthsvcClient:
         """
         request = auth_pb2.AuthenticateRequest(access_token=access_token)
         response = await self._call(self._auth.Authenticate, request, "")
-        return cast(sessions_pb2.SessionInfo, response.session)
+        return cast(resources_pb2.SessionInfo, response.session)
 
     async def sign_out(
         self, session_id: Id | None = None, *, access_token: str | None = None
@@ -382,17 +383,17 @@ class AuthsvcClient:
 
     # ------------------------------------------------------------------ users
 
-    async def get_user(self, user_id: Id, *, access_token: str | None = None) -> users_pb2.User:
+    async def get_user(self, user_id: Id, *, access_token: str | None = None) -> resources_pb2.User:
         """Raises: UserNotFound, PermissionDenied."""
         request = users_pb2.GetUserRequest(user_id=_id(user_id))
         response = await self._call(self._users.GetUser, request, access_token)
-        return cast(users_pb2.User, response.user)
+        return cast(resources_pb2.User, response.user)
 
-    async def get_current_user(self, *, access_token: str | None = None) -> users_pb2.User:
+    async def get_current_user(self, *, access_token: str | None = None) -> resources_pb2.User:
         """The user of the access token. Raises: NotAuthenticated and the token errors."""
         request = users_pb2.GetCurrentUserRequest()
         response = await self._call(self._users.GetCurrentUser, request, access_token)
-        return cast(users_pb2.User, response.user)
+        return cast(resources_pb2.User, response.user)
 
     async def list_users_by_cursor(
         self,
@@ -402,7 +403,7 @@ class AuthsvcClient:
         role: str | int | None = None,
         email_prefix: str | None = None,
         access_token: str | None = None,
-    ) -> CursorResult[users_pb2.User]:
+    ) -> CursorResult[resources_pb2.User]:
         """One page of users, oldest first. Raises: PermissionDenied, InvalidPageToken."""
         request = users_pb2.ListUsersRequest(
             page_size=limit,
@@ -420,7 +421,7 @@ class AuthsvcClient:
         role: str | int | None = None,
         email_prefix: str | None = None,
         access_token: str | None = None,
-    ) -> AsyncIterator[users_pb2.User]:
+    ) -> AsyncIterator[resources_pb2.User]:
         """Every user, oldest first, a page at a time (``page_size`` 0: the server's default)."""
 
         def fetch(token: str) -> Awaitable[Any]:
@@ -441,7 +442,7 @@ class AuthsvcClient:
         role: str | int | None = None,
         email_prefix: str | None = None,
         access_token: str | None = None,
-    ) -> list[users_pb2.User]:
+    ) -> list[resources_pb2.User]:
         """Every user (the first ``limit``), oldest first."""
         items = self.iter_users(
             page_size=min(limit, 500) if limit else 0,
@@ -459,13 +460,13 @@ class AuthsvcClient:
         display_name: str | None = None,
         role: str | int | None = None,
         access_token: str | None = None,
-    ) -> users_pb2.User:
+    ) -> resources_pb2.User:
         """Changes the fields given (not ``None``).
 
         Raises:
             UserNotFound, PermissionDenied, EmailAlreadyExists, InvalidArgument.
         """
-        user = users_pb2.User(id=_id(user_id))
+        user = resources_pb2.User(id=_id(user_id))
         paths: list[str] = []
         if email is not None:
             user.email, paths = email, [*paths, "email"]
@@ -475,7 +476,7 @@ class AuthsvcClient:
             user.role, paths = _role(role), [*paths, "role"]
         request = users_pb2.UpdateUserRequest(user=user, update_mask=FieldMask(paths=paths))
         response = await self._call(self._users.UpdateUser, request, access_token)
-        return cast(users_pb2.User, response.user)
+        return cast(resources_pb2.User, response.user)
 
     async def delete_user(self, user_id: Id, *, access_token: str | None = None) -> bool:
         """Deletes a user and revokes their sessions; ``False`` if there was none."""
@@ -500,7 +501,7 @@ class AuthsvcClient:
         limit: int = 10,
         after: str | None = None,
         access_token: str | None = None,
-    ) -> CursorResult[sessions_pb2.Session]:
+    ) -> CursorResult[resources_pb2.Session]:
         """One page of live sessions, newest first (``user_id`` None: the caller's,
         or with an admin credential everyone's)."""
         request = sessions_pb2.ListSessionsRequest(
@@ -515,7 +516,7 @@ class AuthsvcClient:
         user_id: Id | None = None,
         page_size: int = 0,
         access_token: str | None = None,
-    ) -> AsyncIterator[sessions_pb2.Session]:
+    ) -> AsyncIterator[resources_pb2.Session]:
         """Every live session, newest first, a page at a time."""
 
         def fetch(token: str) -> Awaitable[Any]:
@@ -532,7 +533,7 @@ class AuthsvcClient:
         user_id: Id | None = None,
         limit: int | None = None,
         access_token: str | None = None,
-    ) -> list[sessions_pb2.Session]:
+    ) -> list[resources_pb2.Session]:
         """Every live session (the first ``limit``), newest first."""
         items = self.iter_sessions(
             user_id=user_id, page_size=min(limit, 500) if limit else 0, access_token=access_token
@@ -564,14 +565,14 @@ class AuthsvcClient:
         slug: str,
         creator_id: Id | None = None,
         access_token: str | None = None,
-    ) -> orgs_pb2.Org:
+    ) -> resources_pb2.Org:
         """Creates an org owned by ``creator_id`` (``None``: the calling user).
 
         Raises: OrgSlugConflict, UserNotFound, PermissionDenied, InvalidArgument.
         """
         request = orgs_pb2.CreateOrgRequest(name=name, slug=slug, owner_user_id=_id(creator_id))
         response = await self._call(self._orgs.CreateOrg, request, access_token)
-        return cast(orgs_pb2.Org, response.org)
+        return cast(resources_pb2.Org, response.org)
 
     async def get_org(
         self,
@@ -579,14 +580,14 @@ class AuthsvcClient:
         org_id: Id | None = None,
         slug: str | None = None,
         access_token: str | None = None,
-    ) -> orgs_pb2.Org:
+    ) -> resources_pb2.Org:
         """An org by id or by slug (exactly one).
 
         Raises: OrgNotFound, OrgMismatch, PermissionDenied, InvalidArgument.
         """
         request = orgs_pb2.GetOrgRequest(org_id=_id(org_id), org_slug=slug or "")
         response = await self._call(self._orgs.GetOrg, request, access_token)
-        return cast(orgs_pb2.Org, response.org)
+        return cast(resources_pb2.Org, response.org)
 
     async def update_org(
         self,
@@ -596,23 +597,23 @@ class AuthsvcClient:
         name: str | None = None,
         slug: str | None = None,
         access_token: str | None = None,
-    ) -> orgs_pb2.Org:
+    ) -> resources_pb2.Org:
         """Changes an org's ``name`` and/or ``slug`` (the fields given).
 
         The org is named by ``org_id`` or ``org_slug``; ``slug`` is the new slug.
 
         Raises: OrgNotFound, OrgSlugConflict, OrgMismatch, PermissionDenied, InvalidArgument.
         """
-        org = orgs_pb2.Org(name=name or "", slug=slug or "")
+        org = resources_pb2.Org(name=name or "", slug=slug or "")
         paths = [p for p, v in (("name", name), ("slug", slug)) if v is not None]
         request = orgs_pb2.UpdateOrgRequest(
             org_id=_id(org_id),
             org_slug=org_slug or "",
-            org=org,
+            values=org,
             update_mask=FieldMask(paths=paths),
         )
         response = await self._call(self._orgs.UpdateOrg, request, access_token)
-        return cast(orgs_pb2.Org, response.org)
+        return cast(resources_pb2.Org, response.org)
 
     async def delete_org(
         self,
@@ -637,7 +638,7 @@ class AuthsvcClient:
         limit: int = 10,
         after: str | None = None,
         access_token: str | None = None,
-    ) -> CursorResult[orgs_pb2.Org]:
+    ) -> CursorResult[resources_pb2.Org]:
         """One page of orgs, oldest first: the user's (``None``: the calling
         user's, or with an admin credential every org)."""
         request = orgs_pb2.ListOrgsRequest(
@@ -652,7 +653,7 @@ class AuthsvcClient:
         user_id: Id | None = None,
         page_size: int = 0,
         access_token: str | None = None,
-    ) -> AsyncIterator[orgs_pb2.Org]:
+    ) -> AsyncIterator[resources_pb2.Org]:
         """Every org (see ``list_orgs_by_cursor``), a page at a time."""
 
         def fetch(token: str) -> Awaitable[Any]:
@@ -669,7 +670,7 @@ class AuthsvcClient:
         user_id: Id | None = None,
         limit: int | None = None,
         access_token: str | None = None,
-    ) -> list[orgs_pb2.Org]:
+    ) -> list[resources_pb2.Org]:
         """Every org (the first ``limit``; see ``list_orgs_by_cursor``)."""
         items = self.iter_orgs(
             user_id=user_id, page_size=min(limit, 500) if limit else 0, access_token=access_token
@@ -686,7 +687,7 @@ class AuthsvcClient:
         user_id: Id,
         role: str | int = "member",
         access_token: str | None = None,
-    ) -> orgs_pb2.Member:
+    ) -> resources_pb2.Member:
         """Adds a user to an org.
 
         Raises: OrgNotFound, UserNotFound, MemberAlreadyExists, OrgMismatch, PermissionDenied.
@@ -695,7 +696,7 @@ class AuthsvcClient:
             org_id=_id(org_id), org_slug=slug or "", user_id=_id(user_id), role=_org_role(role)
         )
         response = await self._call(self._orgs.AddMember, request, access_token)
-        return cast(orgs_pb2.Member, response.member)
+        return cast(resources_pb2.Member, response.member)
 
     async def update_org_member(
         self,
@@ -705,7 +706,7 @@ class AuthsvcClient:
         user_id: Id,
         role: str | int,
         access_token: str | None = None,
-    ) -> orgs_pb2.Member:
+    ) -> resources_pb2.Member:
         """Changes a member's role.
 
         Raises: OrgNotFound, MemberNotFound, LastOwner, OrgMismatch, PermissionDenied.
@@ -714,7 +715,7 @@ class AuthsvcClient:
             org_id=_id(org_id), org_slug=slug or "", user_id=_id(user_id), role=_org_role(role)
         )
         response = await self._call(self._orgs.UpdateMember, request, access_token)
-        return cast(orgs_pb2.Member, response.member)
+        return cast(resources_pb2.Member, response.member)
 
     async def remove_org_member(
         self,
@@ -741,13 +742,13 @@ class AuthsvcClient:
         slug: str | None = None,
         user_id: Id,
         access_token: str | None = None,
-    ) -> orgs_pb2.Member:
+    ) -> resources_pb2.Member:
         """One membership. Raises: OrgNotFound, MemberNotFound, OrgMismatch, PermissionDenied."""
         request = orgs_pb2.GetMemberRequest(
             org_id=_id(org_id), org_slug=slug or "", user_id=_id(user_id)
         )
         response = await self._call(self._orgs.GetMember, request, access_token)
-        return cast(orgs_pb2.Member, response.member)
+        return cast(resources_pb2.Member, response.member)
 
     async def list_org_members_by_cursor(
         self,
@@ -757,7 +758,7 @@ class AuthsvcClient:
         limit: int = 10,
         after: str | None = None,
         access_token: str | None = None,
-    ) -> CursorResult[orgs_pb2.Member]:
+    ) -> CursorResult[resources_pb2.Member]:
         """One page of an org's members, oldest membership first."""
         request = orgs_pb2.ListMembersRequest(
             org_id=_id(org_id), org_slug=slug or "", page_size=limit, page_token=after or ""
@@ -772,7 +773,7 @@ class AuthsvcClient:
         slug: str | None = None,
         page_size: int = 0,
         access_token: str | None = None,
-    ) -> AsyncIterator[orgs_pb2.Member]:
+    ) -> AsyncIterator[resources_pb2.Member]:
         """Every member of an org, oldest membership first, a page at a time."""
 
         def fetch(token: str) -> Awaitable[Any]:
@@ -790,7 +791,7 @@ class AuthsvcClient:
         slug: str | None = None,
         limit: int | None = None,
         access_token: str | None = None,
-    ) -> list[orgs_pb2.Member]:
+    ) -> list[resources_pb2.Member]:
         """Every member of an org (the first ``limit``), oldest membership first.
 
         Raises: OrgNotFound, OrgMismatch, PermissionDenied.

@@ -3,7 +3,7 @@
 Two halves:
 
 * **Helpers** with the meaning of the seed's ``BaseAuthClient`` methods, over
-  ``authsvc_client.v1.sessions_pb2.SessionInfo`` (what ``Authenticate`` and the
+  ``authsvc_client.v1.resources_pb2.SessionInfo`` (what ``Authenticate`` and the
   sidecar's ``current_session()`` hand you): ``is_authorized``,
   ``is_org_authorized``, ``is_same_org`` and ``assert_same_org``, which raises
   ``OrgMismatch`` (PERMISSION_DENIED / ORG_MISMATCH).
@@ -78,7 +78,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from authsvc_client.errors import OrgMismatch, status_metadata
-from authsvc_client.v1 import options_pb2, orgs_pb2, sessions_pb2, users_pb2
+from authsvc_client.v1 import options_pb2, resources_pb2
 
 __all__ = [
     "CredentialSource",
@@ -100,19 +100,19 @@ __all__ = [
     "token_credentials",
 ]
 
-SessionInfo = sessions_pb2.SessionInfo
+SessionInfo = resources_pb2.SessionInfo
 RoleLike = str | int
 
 # --------------------------------------------------------------------------- helpers
 
-_ROLES: dict[str, users_pb2.Role.ValueType] = {
-    "user": users_pb2.ROLE_USER,
-    "admin": users_pb2.ROLE_ADMIN,
+_ROLES: dict[str, resources_pb2.Role.ValueType] = {
+    "user": resources_pb2.ROLE_USER,
+    "admin": resources_pb2.ROLE_ADMIN,
 }
-_ORG_ROLES: dict[str, orgs_pb2.OrgRole.ValueType] = {
-    "owner": orgs_pb2.ORG_ROLE_OWNER,
-    "admin": orgs_pb2.ORG_ROLE_ADMIN,
-    "member": orgs_pb2.ORG_ROLE_MEMBER,
+_ORG_ROLES: dict[str, resources_pb2.OrgRole.ValueType] = {
+    "owner": resources_pb2.ORG_ROLE_OWNER,
+    "admin": resources_pb2.ORG_ROLE_ADMIN,
+    "member": resources_pb2.ORG_ROLE_MEMBER,
 }
 
 
@@ -144,7 +144,7 @@ def is_authorized(session: SessionInfo, *roles: RoleLike) -> bool:
     Args:
         session: who is calling.
         roles: ``"user"`` / ``"admin"`` (any case, ``ROLE_`` prefix allowed) or
-            ``users_pb2.Role`` values.
+            ``resources_pb2.Role`` values.
 
     Raises:
         ValueError: a role that does not exist.
@@ -190,7 +190,7 @@ def is_org_authorized(session: SessionInfo, org_id: str | uuid.UUID, *roles: Rol
         session: who is calling.
         org_id: the org the action is in.
         roles: ``"owner"`` / ``"admin"`` / ``"member"`` (any case, ``ORG_ROLE_``
-            prefix allowed) or ``orgs_pb2.OrgRole`` values.
+            prefix allowed) or ``resources_pb2.OrgRole`` values.
 
     Raises:
         ValueError: a role that does not exist.
@@ -417,13 +417,13 @@ def session_from_token(token: str) -> SessionInfo:
     info = SessionInfo(
         session_id=claims["sid"],
         user_id=claims["sub"],
-        role=_ROLES.get(str(claims.get("role", "")), users_pb2.ROLE_UNSPECIFIED),
+        role=_ROLES.get(str(claims.get("role", "")), resources_pb2.ROLE_UNSPECIFIED),
     )
     org = claims.get("org_id")
     if isinstance(org, str) and org:
         info.org_id = org
         info.org_role = _ORG_ROLES.get(
-            str(claims.get("org_role", "")), orgs_pb2.ORG_ROLE_UNSPECIFIED
+            str(claims.get("org_role", "")), resources_pb2.ORG_ROLE_UNSPECIFIED
         )
     exp = claims.get("exp")
     if isinstance(exp, int):

@@ -16,7 +16,7 @@ and hands the handler who is calling::
     ])
     ...
     async def GetNote(self, request, context):
-        session = current_session()        # authsvc_client.v1.sessions_pb2.SessionInfo
+        session = current_session()        # authsvc_client.v1.resources_pb2.SessionInfo
         ...                                # session.user_id, .org_id, .org_role ...
     ...
     await server.stop(grace)
@@ -186,7 +186,7 @@ from authsvc_client._jwks import KeySet
 from authsvc_client._revocations import DenySet, StreamCall, Watcher
 from authsvc_client._tokens import Expired, Invalid, UnknownKid, Verified, verify
 from authsvc_client.errors import DOMAIN, AuthsvcError, error_class, from_rpc_error
-from authsvc_client.v1 import auth_pb2, auth_pb2_grpc, sessions_pb2
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc, resources_pb2
 
 __all__ = [
     "AuthInterceptor",
@@ -198,7 +198,7 @@ __all__ = [
 
 log = logging.getLogger("authsvc_client.sidecar")
 
-SessionInfo = sessions_pb2.SessionInfo
+SessionInfo = resources_pb2.SessionInfo
 Mode = Literal["watch", "online"]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 _V = TypeVar("_V")

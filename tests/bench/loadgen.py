@@ -410,9 +410,9 @@ async def prepare(target: str, count: int, run_id: str) -> list[Account]:
                 accounts.append(
                     Account(
                         email=email,
-                        user_id=reply.user.id,
-                        session_id=reply.tokens.session_id,
-                        access_token=reply.tokens.access_token,
+                        user_id=reply.result.user.id,
+                        session_id=reply.result.tokens.session_id,
+                        access_token=reply.result.tokens.access_token,
                     )
                 )
 

@@ -37,7 +37,7 @@ from typing import Any
 import grpc
 
 from authsvc_client.sidecar import Sidecar
-from authsvc_client.v1 import orgs_pb2, sessions_pb2, users_pb2
+from authsvc_client.v1 import resources_pb2
 from examples.notes.service import NoteStore, build_server
 
 
@@ -62,12 +62,12 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     await sidecar.start()
     store = NoteStore()
-    fixed = sessions_pb2.SessionInfo(
+    fixed = resources_pb2.SessionInfo(
         session_id=str(uuid.uuid4()),
         user_id=str(uuid.uuid4()),
-        role=users_pb2.ROLE_USER,
+        role=resources_pb2.ROLE_USER,
         org_id=args.org,
-        org_role=orgs_pb2.ORG_ROLE_MEMBER,
+        org_role=resources_pb2.ORG_ROLE_MEMBER,
     )
     protected, protected_port = build_server(store, sidecar=sidecar)
     plain, plain_port = build_server(store, sidecar=None, session=lambda: fixed)

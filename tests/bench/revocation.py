@@ -174,9 +174,9 @@ async def measure(
                         email=f"revocation-{run}-{i}@example.com", password=PASSWORD
                     )
                 )
-                token = signed.tokens.access_token
+                token = signed.result.tokens.access_token
                 session = await sidecar.authenticate(token)  # accepted, and cached
-                if session.session_id != signed.tokens.session_id:
+                if session.session_id != signed.result.tokens.session_id:
                     raise BenchError("the sidecar resolved the wrong session")
                 await stub.SignOut(
                     auth_pb2.SignOutRequest(), metadata=(("authorization", f"Bearer {token}"),)

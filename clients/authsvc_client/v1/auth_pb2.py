@@ -23,76 +23,121 @@ _sym_db = _symbol_database.Default()
 
 
 from . import options_pb2 as authsvc_dot_v1_dot_options__pb2
-from . import sessions_pb2 as authsvc_dot_v1_dot_sessions__pb2
-from . import users_pb2 as authsvc_dot_v1_dot_users__pb2
+from . import resources_pb2 as authsvc_dot_v1_dot_resources__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61uthsvc/v1/auth.proto\x12\nauthsvc.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a\x19\x61uthsvc/v1/sessions.proto\x1a\x16\x61uthsvc/v1/users.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\nClientInfo\x12\x12\n\nip_address\x18\x01 \x01(\t\x12\x12\n\nuser_agent\x18\x02 \x01(\t\"\xa5\x01\n\tTokenPair\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrefresh_token\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\"s\n\rSignUpRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12+\n\x0b\x63lient_info\x18\x04 \x01(\x0b\x32\x16.authsvc.v1.ClientInfo\"W\n\x0eSignUpResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x15.authsvc.v1.TokenPair\"i\n\x19SignInWithPasswordRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12+\n\x0b\x63lient_info\x18\x03 \x01(\x0b\x32\x16.authsvc.v1.ClientInfo\"c\n\x1aSignInWithPasswordResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x15.authsvc.v1.TokenPair\"Y\n\x13RefreshTokenRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\x12+\n\x0b\x63lient_info\x18\x02 \x01(\x0b\x32\x16.authsvc.v1.ClientInfo\"=\n\x14RefreshTokenResponse\x12%\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.authsvc.v1.TokenPair\"\x10\n\x0eSignOutRequest\"\x11\n\x0fSignOutResponse\"+\n\x13\x41uthenticateRequest\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\"@\n\x14\x41uthenticateResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.authsvc.v1.SessionInfo\"o\n\x13SetActiveOrgRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\x12\x14\n\x06org_id\x18\x02 \x01(\tB\x04\xb0\xbb\x18\x00\x12+\n\x0b\x63lient_info\x18\x03 \x01(\x0b\x32\x16.authsvc.v1.ClientInfo\"=\n\x14SetActiveOrgResponse\x12%\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.authsvc.v1.TokenPair\"(\n\x17WatchRevocationsRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\"\x81\x01\n\x18WatchRevocationsResponse\x12+\n\x0brevocations\x18\x01 \x03(\x0b\x32\x16.authsvc.v1.Revocation\x12\x10\n\x08position\x18\x02 \x01(\t\x12\x0b\n\x03gap\x18\x03 \x01(\x08\x12\x19\n\x11retention_seconds\x18\x04 \x01(\x03\"x\n\nRevocation\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07revoked\x18\x02 \x01(\x08\x12\x1b\n\x13stale_below_version\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x10\n\x0eGetJwksRequest\"0\n\x0fGetJwksResponse\x12\x1d\n\x04keys\x18\x01 \x03(\x0b\x32\x0f.authsvc.v1.Jwk\"Q\n\x03Jwk\x12\x0b\n\x03kty\x18\x01 \x01(\t\x12\x0b\n\x03\x63rv\x18\x02 \x01(\t\x12\t\n\x01x\x18\x03 \x01(\t\x12\x0b\n\x03kid\x18\x04 \x01(\t\x12\x0b\n\x03use\x18\x05 \x01(\t\x12\x0b\n\x03\x61lg\x18\x06 \x01(\t2\xc5\x05\n\x0b\x41uthService\x12\x45\n\x06SignUp\x12\x19.authsvc.v1.SignUpRequest\x1a\x1a.authsvc.v1.SignUpResponse\"\x04\xa8\xbb\x18\x01\x12i\n\x12SignInWithPassword\x12%.authsvc.v1.SignInWithPasswordRequest\x1a&.authsvc.v1.SignInWithPasswordResponse\"\x04\xa8\xbb\x18\x01\x12W\n\x0cRefreshToken\x12\x1f.authsvc.v1.RefreshTokenRequest\x1a .authsvc.v1.RefreshTokenResponse\"\x04\xa8\xbb\x18\x01\x12H\n\x07SignOut\x12\x1a.authsvc.v1.SignOutRequest\x1a\x1b.authsvc.v1.SignOutResponse\"\x04\xa8\xbb\x18\x02\x12W\n\x0c\x41uthenticate\x12\x1f.authsvc.v1.AuthenticateRequest\x1a .authsvc.v1.AuthenticateResponse\"\x04\xa8\xbb\x18\x01\x12W\n\x0cSetActiveOrg\x12\x1f.authsvc.v1.SetActiveOrgRequest\x1a .authsvc.v1.SetActiveOrgResponse\"\x04\xa8\xbb\x18\x01\x12\x65\n\x10WatchRevocations\x12#.authsvc.v1.WatchRevocationsRequest\x1a$.authsvc.v1.WatchRevocationsResponse\"\x04\xa8\xbb\x18\x04\x30\x01\x12H\n\x07GetJwks\x12\x1a.authsvc.v1.GetJwksRequest\x1a\x1b.authsvc.v1.GetJwksResponse\"\x04\xa8\xbb\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61uthsvc/v1/auth.proto\x12\nauthsvc.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a\x1a\x61uthsvc/v1/resources.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x01\n\rSignUpRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0c\x64isplay_name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\ngiven_name\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x66\x61mily_name\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\x12\x31\n\x0b\x63lient_info\x18\x04 \x01(\x0b\x32\x16.authsvc.v1.ClientInfoB\x04\xe2\x41\x01\x01\":\n\x0eSignUpResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.authsvc.v1.SignInResult\"\xb0\x01\n\x19SignInWithPasswordRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x31\n\x0b\x63lient_info\x18\x03 \x01(\x0b\x32\x16.authsvc.v1.ClientInfoB\x04\xe2\x41\x01\x01\x12\x18\n\ngiven_name\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x66\x61mily_name\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"F\n\x1aSignInWithPasswordResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.authsvc.v1.SignInResult\"\x88\x01\n\x15\x43ompleteSignInRequest\x12\x1b\n\rpending_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0cnew_password\x18\x02 \x01(\tH\x00\x12\x31\n\x0b\x63lient_info\x18\x03 \x01(\x0b\x32\x16.authsvc.v1.ClientInfoB\x04\xe2\x41\x01\x01\x42\x07\n\x05proof\"B\n\x16\x43ompleteSignInResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.authsvc.v1.SignInResult\"e\n\x13RefreshTokenRequest\x12\x1b\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x31\n\x0b\x63lient_info\x18\x02 \x01(\x0b\x32\x16.authsvc.v1.ClientInfoB\x04\xe2\x41\x01\x01\"=\n\x14RefreshTokenResponse\x12%\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.authsvc.v1.TokenPair\"\x10\n\x0eSignOutRequest\"\x11\n\x0fSignOutResponse\"1\n\x13\x41uthenticateRequest\x12\x1a\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"@\n\x14\x41uthenticateResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.authsvc.v1.SessionInfo\"\x9e\x01\n\x13SetActiveOrgRequest\x12\x1b\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x06org_id\x18\x02 \x01(\tB\x04\xb0\xbb\x18\x01H\x00\x12\x18\n\x08org_slug\x18\x04 \x01(\tB\x04\xb0\xbb\x18\x01H\x00\x12\x31\n\x0b\x63lient_info\x18\x03 \x01(\x0b\x32\x16.authsvc.v1.ClientInfoB\x04\xe2\x41\x01\x01\x42\x05\n\x03org\"=\n\x14SetActiveOrgResponse\x12%\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.authsvc.v1.TokenPair\".\n\x17WatchRevocationsRequest\x12\x13\n\x05\x61\x66ter\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\"\x81\x01\n\x18WatchRevocationsResponse\x12+\n\x0brevocations\x18\x01 \x03(\x0b\x32\x16.authsvc.v1.Revocation\x12\x10\n\x08position\x18\x02 \x01(\t\x12\x0b\n\x03gap\x18\x03 \x01(\x08\x12\x19\n\x11retention_seconds\x18\x04 \x01(\x03\"\x91\x01\n\nRevocation\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.authsvc.v1.RevocationKind\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x1b\n\x13stale_below_version\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x10\n\x0eGetJwksRequest\"0\n\x0fGetJwksResponse\x12\x1d\n\x04keys\x18\x01 \x03(\x0b\x32\x0f.authsvc.v1.Jwk\"Q\n\x03Jwk\x12\x0b\n\x03kty\x18\x01 \x01(\t\x12\x0b\n\x03\x63rv\x18\x02 \x01(\t\x12\t\n\x01x\x18\x03 \x01(\t\x12\x0b\n\x03kid\x18\x04 \x01(\t\x12\x0b\n\x03use\x18\x05 \x01(\t\x12\x0b\n\x03\x61lg\x18\x06 \x01(\t*z\n\x0eRevocationKind\x12\x1f\n\x1bREVOCATION_KIND_UNSPECIFIED\x10\x00\x12#\n\x1fREVOCATION_KIND_SESSION_REVOKED\x10\x01\x12\"\n\x1eREVOCATION_KIND_CLAIMS_CHANGED\x10\x02\x32\xf5\x06\n\x0b\x41uthService\x12O\n\x06SignUp\x12\x19.authsvc.v1.SignUpRequest\x1a\x1a.authsvc.v1.SignUpResponse\"\x0e\xa8\xbb\x18\x01\xba\xbb\x18\x06\n\x04\x04\x03\x0c\r\x12q\n\x12SignInWithPassword\x12%.authsvc.v1.SignInWithPasswordRequest\x1a&.authsvc.v1.SignInWithPasswordResponse\"\x0c\xa8\xbb\x18\x01\xba\xbb\x18\x04\n\x02\x02\r\x12\x65\n\x0e\x43ompleteSignIn\x12!.authsvc.v1.CompleteSignInRequest\x1a\".authsvc.v1.CompleteSignInResponse\"\x0c\xa8\xbb\x18\x01\xba\xbb\x18\x04\n\x02\x1d\x04\x12\x61\n\x0cRefreshToken\x12\x1f.authsvc.v1.RefreshTokenRequest\x1a .authsvc.v1.RefreshTokenResponse\"\x0e\xa8\xbb\x18\x01\xba\xbb\x18\x06\n\x04\x06\x07\x08\x0e\x12R\n\x07SignOut\x12\x1a.authsvc.v1.SignOutRequest\x1a\x1b.authsvc.v1.SignOutResponse\"\x0e\xa8\xbb\x18\x02\xba\xbb\x18\x06\n\x04\n\x06\x05\x08\x12`\n\x0c\x41uthenticate\x12\x1f.authsvc.v1.AuthenticateRequest\x1a .authsvc.v1.AuthenticateResponse\"\r\xa8\xbb\x18\x01\xba\xbb\x18\x05\n\x03\x06\x05\x08\x12\x62\n\x0cSetActiveOrg\x12\x1f.authsvc.v1.SetActiveOrgRequest\x1a .authsvc.v1.SetActiveOrgResponse\"\x0f\xa8\xbb\x18\x01\xba\xbb\x18\x07\n\x05\x06\x07\x08\x0e\x17\x12p\n\x10WatchRevocations\x12#.authsvc.v1.WatchRevocationsRequest\x1a$.authsvc.v1.WatchRevocationsResponse\"\x0f\xa8\xbb\x18\x04\xba\xbb\x18\x07\n\x05\n\x06\x05\x08\x0b\x30\x01\x12L\n\x07GetJwks\x12\x1a.authsvc.v1.GetJwksRequest\x1a\x1b.authsvc.v1.GetJwksResponse\"\x08\xa8\xbb\x18\x01\xba\xbb\x18\x00\x42\x83\x01\n\x0e\x64\x65v.authsvc.v1B\tAuthProtoP\x01Z6github.com/authsvc/authsvc/gen/go/authsvc/v1;authsvcv1\xa2\x02\x03\x41XX\xaa\x02\nAuthsvc.V1\xca\x02\nAuthsvc\\V1\xea\x02\x0b\x41uthsvc::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'auth_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.authsvc.v1B\tAuthProtoP\001Z6github.com/authsvc/authsvc/gen/go/authsvc/v1;authsvcv1\242\002\003AXX\252\002\nAuthsvc.V1\312\002\nAuthsvc\\V1\352\002\013Authsvc::V1'
+  _globals['_SIGNUPREQUEST'].fields_by_name['email']._loaded_options = None
+  _globals['_SIGNUPREQUEST'].fields_by_name['email']._serialized_options = b'\342A\001\002'
+  _globals['_SIGNUPREQUEST'].fields_by_name['password']._loaded_options = None
+  _globals['_SIGNUPREQUEST'].fields_by_name['password']._serialized_options = b'\342A\001\002'
+  _globals['_SIGNUPREQUEST'].fields_by_name['display_name']._loaded_options = None
+  _globals['_SIGNUPREQUEST'].fields_by_name['display_name']._serialized_options = b'\342A\001\001'
+  _globals['_SIGNUPREQUEST'].fields_by_name['given_name']._loaded_options = None
+  _globals['_SIGNUPREQUEST'].fields_by_name['given_name']._serialized_options = b'\342A\001\001'
+  _globals['_SIGNUPREQUEST'].fields_by_name['family_name']._loaded_options = None
+  _globals['_SIGNUPREQUEST'].fields_by_name['family_name']._serialized_options = b'\342A\001\001'
+  _globals['_SIGNUPREQUEST'].fields_by_name['client_info']._loaded_options = None
+  _globals['_SIGNUPREQUEST'].fields_by_name['client_info']._serialized_options = b'\342A\001\001'
+  _globals['_SIGNINWITHPASSWORDREQUEST'].fields_by_name['email']._loaded_options = None
+  _globals['_SIGNINWITHPASSWORDREQUEST'].fields_by_name['email']._serialized_options = b'\342A\001\002'
+  _globals['_SIGNINWITHPASSWORDREQUEST'].fields_by_name['password']._loaded_options = None
+  _globals['_SIGNINWITHPASSWORDREQUEST'].fields_by_name['password']._serialized_options = b'\342A\001\002'
+  _globals['_SIGNINWITHPASSWORDREQUEST'].fields_by_name['client_info']._loaded_options = None
+  _globals['_SIGNINWITHPASSWORDREQUEST'].fields_by_name['client_info']._serialized_options = b'\342A\001\001'
+  _globals['_SIGNINWITHPASSWORDREQUEST'].fields_by_name['given_name']._loaded_options = None
+  _globals['_SIGNINWITHPASSWORDREQUEST'].fields_by_name['given_name']._serialized_options = b'\342A\001\001'
+  _globals['_SIGNINWITHPASSWORDREQUEST'].fields_by_name['family_name']._loaded_options = None
+  _globals['_SIGNINWITHPASSWORDREQUEST'].fields_by_name['family_name']._serialized_options = b'\342A\001\001'
+  _globals['_COMPLETESIGNINREQUEST'].fields_by_name['pending_token']._loaded_options = None
+  _globals['_COMPLETESIGNINREQUEST'].fields_by_name['pending_token']._serialized_options = b'\342A\001\002'
+  _globals['_COMPLETESIGNINREQUEST'].fields_by_name['client_info']._loaded_options = None
+  _globals['_COMPLETESIGNINREQUEST'].fields_by_name['client_info']._serialized_options = b'\342A\001\001'
+  _globals['_REFRESHTOKENREQUEST'].fields_by_name['refresh_token']._loaded_options = None
+  _globals['_REFRESHTOKENREQUEST'].fields_by_name['refresh_token']._serialized_options = b'\342A\001\002'
+  _globals['_REFRESHTOKENREQUEST'].fields_by_name['client_info']._loaded_options = None
+  _globals['_REFRESHTOKENREQUEST'].fields_by_name['client_info']._serialized_options = b'\342A\001\001'
+  _globals['_AUTHENTICATEREQUEST'].fields_by_name['access_token']._loaded_options = None
+  _globals['_AUTHENTICATEREQUEST'].fields_by_name['access_token']._serialized_options = b'\342A\001\002'
+  _globals['_SETACTIVEORGREQUEST'].fields_by_name['refresh_token']._loaded_options = None
+  _globals['_SETACTIVEORGREQUEST'].fields_by_name['refresh_token']._serialized_options = b'\342A\001\002'
   _globals['_SETACTIVEORGREQUEST'].fields_by_name['org_id']._loaded_options = None
-  _globals['_SETACTIVEORGREQUEST'].fields_by_name['org_id']._serialized_options = b'\260\273\030\000'
+  _globals['_SETACTIVEORGREQUEST'].fields_by_name['org_id']._serialized_options = b'\260\273\030\001'
+  _globals['_SETACTIVEORGREQUEST'].fields_by_name['org_slug']._loaded_options = None
+  _globals['_SETACTIVEORGREQUEST'].fields_by_name['org_slug']._serialized_options = b'\260\273\030\001'
+  _globals['_SETACTIVEORGREQUEST'].fields_by_name['client_info']._loaded_options = None
+  _globals['_SETACTIVEORGREQUEST'].fields_by_name['client_info']._serialized_options = b'\342A\001\001'
+  _globals['_WATCHREVOCATIONSREQUEST'].fields_by_name['after']._loaded_options = None
+  _globals['_WATCHREVOCATIONSREQUEST'].fields_by_name['after']._serialized_options = b'\342A\001\001'
   _globals['_AUTHSERVICE'].methods_by_name['SignUp']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['SignUp']._serialized_options = b'\250\273\030\001'
+  _globals['_AUTHSERVICE'].methods_by_name['SignUp']._serialized_options = b'\250\273\030\001\272\273\030\006\n\004\004\003\014\r'
   _globals['_AUTHSERVICE'].methods_by_name['SignInWithPassword']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['SignInWithPassword']._serialized_options = b'\250\273\030\001'
+  _globals['_AUTHSERVICE'].methods_by_name['SignInWithPassword']._serialized_options = b'\250\273\030\001\272\273\030\004\n\002\002\r'
+  _globals['_AUTHSERVICE'].methods_by_name['CompleteSignIn']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['CompleteSignIn']._serialized_options = b'\250\273\030\001\272\273\030\004\n\002\035\004'
   _globals['_AUTHSERVICE'].methods_by_name['RefreshToken']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['RefreshToken']._serialized_options = b'\250\273\030\001'
+  _globals['_AUTHSERVICE'].methods_by_name['RefreshToken']._serialized_options = b'\250\273\030\001\272\273\030\006\n\004\006\007\010\016'
   _globals['_AUTHSERVICE'].methods_by_name['SignOut']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['SignOut']._serialized_options = b'\250\273\030\002'
+  _globals['_AUTHSERVICE'].methods_by_name['SignOut']._serialized_options = b'\250\273\030\002\272\273\030\006\n\004\n\006\005\010'
   _globals['_AUTHSERVICE'].methods_by_name['Authenticate']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['Authenticate']._serialized_options = b'\250\273\030\001'
+  _globals['_AUTHSERVICE'].methods_by_name['Authenticate']._serialized_options = b'\250\273\030\001\272\273\030\005\n\003\006\005\010'
   _globals['_AUTHSERVICE'].methods_by_name['SetActiveOrg']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['SetActiveOrg']._serialized_options = b'\250\273\030\001'
+  _globals['_AUTHSERVICE'].methods_by_name['SetActiveOrg']._serialized_options = b'\250\273\030\001\272\273\030\007\n\005\006\007\010\016\027'
   _globals['_AUTHSERVICE'].methods_by_name['WatchRevocations']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['WatchRevocations']._serialized_options = b'\250\273\030\004'
+  _globals['_AUTHSERVICE'].methods_by_name['WatchRevocations']._serialized_options = b'\250\273\030\004\272\273\030\007\n\005\n\006\005\010\013'
   _globals['_AUTHSERVICE'].methods_by_name['GetJwks']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['GetJwks']._serialized_options = b'\250\273\030\001'
-  _globals['_CLIENTINFO']._serialized_start=147
-  _globals['_CLIENTINFO']._serialized_end=199
-  _globals['_TOKENPAIR']._serialized_start=202
-  _globals['_TOKENPAIR']._serialized_end=367
-  _globals['_SIGNUPREQUEST']._serialized_start=369
-  _globals['_SIGNUPREQUEST']._serialized_end=484
-  _globals['_SIGNUPRESPONSE']._serialized_start=486
-  _globals['_SIGNUPRESPONSE']._serialized_end=573
-  _globals['_SIGNINWITHPASSWORDREQUEST']._serialized_start=575
-  _globals['_SIGNINWITHPASSWORDREQUEST']._serialized_end=680
-  _globals['_SIGNINWITHPASSWORDRESPONSE']._serialized_start=682
-  _globals['_SIGNINWITHPASSWORDRESPONSE']._serialized_end=781
-  _globals['_REFRESHTOKENREQUEST']._serialized_start=783
-  _globals['_REFRESHTOKENREQUEST']._serialized_end=872
-  _globals['_REFRESHTOKENRESPONSE']._serialized_start=874
-  _globals['_REFRESHTOKENRESPONSE']._serialized_end=935
-  _globals['_SIGNOUTREQUEST']._serialized_start=937
-  _globals['_SIGNOUTREQUEST']._serialized_end=953
-  _globals['_SIGNOUTRESPONSE']._serialized_start=955
-  _globals['_SIGNOUTRESPONSE']._serialized_end=972
-  _globals['_AUTHENTICATEREQUEST']._serialized_start=974
-  _globals['_AUTHENTICATEREQUEST']._serialized_end=1017
-  _globals['_AUTHENTICATERESPONSE']._serialized_start=1019
-  _globals['_AUTHENTICATERESPONSE']._serialized_end=1083
-  _globals['_SETACTIVEORGREQUEST']._serialized_start=1085
-  _globals['_SETACTIVEORGREQUEST']._serialized_end=1196
-  _globals['_SETACTIVEORGRESPONSE']._serialized_start=1198
-  _globals['_SETACTIVEORGRESPONSE']._serialized_end=1259
-  _globals['_WATCHREVOCATIONSREQUEST']._serialized_start=1261
-  _globals['_WATCHREVOCATIONSREQUEST']._serialized_end=1301
-  _globals['_WATCHREVOCATIONSRESPONSE']._serialized_start=1304
-  _globals['_WATCHREVOCATIONSRESPONSE']._serialized_end=1433
-  _globals['_REVOCATION']._serialized_start=1435
-  _globals['_REVOCATION']._serialized_end=1555
-  _globals['_GETJWKSREQUEST']._serialized_start=1557
-  _globals['_GETJWKSREQUEST']._serialized_end=1573
-  _globals['_GETJWKSRESPONSE']._serialized_start=1575
-  _globals['_GETJWKSRESPONSE']._serialized_end=1623
-  _globals['_JWK']._serialized_start=1625
-  _globals['_JWK']._serialized_end=1706
-  _globals['_AUTHSERVICE']._serialized_start=1709
-  _globals['_AUTHSERVICE']._serialized_end=2418
+  _globals['_AUTHSERVICE'].methods_by_name['GetJwks']._serialized_options = b'\250\273\030\001\272\273\030\000'
+  _globals['_REVOCATIONKIND']._serialized_start=1893
+  _globals['_REVOCATIONKIND']._serialized_end=2015
+  _globals['_SIGNUPREQUEST']._serialized_start=158
+  _globals['_SIGNUPREQUEST']._serialized_end=350
+  _globals['_SIGNUPRESPONSE']._serialized_start=352
+  _globals['_SIGNUPRESPONSE']._serialized_end=410
+  _globals['_SIGNINWITHPASSWORDREQUEST']._serialized_start=413
+  _globals['_SIGNINWITHPASSWORDREQUEST']._serialized_end=589
+  _globals['_SIGNINWITHPASSWORDRESPONSE']._serialized_start=591
+  _globals['_SIGNINWITHPASSWORDRESPONSE']._serialized_end=661
+  _globals['_COMPLETESIGNINREQUEST']._serialized_start=664
+  _globals['_COMPLETESIGNINREQUEST']._serialized_end=800
+  _globals['_COMPLETESIGNINRESPONSE']._serialized_start=802
+  _globals['_COMPLETESIGNINRESPONSE']._serialized_end=868
+  _globals['_REFRESHTOKENREQUEST']._serialized_start=870
+  _globals['_REFRESHTOKENREQUEST']._serialized_end=971
+  _globals['_REFRESHTOKENRESPONSE']._serialized_start=973
+  _globals['_REFRESHTOKENRESPONSE']._serialized_end=1034
+  _globals['_SIGNOUTREQUEST']._serialized_start=1036
+  _globals['_SIGNOUTREQUEST']._serialized_end=1052
+  _globals['_SIGNOUTRESPONSE']._serialized_start=1054
+  _globals['_SIGNOUTRESPONSE']._serialized_end=1071
+  _globals['_AUTHENTICATEREQUEST']._serialized_start=1073
+  _globals['_AUTHENTICATEREQUEST']._serialized_end=1122
+  _globals['_AUTHENTICATERESPONSE']._serialized_start=1124
+  _globals['_AUTHENTICATERESPONSE']._serialized_end=1188
+  _globals['_SETACTIVEORGREQUEST']._serialized_start=1191
+  _globals['_SETACTIVEORGREQUEST']._serialized_end=1349
+  _globals['_SETACTIVEORGRESPONSE']._serialized_start=1351
+  _globals['_SETACTIVEORGRESPONSE']._serialized_end=1412
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_start=1414
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_end=1460
+  _globals['_WATCHREVOCATIONSRESPONSE']._serialized_start=1463
+  _globals['_WATCHREVOCATIONSRESPONSE']._serialized_end=1592
+  _globals['_REVOCATION']._serialized_start=1595
+  _globals['_REVOCATION']._serialized_end=1740
+  _globals['_GETJWKSREQUEST']._serialized_start=1742
+  _globals['_GETJWKSREQUEST']._serialized_end=1758
+  _globals['_GETJWKSRESPONSE']._serialized_start=1760
+  _globals['_GETJWKSRESPONSE']._serialized_end=1808
+  _globals['_JWK']._serialized_start=1810
+  _globals['_JWK']._serialized_end=1891
+  _globals['_AUTHSERVICE']._serialized_start=2018
+  _globals['_AUTHSERVICE']._serialized_end=2903
 # @@protoc_insertion_point(module_scope)

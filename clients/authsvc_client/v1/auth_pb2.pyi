@@ -3,13 +3,13 @@
 isort:skip_file
 """
 
-from . import sessions_pb2 as _sessions_pb2
-from . import users_pb2 as _users_pb2
+from . import resources_pb2 as _resources_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,78 +21,45 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-@_typing.final
-class ClientInfo(_message.Message):
-    """Where a sign-in comes from. Only honoured on calls that also carry a
-    service API key (a gateway signing a user in on their behalf); otherwise the
-    server takes the call's peer address and `user-agent` metadata.
+class _RevocationKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RevocationKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RevocationKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVOCATION_KIND_UNSPECIFIED: _RevocationKind.ValueType  # 0
+    """Not sent by this server; treat as an unknown kind."""
+    REVOCATION_KIND_SESSION_REVOKED: _RevocationKind.ValueType  # 1
+    """The session is revoked; refuse each of its access tokens
+    (SESSION_REVOKED).
+    """
+    REVOCATION_KIND_CLAIMS_CHANGED: _RevocationKind.ValueType  # 2
+    """The session's claims (platform role, org, org slug, org role) changed;
+    refuse its access tokens whose `ver` claim is below
+    `stale_below_version` (TOKEN_STALE), so that the client refreshes.
     """
 
-    DESCRIPTOR: _descriptor.Descriptor
+class RevocationKind(_RevocationKind, metaclass=_RevocationKindEnumTypeWrapper):
+    """What a Revocation says about its session's tokens.
 
-    IP_ADDRESS_FIELD_NUMBER: _builtins.int
-    USER_AGENT_FIELD_NUMBER: _builtins.int
-    ip_address: _builtins.str
-    """The end user's IP address."""
-    user_agent: _builtins.str
-    """The end user's user agent, at most 512 characters."""
-    def __init__(
-        self,
-        *,
-        ip_address: _builtins.str = ...,
-        user_agent: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip_address", b"ip_address", "user_agent", b"user_agent"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    Newer servers may add kinds. A verifier that meets a kind it does not know
+    must treat the event as a gap (check every token minted before now online,
+    with Authenticate, until it expires), never skip it: an event always means
+    that some tokens no longer stand.
+    """
 
-Global___ClientInfo: _TypeAlias = ClientInfo  # noqa: Y015
-
-@_typing.final
-class TokenPair(_message.Message):
-    """A freshly minted access token and its refresh token."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
-    TOKEN_TYPE_FIELD_NUMBER: _builtins.int
-    EXPIRES_IN_FIELD_NUMBER: _builtins.int
-    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
-    REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
-    SESSION_ID_FIELD_NUMBER: _builtins.int
-    access_token: _builtins.str
-    """The JWT to send as `authorization: Bearer <access_token>`."""
-    token_type: _builtins.str
-    """Always "Bearer"."""
-    expires_in: _builtins.int
-    """Seconds until the access token expires."""
-    refresh_token: _builtins.str
-    """Opaque; exchange it with RefreshToken. Store it like a password."""
-    session_id: _builtins.str
-    """The session both tokens belong to."""
-    @_builtins.property
-    def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When the access token expires."""
-
-    def __init__(
-        self,
-        *,
-        access_token: _builtins.str = ...,
-        token_type: _builtins.str = ...,
-        expires_in: _builtins.int = ...,
-        expire_time: _timestamp_pb2.Timestamp | None = ...,
-        refresh_token: _builtins.str = ...,
-        session_id: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "expire_time", b"expire_time", "expires_in", b"expires_in", "refresh_token", b"refresh_token", "session_id", b"session_id", "token_type", b"token_type"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___TokenPair: _TypeAlias = TokenPair  # noqa: Y015
+REVOCATION_KIND_UNSPECIFIED: RevocationKind.ValueType  # 0
+"""Not sent by this server; treat as an unknown kind."""
+REVOCATION_KIND_SESSION_REVOKED: RevocationKind.ValueType  # 1
+"""The session is revoked; refuse each of its access tokens
+(SESSION_REVOKED).
+"""
+REVOCATION_KIND_CLAIMS_CHANGED: RevocationKind.ValueType  # 2
+"""The session's claims (platform role, org, org slug, org role) changed;
+refuse its access tokens whose `ver` claim is below
+`stale_below_version` (TOKEN_STALE), so that the client refreshes.
+"""
+Global___RevocationKind: _TypeAlias = RevocationKind  # noqa: Y015
 
 @_typing.final
 class SignUpRequest(_message.Message):
@@ -103,15 +70,21 @@ class SignUpRequest(_message.Message):
     EMAIL_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    GIVEN_NAME_FIELD_NUMBER: _builtins.int
+    FAMILY_NAME_FIELD_NUMBER: _builtins.int
     CLIENT_INFO_FIELD_NUMBER: _builtins.int
     email: _builtins.str
     """The email address; unique case-insensitively."""
     password: _builtins.str
     """The password; see the password policy (default 8 to 256 characters)."""
     display_name: _builtins.str
-    """Optional name, at most 200 characters."""
+    """Free-form name, at most 200 characters."""
+    given_name: _builtins.str
+    """Given (first) name, at most 200 characters."""
+    family_name: _builtins.str
+    """Family (last) name, at most 200 characters."""
     @_builtins.property
-    def client_info(self) -> Global___ClientInfo:
+    def client_info(self) -> _resources_pb2.ClientInfo:
         """See ClientInfo."""
 
     def __init__(
@@ -120,11 +93,13 @@ class SignUpRequest(_message.Message):
         email: _builtins.str = ...,
         password: _builtins.str = ...,
         display_name: _builtins.str = ...,
-        client_info: Global___ClientInfo | None = ...,
+        given_name: _builtins.str = ...,
+        family_name: _builtins.str = ...,
+        client_info: _resources_pb2.ClientInfo | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["client_info", b"client_info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_info", b"client_info", "display_name", b"display_name", "email", b"email", "password", b"password"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_info", b"client_info", "display_name", b"display_name", "email", b"email", "family_name", b"family_name", "given_name", b"given_name", "password", b"password"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -136,25 +111,19 @@ class SignUpResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    USER_FIELD_NUMBER: _builtins.int
-    TOKENS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def user(self) -> _users_pb2.User:
-        """The new user."""
-
-    @_builtins.property
-    def tokens(self) -> Global___TokenPair:
-        """Tokens of the new session."""
+    def result(self) -> _resources_pb2.SignInResult:
+        """The new user's tokens, or what the sign-in still needs."""
 
     def __init__(
         self,
         *,
-        user: _users_pb2.User | None = ...,
-        tokens: Global___TokenPair | None = ...,
+        result: _resources_pb2.SignInResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens", "user", b"user"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -169,12 +138,22 @@ class SignInWithPasswordRequest(_message.Message):
     EMAIL_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
     CLIENT_INFO_FIELD_NUMBER: _builtins.int
+    GIVEN_NAME_FIELD_NUMBER: _builtins.int
+    FAMILY_NAME_FIELD_NUMBER: _builtins.int
     email: _builtins.str
     """The email address, in any case."""
     password: _builtins.str
     """The password."""
+    given_name: _builtins.str
+    """Given (first) name to fill in when the user has none, at most 200
+    characters.
+    """
+    family_name: _builtins.str
+    """Family (last) name to fill in when the user has none, at most 200
+    characters.
+    """
     @_builtins.property
-    def client_info(self) -> Global___ClientInfo:
+    def client_info(self) -> _resources_pb2.ClientInfo:
         """See ClientInfo."""
 
     def __init__(
@@ -182,11 +161,13 @@ class SignInWithPasswordRequest(_message.Message):
         *,
         email: _builtins.str = ...,
         password: _builtins.str = ...,
-        client_info: Global___ClientInfo | None = ...,
+        client_info: _resources_pb2.ClientInfo | None = ...,
+        given_name: _builtins.str = ...,
+        family_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["client_info", b"client_info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_info", b"client_info", "email", b"email", "password", b"password"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_info", b"client_info", "email", b"email", "family_name", b"family_name", "given_name", b"given_name", "password", b"password"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -198,29 +179,83 @@ class SignInWithPasswordResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    USER_FIELD_NUMBER: _builtins.int
-    TOKENS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def user(self) -> _users_pb2.User:
-        """The user signed in."""
-
-    @_builtins.property
-    def tokens(self) -> Global___TokenPair:
-        """Tokens of the new session."""
+    def result(self) -> _resources_pb2.SignInResult:
+        """The session's tokens, or what the sign-in still needs."""
 
     def __init__(
         self,
         *,
-        user: _users_pb2.User | None = ...,
-        tokens: Global___TokenPair | None = ...,
+        result: _resources_pb2.SignInResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens", "user", b"user"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SignInWithPasswordResponse: _TypeAlias = SignInWithPasswordResponse  # noqa: Y015
+
+@_typing.final
+class CompleteSignInRequest(_message.Message):
+    """Request of AuthService.CompleteSignIn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PENDING_TOKEN_FIELD_NUMBER: _builtins.int
+    NEW_PASSWORD_FIELD_NUMBER: _builtins.int
+    CLIENT_INFO_FIELD_NUMBER: _builtins.int
+    pending_token: _builtins.str
+    """The `pending_token` of the SignInChallenge."""
+    new_password: _builtins.str
+    """For SIGN_IN_REQUIREMENT_PASSWORD_CHANGE: the new password, under the
+    password policy.
+    """
+    @_builtins.property
+    def client_info(self) -> _resources_pb2.ClientInfo:
+        """See ClientInfo."""
+
+    def __init__(
+        self,
+        *,
+        pending_token: _builtins.str = ...,
+        new_password: _builtins.str = ...,
+        client_info: _resources_pb2.ClientInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["client_info", b"client_info", "new_password", b"new_password", "proof", b"proof"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_info", b"client_info", "new_password", b"new_password", "pending_token", b"pending_token", "proof", b"proof"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_proof: _TypeAlias = _typing.Literal["new_password"]  # noqa: Y015
+    _WhichOneofArgType_proof: _TypeAlias = _typing.Literal["proof", b"proof"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_proof) -> _WhichOneofReturnType_proof | None: ...
+
+Global___CompleteSignInRequest: _TypeAlias = CompleteSignInRequest  # noqa: Y015
+
+@_typing.final
+class CompleteSignInResponse(_message.Message):
+    """Response of AuthService.CompleteSignIn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def result(self) -> _resources_pb2.SignInResult:
+        """The session's tokens, or what the sign-in still needs."""
+
+    def __init__(
+        self,
+        *,
+        result: _resources_pb2.SignInResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteSignInResponse: _TypeAlias = CompleteSignInResponse  # noqa: Y015
 
 @_typing.final
 class RefreshTokenRequest(_message.Message):
@@ -233,14 +268,14 @@ class RefreshTokenRequest(_message.Message):
     refresh_token: _builtins.str
     """The refresh token of the latest TokenPair."""
     @_builtins.property
-    def client_info(self) -> Global___ClientInfo:
+    def client_info(self) -> _resources_pb2.ClientInfo:
         """See ClientInfo."""
 
     def __init__(
         self,
         *,
         refresh_token: _builtins.str = ...,
-        client_info: Global___ClientInfo | None = ...,
+        client_info: _resources_pb2.ClientInfo | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["client_info", b"client_info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -258,13 +293,13 @@ class RefreshTokenResponse(_message.Message):
 
     TOKENS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def tokens(self) -> Global___TokenPair:
+    def tokens(self) -> _resources_pb2.TokenPair:
         """The new pair; the presented refresh token is now spent."""
 
     def __init__(
         self,
         *,
-        tokens: Global___TokenPair | None = ...,
+        tokens: _resources_pb2.TokenPair | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -338,13 +373,13 @@ class AuthenticateResponse(_message.Message):
 
     SESSION_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def session(self) -> _sessions_pb2.SessionInfo:
+    def session(self) -> _resources_pb2.SessionInfo:
         """Who the token belongs to."""
 
     def __init__(
         self,
         *,
-        session: _sessions_pb2.SessionInfo | None = ...,
+        session: _resources_pb2.SessionInfo | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -362,13 +397,16 @@ class SetActiveOrgRequest(_message.Message):
 
     REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     ORG_ID_FIELD_NUMBER: _builtins.int
+    ORG_SLUG_FIELD_NUMBER: _builtins.int
     CLIENT_INFO_FIELD_NUMBER: _builtins.int
     refresh_token: _builtins.str
     """The refresh token of the session's latest TokenPair."""
     org_id: _builtins.str
-    """The org to switch to; empty clears the active org."""
+    """The org's id."""
+    org_slug: _builtins.str
+    """The org's slug."""
     @_builtins.property
-    def client_info(self) -> Global___ClientInfo:
+    def client_info(self) -> _resources_pb2.ClientInfo:
         """See ClientInfo."""
 
     def __init__(
@@ -376,13 +414,16 @@ class SetActiveOrgRequest(_message.Message):
         *,
         refresh_token: _builtins.str = ...,
         org_id: _builtins.str = ...,
-        client_info: Global___ClientInfo | None = ...,
+        org_slug: _builtins.str = ...,
+        client_info: _resources_pb2.ClientInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["client_info", b"client_info"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["client_info", b"client_info", "org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_info", b"client_info", "org_id", b"org_id", "refresh_token", b"refresh_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_info", b"client_info", "org", b"org", "org_id", b"org_id", "org_slug", b"org_slug", "refresh_token", b"refresh_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_org: _TypeAlias = _typing.Literal["org_id", "org_slug"]  # noqa: Y015
+    _WhichOneofArgType_org: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_org) -> _WhichOneofReturnType_org | None: ...
 
 Global___SetActiveOrgRequest: _TypeAlias = SetActiveOrgRequest  # noqa: Y015
 
@@ -394,7 +435,7 @@ class SetActiveOrgResponse(_message.Message):
 
     TOKENS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def tokens(self) -> Global___TokenPair:
+    def tokens(self) -> _resources_pb2.TokenPair:
         """The new pair, carrying the active org; the presented refresh token is now
         spent.
         """
@@ -402,7 +443,7 @@ class SetActiveOrgResponse(_message.Message):
     def __init__(
         self,
         *,
-        tokens: Global___TokenPair | None = ...,
+        tokens: _resources_pb2.TokenPair | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -487,21 +528,16 @@ class Revocation(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    KIND_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
-    REVOKED_FIELD_NUMBER: _builtins.int
     STALE_BELOW_VERSION_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    kind: Global___RevocationKind.ValueType
+    """What the event says; see RevocationKind."""
     session_id: _builtins.str
     """The session."""
-    revoked: _builtins.bool
-    """True: the session is revoked; refuse each of its access tokens
-    (SESSION_REVOKED).
-    """
     stale_below_version: _builtins.int
-    """When not revoked: the session's claims (platform role, org, org role)
-    changed; refuse its access tokens whose `ver` claim is below this
-    (TOKEN_STALE), so that the client refreshes.
-    """
+    """For REVOCATION_KIND_CLAIMS_CHANGED: the session's new claims version."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the event happened."""
@@ -509,14 +545,14 @@ class Revocation(_message.Message):
     def __init__(
         self,
         *,
+        kind: Global___RevocationKind.ValueType = ...,
         session_id: _builtins.str = ...,
-        revoked: _builtins.bool = ...,
         stale_below_version: _builtins.int = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoked", b"revoked", "session_id", b"session_id", "stale_below_version", b"stale_below_version", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "session_id", b"session_id", "stale_below_version", b"stale_below_version", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

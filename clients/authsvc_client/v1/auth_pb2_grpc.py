@@ -30,12 +30,15 @@ class AuthServiceStub:
     belongs to.
 
     Access tokens are JWTs signed with Ed25519 (`alg: EdDSA`, `kid` in the
-    header) carrying iss, aud, sub, sid, iat, exp, jti, role and ver (the
-    session's claims version), and org_id and org_role when the session has an
-    active org. Verify them locally with the keys of GetJwks and the events of
-    WatchRevocations (the `authsvc_client` sidecar interceptor does both), or
-    ask Authenticate, which reads the live session. Refresh tokens are opaque;
-    each one works once (see RefreshToken).
+    header) carrying iss, aud, sub, sid, iat, exp, jti, role (see Role) and ver
+    (the session's claims version), and org_id, org_slug and org_role (see
+    OrgRole) when the session has an active org. Verify them locally with the
+    keys of GetJwks and the events of WatchRevocations (the `authsvc_client`
+    sidecar interceptor does both), or ask Authenticate, which reads the live
+    session. Refresh tokens are opaque; each one works once (see RefreshToken).
+
+    Every RPC that signs someone in answers a SignInResult: tokens, or a
+    SignInChallenge to complete with CompleteSignIn.
     """
 
     def __init__(self, channel):
@@ -53,6 +56,11 @@ class AuthServiceStub:
                 '/authsvc.v1.AuthService/SignInWithPassword',
                 request_serializer=authsvc_dot_v1_dot_auth__pb2.SignInWithPasswordRequest.SerializeToString,
                 response_deserializer=authsvc_dot_v1_dot_auth__pb2.SignInWithPasswordResponse.FromString,
+                _registered_method=True)
+        self.CompleteSignIn = channel.unary_unary(
+                '/authsvc.v1.AuthService/CompleteSignIn',
+                request_serializer=authsvc_dot_v1_dot_auth__pb2.CompleteSignInRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_auth__pb2.CompleteSignInResponse.FromString,
                 _registered_method=True)
         self.RefreshToken = channel.unary_unary(
                 '/authsvc.v1.AuthService/RefreshToken',
@@ -91,19 +99,21 @@ class AuthServiceServicer:
     belongs to.
 
     Access tokens are JWTs signed with Ed25519 (`alg: EdDSA`, `kid` in the
-    header) carrying iss, aud, sub, sid, iat, exp, jti, role and ver (the
-    session's claims version), and org_id and org_role when the session has an
-    active org. Verify them locally with the keys of GetJwks and the events of
-    WatchRevocations (the `authsvc_client` sidecar interceptor does both), or
-    ask Authenticate, which reads the live session. Refresh tokens are opaque;
-    each one works once (see RefreshToken).
+    header) carrying iss, aud, sub, sid, iat, exp, jti, role (see Role) and ver
+    (the session's claims version), and org_id, org_slug and org_role (see
+    OrgRole) when the session has an active org. Verify them locally with the
+    keys of GetJwks and the events of WatchRevocations (the `authsvc_client`
+    sidecar interceptor does both), or ask Authenticate, which reads the live
+    session. Refresh tokens are opaque; each one works once (see RefreshToken).
+
+    Every RPC that signs someone in answers a SignInResult: tokens, or a
+    SignInChallenge to complete with CompleteSignIn.
     """
 
     def SignUp(self, request, context):
         """Creates an account and signs it in.
 
-        Public. Fails with INVALID_ARGUMENT (malformed email, oversized field),
-        WEAK_PASSWORD, EMAIL_ALREADY_EXISTS, SIGNUP_DISABLED, RATE_LIMITED.
+        Public.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,7 +123,22 @@ class AuthServiceServicer:
         """Signs in with email and password, starting a new session.
 
         Public. Unknown email and wrong password fail alike, in the same time,
-        with INVALID_CREDENTIALS. Also fails with INVALID_ARGUMENT, RATE_LIMITED.
+        with INVALID_CREDENTIALS. `given_name` and `family_name`, when sent, fill
+        in the user's names that are still empty (they never overwrite one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteSignIn(self, request, context):
+        """Completes a sign-in that answered a SignInChallenge, with the proof of
+        one requirement.
+
+        Public: the pending token is the credential. Each pending token works
+        once; a proof that satisfies the last requirement answers tokens, one
+        that leaves requirements answers a new challenge. This version of the
+        server answers no challenge yet, so every pending token fails with
+        PENDING_TOKEN_INVALID.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,8 +153,6 @@ class AuthServiceServicer:
         within the reuse grace interval, where a repeated exchange of the same
         token returns the session's current token pair again (so two browser tabs
         refreshing at once do not sign the user out).
-        Fails with TOKEN_INVALID, REFRESH_TOKEN_REUSED, SESSION_REVOKED,
-        SESSION_EXPIRED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,7 +163,6 @@ class AuthServiceServicer:
 
         Needs an access token. Its access tokens fail Authenticate at once and
         its refresh token stops working.
-        Fails with NOT_AUTHENTICATED, TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,8 +173,9 @@ class AuthServiceServicer:
 
         Public: the token in the request is the credential. Checks signature,
         issuer, audience, expiry, and that the session is live, so a signed-out
-        token fails here at once rather than at its expiry.
-        Fails with TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED, SESSION_EXPIRED.
+        token fails here at once rather than at its expiry. (A token outlives its
+        session only when a setting shortens the session afterwards; such a
+        token fails with SESSION_REVOKED.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,14 +186,13 @@ class AuthServiceServicer:
 
         Public: the refresh token is the credential, and it is rotated exactly as
         RefreshToken rotates it (same reuse detection and grace interval). The
-        returned pair carries `org_id` and `org_role`; the active org belongs to
-        the session and every later refresh keeps it. Needs a membership in the
-        org; a missing org and a missing membership both fail with
-        MEMBER_NOT_FOUND. An empty `org_id` clears the active org. A switch raises
-        the session's claims version (`ver`): its older access tokens become stale
-        for local verifiers, and Authenticate reports the new org for them.
-        Fails with INVALID_ARGUMENT, TOKEN_INVALID, REFRESH_TOKEN_REUSED,
-        SESSION_REVOKED, SESSION_EXPIRED, MEMBER_NOT_FOUND.
+        returned pair carries `org_id`, `org_slug` and `org_role`; the active org
+        belongs to the session and every later refresh keeps it. Needs a
+        membership in the org; a missing org and a missing membership both fail
+        with MEMBER_NOT_FOUND. Leave `org` unset (or send an empty id or slug) to
+        clear the active org. A switch raises the session's claims version
+        (`ver`): its older access tokens become stale for local verifiers, and
+        Authenticate reports the new org for them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -186,7 +208,6 @@ class AuthServiceServicer:
         empty response every few seconds as a heartbeat. Keep each revocation
         until `retention_seconds` after receiving it: by then every token it
         covers has expired. Reconnect with the last `position` to miss nothing.
-        Fails with PERMISSION_DENIED, INVALID_ARGUMENT (malformed `after`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -214,6 +235,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.SignInWithPassword,
                     request_deserializer=authsvc_dot_v1_dot_auth__pb2.SignInWithPasswordRequest.FromString,
                     response_serializer=authsvc_dot_v1_dot_auth__pb2.SignInWithPasswordResponse.SerializeToString,
+            ),
+            'CompleteSignIn': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteSignIn,
+                    request_deserializer=authsvc_dot_v1_dot_auth__pb2.CompleteSignInRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_auth__pb2.CompleteSignInResponse.SerializeToString,
             ),
             'RefreshToken': grpc.unary_unary_rpc_method_handler(
                     servicer.RefreshToken,
@@ -258,12 +284,15 @@ class AuthService:
     belongs to.
 
     Access tokens are JWTs signed with Ed25519 (`alg: EdDSA`, `kid` in the
-    header) carrying iss, aud, sub, sid, iat, exp, jti, role and ver (the
-    session's claims version), and org_id and org_role when the session has an
-    active org. Verify them locally with the keys of GetJwks and the events of
-    WatchRevocations (the `authsvc_client` sidecar interceptor does both), or
-    ask Authenticate, which reads the live session. Refresh tokens are opaque;
-    each one works once (see RefreshToken).
+    header) carrying iss, aud, sub, sid, iat, exp, jti, role (see Role) and ver
+    (the session's claims version), and org_id, org_slug and org_role (see
+    OrgRole) when the session has an active org. Verify them locally with the
+    keys of GetJwks and the events of WatchRevocations (the `authsvc_client`
+    sidecar interceptor does both), or ask Authenticate, which reads the live
+    session. Refresh tokens are opaque; each one works once (see RefreshToken).
+
+    Every RPC that signs someone in answers a SignInResult: tokens, or a
+    SignInChallenge to complete with CompleteSignIn.
     """
 
     @staticmethod
@@ -310,6 +339,33 @@ class AuthService:
             '/authsvc.v1.AuthService/SignInWithPassword',
             authsvc_dot_v1_dot_auth__pb2.SignInWithPasswordRequest.SerializeToString,
             authsvc_dot_v1_dot_auth__pb2.SignInWithPasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteSignIn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.AuthService/CompleteSignIn',
+            authsvc_dot_v1_dot_auth__pb2.CompleteSignInRequest.SerializeToString,
+            authsvc_dot_v1_dot_auth__pb2.CompleteSignInResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,12 +31,15 @@ class AuthServiceStub:
     belongs to.
 
     Access tokens are JWTs signed with Ed25519 (`alg: EdDSA`, `kid` in the
-    header) carrying iss, aud, sub, sid, iat, exp, jti, role and ver (the
-    session's claims version), and org_id and org_role when the session has an
-    active org. Verify them locally with the keys of GetJwks and the events of
-    WatchRevocations (the `authsvc_client` sidecar interceptor does both), or
-    ask Authenticate, which reads the live session. Refresh tokens are opaque;
-    each one works once (see RefreshToken).
+    header) carrying iss, aud, sub, sid, iat, exp, jti, role (see Role) and ver
+    (the session's claims version), and org_id, org_slug and org_role (see
+    OrgRole) when the session has an active org. Verify them locally with the
+    keys of GetJwks and the events of WatchRevocations (the `authsvc_client`
+    sidecar interceptor does both), or ask Authenticate, which reads the live
+    session. Refresh tokens are opaque; each one works once (see RefreshToken).
+
+    Every RPC that signs someone in answers a SignInResult: tokens, or a
+    SignInChallenge to complete with CompleteSignIn.
     """
 
     @_typing.overload
@@ -46,14 +49,24 @@ class AuthServiceStub:
     SignUp: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SignUpRequest, _auth_pb2.SignUpResponse]
     """Creates an account and signs it in.
 
-    Public. Fails with INVALID_ARGUMENT (malformed email, oversized field),
-    WEAK_PASSWORD, EMAIL_ALREADY_EXISTS, SIGNUP_DISABLED, RATE_LIMITED.
+    Public.
     """
     SignInWithPassword: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SignInWithPasswordRequest, _auth_pb2.SignInWithPasswordResponse]
     """Signs in with email and password, starting a new session.
 
     Public. Unknown email and wrong password fail alike, in the same time,
-    with INVALID_CREDENTIALS. Also fails with INVALID_ARGUMENT, RATE_LIMITED.
+    with INVALID_CREDENTIALS. `given_name` and `family_name`, when sent, fill
+    in the user's names that are still empty (they never overwrite one).
+    """
+    CompleteSignIn: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CompleteSignInRequest, _auth_pb2.CompleteSignInResponse]
+    """Completes a sign-in that answered a SignInChallenge, with the proof of
+    one requirement.
+
+    Public: the pending token is the credential. Each pending token works
+    once; a proof that satisfies the last requirement answers tokens, one
+    that leaves requirements answers a new challenge. This version of the
+    server answers no challenge yet, so every pending token fails with
+    PENDING_TOKEN_INVALID.
     """
     RefreshToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RefreshTokenRequest, _auth_pb2.RefreshTokenResponse]
     """Exchanges a refresh token for a new token pair.
@@ -64,37 +77,34 @@ class AuthServiceStub:
     within the reuse grace interval, where a repeated exchange of the same
     token returns the session's current token pair again (so two browser tabs
     refreshing at once do not sign the user out).
-    Fails with TOKEN_INVALID, REFRESH_TOKEN_REUSED, SESSION_REVOKED,
-    SESSION_EXPIRED.
     """
     SignOut: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SignOutRequest, _auth_pb2.SignOutResponse]
     """Signs out: revokes the session of the calling access token.
 
     Needs an access token. Its access tokens fail Authenticate at once and
     its refresh token stops working.
-    Fails with NOT_AUTHENTICATED, TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED.
     """
     Authenticate: _grpc.UnaryUnaryMultiCallable[_auth_pb2.AuthenticateRequest, _auth_pb2.AuthenticateResponse]
     """Resolves an access token to who is calling.
 
     Public: the token in the request is the credential. Checks signature,
     issuer, audience, expiry, and that the session is live, so a signed-out
-    token fails here at once rather than at its expiry.
-    Fails with TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED, SESSION_EXPIRED.
+    token fails here at once rather than at its expiry. (A token outlives its
+    session only when a setting shortens the session afterwards; such a
+    token fails with SESSION_REVOKED.)
     """
     SetActiveOrg: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SetActiveOrgRequest, _auth_pb2.SetActiveOrgResponse]
     """Switches the active organization of a session, or clears it.
 
     Public: the refresh token is the credential, and it is rotated exactly as
     RefreshToken rotates it (same reuse detection and grace interval). The
-    returned pair carries `org_id` and `org_role`; the active org belongs to
-    the session and every later refresh keeps it. Needs a membership in the
-    org; a missing org and a missing membership both fail with
-    MEMBER_NOT_FOUND. An empty `org_id` clears the active org. A switch raises
-    the session's claims version (`ver`): its older access tokens become stale
-    for local verifiers, and Authenticate reports the new org for them.
-    Fails with INVALID_ARGUMENT, TOKEN_INVALID, REFRESH_TOKEN_REUSED,
-    SESSION_REVOKED, SESSION_EXPIRED, MEMBER_NOT_FOUND.
+    returned pair carries `org_id`, `org_slug` and `org_role`; the active org
+    belongs to the session and every later refresh keeps it. Needs a
+    membership in the org; a missing org and a missing membership both fail
+    with MEMBER_NOT_FOUND. Leave `org` unset (or send an empty id or slug) to
+    clear the active org. A switch raises the session's claims version
+    (`ver`): its older access tokens become stale for local verifiers, and
+    Authenticate reports the new org for them.
     """
     WatchRevocations: _grpc.UnaryStreamMultiCallable[_auth_pb2.WatchRevocationsRequest, _auth_pb2.WatchRevocationsResponse]
     """Streams revocations so that local token verifiers refuse revoked and stale
@@ -106,7 +116,6 @@ class AuthServiceStub:
     empty response every few seconds as a heartbeat. Keep each revocation
     until `retention_seconds` after receiving it: by then every token it
     covers has expired. Reconnect with the last `position` to miss nothing.
-    Fails with PERMISSION_DENIED, INVALID_ARGUMENT (malformed `after`).
     """
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
     """Returns the public keys that verify access tokens, as an RFC 7517 JWK set.
@@ -121,26 +130,39 @@ class AuthServiceAsyncStub(AuthServiceStub):
     belongs to.
 
     Access tokens are JWTs signed with Ed25519 (`alg: EdDSA`, `kid` in the
-    header) carrying iss, aud, sub, sid, iat, exp, jti, role and ver (the
-    session's claims version), and org_id and org_role when the session has an
-    active org. Verify them locally with the keys of GetJwks and the events of
-    WatchRevocations (the `authsvc_client` sidecar interceptor does both), or
-    ask Authenticate, which reads the live session. Refresh tokens are opaque;
-    each one works once (see RefreshToken).
+    header) carrying iss, aud, sub, sid, iat, exp, jti, role (see Role) and ver
+    (the session's claims version), and org_id, org_slug and org_role (see
+    OrgRole) when the session has an active org. Verify them locally with the
+    keys of GetJwks and the events of WatchRevocations (the `authsvc_client`
+    sidecar interceptor does both), or ask Authenticate, which reads the live
+    session. Refresh tokens are opaque; each one works once (see RefreshToken).
+
+    Every RPC that signs someone in answers a SignInResult: tokens, or a
+    SignInChallenge to complete with CompleteSignIn.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SignUp: _aio.UnaryUnaryMultiCallable[_auth_pb2.SignUpRequest, _auth_pb2.SignUpResponse]  # type: ignore[assignment]
     """Creates an account and signs it in.
 
-    Public. Fails with INVALID_ARGUMENT (malformed email, oversized field),
-    WEAK_PASSWORD, EMAIL_ALREADY_EXISTS, SIGNUP_DISABLED, RATE_LIMITED.
+    Public.
     """
     SignInWithPassword: _aio.UnaryUnaryMultiCallable[_auth_pb2.SignInWithPasswordRequest, _auth_pb2.SignInWithPasswordResponse]  # type: ignore[assignment]
     """Signs in with email and password, starting a new session.
 
     Public. Unknown email and wrong password fail alike, in the same time,
-    with INVALID_CREDENTIALS. Also fails with INVALID_ARGUMENT, RATE_LIMITED.
+    with INVALID_CREDENTIALS. `given_name` and `family_name`, when sent, fill
+    in the user's names that are still empty (they never overwrite one).
+    """
+    CompleteSignIn: _aio.UnaryUnaryMultiCallable[_auth_pb2.CompleteSignInRequest, _auth_pb2.CompleteSignInResponse]  # type: ignore[assignment]
+    """Completes a sign-in that answered a SignInChallenge, with the proof of
+    one requirement.
+
+    Public: the pending token is the credential. Each pending token works
+    once; a proof that satisfies the last requirement answers tokens, one
+    that leaves requirements answers a new challenge. This version of the
+    server answers no challenge yet, so every pending token fails with
+    PENDING_TOKEN_INVALID.
     """
     RefreshToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.RefreshTokenRequest, _auth_pb2.RefreshTokenResponse]  # type: ignore[assignment]
     """Exchanges a refresh token for a new token pair.
@@ -151,37 +173,34 @@ class AuthServiceAsyncStub(AuthServiceStub):
     within the reuse grace interval, where a repeated exchange of the same
     token returns the session's current token pair again (so two browser tabs
     refreshing at once do not sign the user out).
-    Fails with TOKEN_INVALID, REFRESH_TOKEN_REUSED, SESSION_REVOKED,
-    SESSION_EXPIRED.
     """
     SignOut: _aio.UnaryUnaryMultiCallable[_auth_pb2.SignOutRequest, _auth_pb2.SignOutResponse]  # type: ignore[assignment]
     """Signs out: revokes the session of the calling access token.
 
     Needs an access token. Its access tokens fail Authenticate at once and
     its refresh token stops working.
-    Fails with NOT_AUTHENTICATED, TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED.
     """
     Authenticate: _aio.UnaryUnaryMultiCallable[_auth_pb2.AuthenticateRequest, _auth_pb2.AuthenticateResponse]  # type: ignore[assignment]
     """Resolves an access token to who is calling.
 
     Public: the token in the request is the credential. Checks signature,
     issuer, audience, expiry, and that the session is live, so a signed-out
-    token fails here at once rather than at its expiry.
-    Fails with TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED, SESSION_EXPIRED.
+    token fails here at once rather than at its expiry. (A token outlives its
+    session only when a setting shortens the session afterwards; such a
+    token fails with SESSION_REVOKED.)
     """
     SetActiveOrg: _aio.UnaryUnaryMultiCallable[_auth_pb2.SetActiveOrgRequest, _auth_pb2.SetActiveOrgResponse]  # type: ignore[assignment]
     """Switches the active organization of a session, or clears it.
 
     Public: the refresh token is the credential, and it is rotated exactly as
     RefreshToken rotates it (same reuse detection and grace interval). The
-    returned pair carries `org_id` and `org_role`; the active org belongs to
-    the session and every later refresh keeps it. Needs a membership in the
-    org; a missing org and a missing membership both fail with
-    MEMBER_NOT_FOUND. An empty `org_id` clears the active org. A switch raises
-    the session's claims version (`ver`): its older access tokens become stale
-    for local verifiers, and Authenticate reports the new org for them.
-    Fails with INVALID_ARGUMENT, TOKEN_INVALID, REFRESH_TOKEN_REUSED,
-    SESSION_REVOKED, SESSION_EXPIRED, MEMBER_NOT_FOUND.
+    returned pair carries `org_id`, `org_slug` and `org_role`; the active org
+    belongs to the session and every later refresh keeps it. Needs a
+    membership in the org; a missing org and a missing membership both fail
+    with MEMBER_NOT_FOUND. Leave `org` unset (or send an empty id or slug) to
+    clear the active org. A switch raises the session's claims version
+    (`ver`): its older access tokens become stale for local verifiers, and
+    Authenticate reports the new org for them.
     """
     WatchRevocations: _aio.UnaryStreamMultiCallable[_auth_pb2.WatchRevocationsRequest, _auth_pb2.WatchRevocationsResponse]  # type: ignore[assignment]
     """Streams revocations so that local token verifiers refuse revoked and stale
@@ -193,7 +212,6 @@ class AuthServiceAsyncStub(AuthServiceStub):
     empty response every few seconds as a heartbeat. Keep each revocation
     until `retention_seconds` after receiving it: by then every token it
     covers has expired. Reconnect with the last `position` to miss nothing.
-    Fails with PERMISSION_DENIED, INVALID_ARGUMENT (malformed `after`).
     """
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]  # type: ignore[assignment]
     """Returns the public keys that verify access tokens, as an RFC 7517 JWK set.
@@ -207,12 +225,15 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     belongs to.
 
     Access tokens are JWTs signed with Ed25519 (`alg: EdDSA`, `kid` in the
-    header) carrying iss, aud, sub, sid, iat, exp, jti, role and ver (the
-    session's claims version), and org_id and org_role when the session has an
-    active org. Verify them locally with the keys of GetJwks and the events of
-    WatchRevocations (the `authsvc_client` sidecar interceptor does both), or
-    ask Authenticate, which reads the live session. Refresh tokens are opaque;
-    each one works once (see RefreshToken).
+    header) carrying iss, aud, sub, sid, iat, exp, jti, role (see Role) and ver
+    (the session's claims version), and org_id, org_slug and org_role (see
+    OrgRole) when the session has an active org. Verify them locally with the
+    keys of GetJwks and the events of WatchRevocations (the `authsvc_client`
+    sidecar interceptor does both), or ask Authenticate, which reads the live
+    session. Refresh tokens are opaque; each one works once (see RefreshToken).
+
+    Every RPC that signs someone in answers a SignInResult: tokens, or a
+    SignInChallenge to complete with CompleteSignIn.
     """
 
     @_abc_1.abstractmethod
@@ -223,8 +244,7 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_auth_pb2.SignUpResponse, _abc.Awaitable[_auth_pb2.SignUpResponse]]:
         """Creates an account and signs it in.
 
-        Public. Fails with INVALID_ARGUMENT (malformed email, oversized field),
-        WEAK_PASSWORD, EMAIL_ALREADY_EXISTS, SIGNUP_DISABLED, RATE_LIMITED.
+        Public.
         """
 
     @_abc_1.abstractmethod
@@ -236,7 +256,24 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """Signs in with email and password, starting a new session.
 
         Public. Unknown email and wrong password fail alike, in the same time,
-        with INVALID_CREDENTIALS. Also fails with INVALID_ARGUMENT, RATE_LIMITED.
+        with INVALID_CREDENTIALS. `given_name` and `family_name`, when sent, fill
+        in the user's names that are still empty (they never overwrite one).
+        """
+
+    @_abc_1.abstractmethod
+    def CompleteSignIn(
+        self,
+        request: _auth_pb2.CompleteSignInRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.CompleteSignInResponse, _abc.Awaitable[_auth_pb2.CompleteSignInResponse]]:
+        """Completes a sign-in that answered a SignInChallenge, with the proof of
+        one requirement.
+
+        Public: the pending token is the credential. Each pending token works
+        once; a proof that satisfies the last requirement answers tokens, one
+        that leaves requirements answers a new challenge. This version of the
+        server answers no challenge yet, so every pending token fails with
+        PENDING_TOKEN_INVALID.
         """
 
     @_abc_1.abstractmethod
@@ -253,8 +290,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         within the reuse grace interval, where a repeated exchange of the same
         token returns the session's current token pair again (so two browser tabs
         refreshing at once do not sign the user out).
-        Fails with TOKEN_INVALID, REFRESH_TOKEN_REUSED, SESSION_REVOKED,
-        SESSION_EXPIRED.
         """
 
     @_abc_1.abstractmethod
@@ -267,7 +302,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Needs an access token. Its access tokens fail Authenticate at once and
         its refresh token stops working.
-        Fails with NOT_AUTHENTICATED, TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED.
         """
 
     @_abc_1.abstractmethod
@@ -280,8 +314,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Public: the token in the request is the credential. Checks signature,
         issuer, audience, expiry, and that the session is live, so a signed-out
-        token fails here at once rather than at its expiry.
-        Fails with TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED, SESSION_EXPIRED.
+        token fails here at once rather than at its expiry. (A token outlives its
+        session only when a setting shortens the session afterwards; such a
+        token fails with SESSION_REVOKED.)
         """
 
     @_abc_1.abstractmethod
@@ -294,14 +329,13 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Public: the refresh token is the credential, and it is rotated exactly as
         RefreshToken rotates it (same reuse detection and grace interval). The
-        returned pair carries `org_id` and `org_role`; the active org belongs to
-        the session and every later refresh keeps it. Needs a membership in the
-        org; a missing org and a missing membership both fail with
-        MEMBER_NOT_FOUND. An empty `org_id` clears the active org. A switch raises
-        the session's claims version (`ver`): its older access tokens become stale
-        for local verifiers, and Authenticate reports the new org for them.
-        Fails with INVALID_ARGUMENT, TOKEN_INVALID, REFRESH_TOKEN_REUSED,
-        SESSION_REVOKED, SESSION_EXPIRED, MEMBER_NOT_FOUND.
+        returned pair carries `org_id`, `org_slug` and `org_role`; the active org
+        belongs to the session and every later refresh keeps it. Needs a
+        membership in the org; a missing org and a missing membership both fail
+        with MEMBER_NOT_FOUND. Leave `org` unset (or send an empty id or slug) to
+        clear the active org. A switch raises the session's claims version
+        (`ver`): its older access tokens become stale for local verifiers, and
+        Authenticate reports the new org for them.
         """
 
     @_abc_1.abstractmethod
@@ -319,7 +353,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         empty response every few seconds as a heartbeat. Keep each revocation
         until `retention_seconds` after receiving it: by then every token it
         covers has expired. Reconnect with the last `position` to miss nothing.
-        Fails with PERMISSION_DENIED, INVALID_ARGUMENT (malformed `after`).
         """
 
     @_abc_1.abstractmethod

@@ -97,6 +97,19 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     after it was minted; refresh to get a token with the current claims.
     Sent by verifiers that check tokens locally (the sidecar interceptor).
     """
+    ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 27
+    """ABORTED: the request's `etag` is not the resource's current one: someone
+    changed it since it was read. Read it again and retry the change.
+    """
+    ERROR_REASON_ORG_HAS_MEMBERS: _ErrorReason.ValueType  # 28
+    """FAILED_PRECONDITION: the organization has members other than the caller
+    (for an admin token or API key: any member); delete it with `force` to
+    remove their memberships too.
+    """
+    ERROR_REASON_PENDING_TOKEN_INVALID: _ErrorReason.ValueType  # 29
+    """UNAUTHENTICATED: the pending sign-in token of a SignInChallenge is
+    malformed, unknown, already used or expired; sign in again.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call failed.
@@ -105,7 +118,15 @@ class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     `google.rpc.ErrorInfo` detail whose `domain` is "authsvc" and whose `reason`
     is the value's name without the `ERROR_REASON_` prefix, for example
     "INVALID_CREDENTIALS". Reasons are stable: match on them, not on messages.
-    Each value names the gRPC status code it travels with.
+    Each value names the gRPC status code it travels with. Each RPC declares the
+    reasons it may fail with in its `(authsvc.v1.errors)` option.
+
+    Decoding: the status travels in the `grpc-status-details-bin` trailer as a
+    serialized `google.rpc.Status` (protos/google/rpc/status.proto, vendored
+    here, as are error_details.proto and code.proto); its `details` are
+    `google.protobuf.Any` values of `google.rpc.ErrorInfo`, `BadRequest` and
+    `RetryInfo`. Values are never renumbered or removed: the list of them is
+    committed and checked (tests/contract/error_reasons.txt).
     """
 
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
@@ -182,5 +203,18 @@ ERROR_REASON_TOKEN_STALE: ErrorReason.ValueType  # 26
 """UNAUTHENTICATED: the token's claims (platform role, org, org role) changed
 after it was minted; refresh to get a token with the current claims.
 Sent by verifiers that check tokens locally (the sidecar interceptor).
+"""
+ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 27
+"""ABORTED: the request's `etag` is not the resource's current one: someone
+changed it since it was read. Read it again and retry the change.
+"""
+ERROR_REASON_ORG_HAS_MEMBERS: ErrorReason.ValueType  # 28
+"""FAILED_PRECONDITION: the organization has members other than the caller
+(for an admin token or API key: any member); delete it with `force` to
+remove their memberships too.
+"""
+ERROR_REASON_PENDING_TOKEN_INVALID: ErrorReason.ValueType  # 29
+"""UNAUTHENTICATED: the pending sign-in token of a SignInChallenge is
+malformed, unknown, already used or expired; sign in again.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

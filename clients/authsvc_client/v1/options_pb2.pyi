@@ -3,18 +3,22 @@
 isort:skip_file
 """
 
+from . import errors_pb2 as _errors_pb2
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pb2 as _descriptor_pb2
+from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf.internal import extension_dict as _extension_dict
 import builtins as _builtins
 import sys
 import typing as _typing
 
-if sys.version_info >= (3, 10):
-    from typing import TypeAlias as _TypeAlias
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    from typing_extensions import TypeAlias as _TypeAlias
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -27,8 +31,12 @@ class _AccessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Access.ValueTy
     ACCESS_UNSPECIFIED: _Access.ValueType  # 0
     """Never valid: a method without a declaration is unreachable."""
     ACCESS_PUBLIC: _Access.ValueType  # 1
-    """No credential needed. Credentials that are sent anyway are still checked,
-    and a bad one fails the call.
+    """No credential needed: the credential, if any, is in the request itself
+    (a password, a refresh token, an access token to resolve). An
+    `authorization` bearer sent anyway is ignored, so a client whose channel
+    attaches the user's access token to every call can still refresh it once
+    it has expired. An `x-api-key` sent anyway is checked (a bad one fails
+    the call with API_KEY_INVALID): it is what lets a gateway pass ClientInfo.
     """
     ACCESS_USER: _Access.ValueType  # 2
     """A user's or an admin's access token."""
@@ -40,10 +48,10 @@ class _AccessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Access.ValueTy
     ACCESS_ADMIN: _Access.ValueType  # 4
     """An admin access token or a service API key."""
     ACCESS_ORG: _Access.ValueType  # 5
-    """Acts inside one organization, named by the request's `org_id` or
-    `org_slug`. A user's access token needs that org as its session's active
-    org (see AuthService.SetActiveOrg) and an org role high enough for what
-    the call does (the role table of OrgService); another active org, or
+    """Acts inside one organization, named by the request's `org` (an `org_id`
+    or an `org_slug`). A user's access token needs that org as its session's
+    active org (see AuthService.SetActiveOrg) and an org role high enough for
+    what the call does (the role table of OrgService); another active org, or
     none, fails with ORG_MISMATCH before any lookup. An admin access token or
     a service API key acts on any org.
     """
@@ -62,8 +70,12 @@ class Access(_Access, metaclass=_AccessEnumTypeWrapper):
 ACCESS_UNSPECIFIED: Access.ValueType  # 0
 """Never valid: a method without a declaration is unreachable."""
 ACCESS_PUBLIC: Access.ValueType  # 1
-"""No credential needed. Credentials that are sent anyway are still checked,
-and a bad one fails the call.
+"""No credential needed: the credential, if any, is in the request itself
+(a password, a refresh token, an access token to resolve). An
+`authorization` bearer sent anyway is ignored, so a client whose channel
+attaches the user's access token to every call can still refresh it once
+it has expired. An `x-api-key` sent anyway is checked (a bad one fails
+the call with API_KEY_INVALID): it is what lets a gateway pass ClientInfo.
 """
 ACCESS_USER: Access.ValueType  # 2
 """A user's or an admin's access token."""
@@ -75,24 +87,95 @@ before any lookup, so a user cannot probe which ids exist.
 ACCESS_ADMIN: Access.ValueType  # 4
 """An admin access token or a service API key."""
 ACCESS_ORG: Access.ValueType  # 5
-"""Acts inside one organization, named by the request's `org_id` or
-`org_slug`. A user's access token needs that org as its session's active
-org (see AuthService.SetActiveOrg) and an org role high enough for what
-the call does (the role table of OrgService); another active org, or
+"""Acts inside one organization, named by the request's `org` (an `org_id`
+or an `org_slug`). A user's access token needs that org as its session's
+active org (see AuthService.SetActiveOrg) and an org role high enough for
+what the call does (the role table of OrgService); another active org, or
 none, fails with ORG_MISMATCH before any lookup. An admin access token or
 a service API key acts on any org.
 """
 Global___Access: _TypeAlias = Access  # noqa: Y015
 
+class _TenantKey:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TenantKeyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TenantKey.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TENANT_KEY_UNSPECIFIED: _TenantKey.ValueType  # 0
+    """Decided by the field's name: a string field named `org_id` holds an org
+    id and one named `org_slug` an org slug; any other field holds neither.
+    """
+    TENANT_KEY_NONE: _TenantKey.ValueType  # 1
+    """Not a tenant field, whatever its name (for example the org a session
+    switches to).
+    """
+    TENANT_KEY_ORG_ID: _TenantKey.ValueType  # 2
+    """The id of the organization the call acts in."""
+    TENANT_KEY_ORG_SLUG: _TenantKey.ValueType  # 3
+    """The slug of the organization the call acts in."""
+
+class TenantKey(_TenantKey, metaclass=_TenantKeyEnumTypeWrapper):
+    """Which key of an organization a request field holds, for the tenant-scoping
+    client interceptor (`authsvc_client.scoping`).
+    """
+
+TENANT_KEY_UNSPECIFIED: TenantKey.ValueType  # 0
+"""Decided by the field's name: a string field named `org_id` holds an org
+id and one named `org_slug` an org slug; any other field holds neither.
+"""
+TENANT_KEY_NONE: TenantKey.ValueType  # 1
+"""Not a tenant field, whatever its name (for example the org a session
+switches to).
+"""
+TENANT_KEY_ORG_ID: TenantKey.ValueType  # 2
+"""The id of the organization the call acts in."""
+TENANT_KEY_ORG_SLUG: TenantKey.ValueType  # 3
+"""The slug of the organization the call acts in."""
+Global___TenantKey: _TypeAlias = TenantKey  # noqa: Y015
+
+@_typing.final
+class MethodErrors(_message.Message):
+    """The reasons an RPC may fail with, besides those every RPC may fail with.
+
+    Every RPC may also fail with INVALID_ARGUMENT (malformed call metadata),
+    API_KEY_INVALID (an `x-api-key` the server does not know),
+    BACKEND_UNAVAILABLE and INTERNAL; `errors` lists every other reason the
+    method can answer. A test of the server checks that no call answers a
+    reason its method does not declare.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_errors_pb2.ErrorReason.ValueType]:
+        """The reasons, in no particular order."""
+
+    def __init__(
+        self,
+        *,
+        reasons: _abc.Iterable[_errors_pb2.ErrorReason.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reasons", b"reasons"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MethodErrors: _TypeAlias = MethodErrors  # noqa: Y015
+
 ACCESS_FIELD_NUMBER: _builtins.int
+ERRORS_FIELD_NUMBER: _builtins.int
 TENANT_FIELD_NUMBER: _builtins.int
 access: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, Global___Access.ValueType]
 """The credential the method needs."""
-tenant: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.bool]
+errors: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, Global___MethodErrors]
+"""The reasons the method may fail with; see MethodErrors."""
+tenant: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, Global___TenantKey.ValueType]
 """Whether a request field names the tenant (the organization) the call acts
-in. The tenant-scoping client interceptor (`authsvc_client.scoping`)
-refuses, before sending, a request whose tenant field is set to anything
-but the caller's active org. Without this option a string field named
-`org_id` is a tenant field; set it to false on an `org_id` that is not
-one (for example the org a session switches to).
+in, and by which key. The tenant-scoping client interceptor refuses,
+before sending, a request whose tenant field is set to anything but the
+caller's active org (its id, or its slug as the access token carries it
+in the `org_slug` claim).
 """

@@ -3,13 +3,12 @@
 isort:skip_file
 """
 
+from . import resources_pb2 as _resources_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
-from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,126 +19,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class _OrgRole:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _OrgRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrgRole.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    ORG_ROLE_UNSPECIFIED: _OrgRole.ValueType  # 0
-    """No role: the session has no active org. Not valid in requests."""
-    ORG_ROLE_OWNER: _OrgRole.ValueType  # 1
-    """Everything, including deleting the org and making or unmaking owners."""
-    ORG_ROLE_ADMIN: _OrgRole.ValueType  # 2
-    """Adds, removes and re-roles members up to admin; updates the org."""
-    ORG_ROLE_MEMBER: _OrgRole.ValueType  # 3
-    """Reads the org and its members."""
-
-class OrgRole(_OrgRole, metaclass=_OrgRoleEnumTypeWrapper):
-    """A member's role in an organization."""
-
-ORG_ROLE_UNSPECIFIED: OrgRole.ValueType  # 0
-"""No role: the session has no active org. Not valid in requests."""
-ORG_ROLE_OWNER: OrgRole.ValueType  # 1
-"""Everything, including deleting the org and making or unmaking owners."""
-ORG_ROLE_ADMIN: OrgRole.ValueType  # 2
-"""Adds, removes and re-roles members up to admin; updates the org."""
-ORG_ROLE_MEMBER: OrgRole.ValueType  # 3
-"""Reads the org and its members."""
-Global___OrgRole: _TypeAlias = OrgRole  # noqa: Y015
-
-@_typing.final
-class Org(_message.Message):
-    """An organization: a tenant."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ID_FIELD_NUMBER: _builtins.int
-    SLUG_FIELD_NUMBER: _builtins.int
-    NAME_FIELD_NUMBER: _builtins.int
-    CREATE_TIME_FIELD_NUMBER: _builtins.int
-    UPDATE_TIME_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    """UUID, assigned by the server."""
-    slug: _builtins.str
-    """Unique; 3 to 63 lowercase letters, digits and hyphens."""
-    name: _builtins.str
-    """Display name, 1 to 200 characters."""
-    @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When the org was created."""
-
-    @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When the org last changed."""
-
-    def __init__(
-        self,
-        *,
-        id: _builtins.str = ...,
-        slug: _builtins.str = ...,
-        name: _builtins.str = ...,
-        create_time: _timestamp_pb2.Timestamp | None = ...,
-        update_time: _timestamp_pb2.Timestamp | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "name", b"name", "slug", b"slug", "update_time", b"update_time"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Org: _TypeAlias = Org  # noqa: Y015
-
-@_typing.final
-class Member(_message.Message):
-    """A user's membership in an organization."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ORG_ID_FIELD_NUMBER: _builtins.int
-    USER_ID_FIELD_NUMBER: _builtins.int
-    ROLE_FIELD_NUMBER: _builtins.int
-    EMAIL_FIELD_NUMBER: _builtins.int
-    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
-    CREATE_TIME_FIELD_NUMBER: _builtins.int
-    UPDATE_TIME_FIELD_NUMBER: _builtins.int
-    org_id: _builtins.str
-    """The organization."""
-    user_id: _builtins.str
-    """The user."""
-    role: Global___OrgRole.ValueType
-    """The user's role in the org."""
-    email: _builtins.str
-    """The user's email."""
-    display_name: _builtins.str
-    """The user's display name."""
-    @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When the user joined."""
-
-    @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When the membership last changed."""
-
-    def __init__(
-        self,
-        *,
-        org_id: _builtins.str = ...,
-        user_id: _builtins.str = ...,
-        role: Global___OrgRole.ValueType = ...,
-        email: _builtins.str = ...,
-        display_name: _builtins.str = ...,
-        create_time: _timestamp_pb2.Timestamp | None = ...,
-        update_time: _timestamp_pb2.Timestamp | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "email", b"email", "org_id", b"org_id", "role", b"role", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Member: _TypeAlias = Member  # noqa: Y015
 
 @_typing.final
 class CreateOrgRequest(_message.Message):
@@ -179,13 +58,13 @@ class CreateOrgResponse(_message.Message):
 
     ORG_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def org(self) -> Global___Org:
+    def org(self) -> _resources_pb2.Org:
         """The new org."""
 
     def __init__(
         self,
         *,
-        org: Global___Org | None = ...,
+        org: _resources_pb2.Org | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -204,20 +83,22 @@ class GetOrgRequest(_message.Message):
     ORG_ID_FIELD_NUMBER: _builtins.int
     ORG_SLUG_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
-    """The org's id; give this or `org_slug`."""
+    """The org's id."""
     org_slug: _builtins.str
-    """The org's slug; give this or `org_id`."""
+    """The org's slug."""
     def __init__(
         self,
         *,
         org_id: _builtins.str = ...,
         org_slug: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_org: _TypeAlias = _typing.Literal["org_id", "org_slug"]  # noqa: Y015
+    _WhichOneofArgType_org: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_org) -> _WhichOneofReturnType_org | None: ...
 
 Global___GetOrgRequest: _TypeAlias = GetOrgRequest  # noqa: Y015
 
@@ -229,13 +110,13 @@ class GetOrgResponse(_message.Message):
 
     ORG_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def org(self) -> Global___Org:
+    def org(self) -> _resources_pb2.Org:
         """The org."""
 
     def __init__(
         self,
         *,
-        org: Global___Org | None = ...,
+        org: _resources_pb2.Org | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -253,33 +134,37 @@ class UpdateOrgRequest(_message.Message):
 
     ORG_ID_FIELD_NUMBER: _builtins.int
     ORG_SLUG_FIELD_NUMBER: _builtins.int
-    ORG_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
-    """The org's id; give this or `org_slug`."""
+    """The org's id."""
     org_slug: _builtins.str
-    """The org's current slug; give this or `org_id`."""
+    """The org's slug."""
     @_builtins.property
-    def org(self) -> Global___Org:
-        """The new values; `org.id` is ignored."""
+    def values(self) -> _resources_pb2.Org:
+        """The new values of the fields in `update_mask`; `values.id` is ignored,
+        and `values.etag`, when set, must be the org's current etag.
+        """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """The fields to change: any of `name`, `slug`. Required."""
+        """The fields to change: any of `name`, `slug`."""
 
     def __init__(
         self,
         *,
         org_id: _builtins.str = ...,
         org_slug: _builtins.str = ...,
-        org: Global___Org | None = ...,
+        values: _resources_pb2.Org | None = ...,
         update_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "update_mask", b"update_mask"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug", "update_mask", b"update_mask", "values", b"values"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug", "update_mask", b"update_mask", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_org: _TypeAlias = _typing.Literal["org_id", "org_slug"]  # noqa: Y015
+    _WhichOneofArgType_org: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_org) -> _WhichOneofReturnType_org | None: ...
 
 Global___UpdateOrgRequest: _TypeAlias = UpdateOrgRequest  # noqa: Y015
 
@@ -291,13 +176,13 @@ class UpdateOrgResponse(_message.Message):
 
     ORG_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def org(self) -> Global___Org:
+    def org(self) -> _resources_pb2.Org:
         """The org after the change."""
 
     def __init__(
         self,
         *,
-        org: Global___Org | None = ...,
+        org: _resources_pb2.Org | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -315,21 +200,35 @@ class DeleteOrgRequest(_message.Message):
 
     ORG_ID_FIELD_NUMBER: _builtins.int
     ORG_SLUG_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    ALLOW_MISSING_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
-    """The org's id; give this or `org_slug`."""
+    """The org's id."""
     org_slug: _builtins.str
-    """The org's slug; give this or `org_id`."""
+    """The org's slug."""
+    etag: _builtins.str
+    """When set, the org is deleted only if this is its current etag."""
+    force: _builtins.bool
+    """When true, the org's other members are removed with it."""
+    allow_missing: _builtins.bool
+    """When true, an org that does not exist is not an error."""
     def __init__(
         self,
         *,
         org_id: _builtins.str = ...,
         org_slug: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        force: _builtins.bool = ...,
+        allow_missing: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_missing", b"allow_missing", "etag", b"etag", "force", b"force", "org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_org: _TypeAlias = _typing.Literal["org_id", "org_slug"]  # noqa: Y015
+    _WhichOneofArgType_org: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_org) -> _WhichOneofReturnType_org | None: ...
 
 Global___DeleteOrgRequest: _TypeAlias = DeleteOrgRequest  # noqa: Y015
 
@@ -388,21 +287,30 @@ class ListOrgsResponse(_message.Message):
 
     ORGS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    MEMBERSHIPS_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token of the next page; empty on the last page."""
     @_builtins.property
-    def orgs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Org]:
+    def orgs(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Org]:
         """The page, oldest org first."""
+
+    @_builtins.property
+    def memberships(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Member]:
+        """When the orgs are one user's: that user's membership in each org of
+        `orgs`, in the same order (so a picker can show "Acme (admin)" without
+        switching orgs). Empty when listing every org.
+        """
 
     def __init__(
         self,
         *,
-        orgs: _abc.Iterable[Global___Org] | None = ...,
+        orgs: _abc.Iterable[_resources_pb2.Org] | None = ...,
         next_page_token: _builtins.str = ...,
+        memberships: _abc.Iterable[_resources_pb2.Member] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "orgs", b"orgs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memberships", b"memberships", "next_page_token", b"next_page_token", "orgs", b"orgs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -419,12 +327,12 @@ class AddMemberRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
-    """The org's id; give this or `org_slug`."""
+    """The org's id."""
     org_slug: _builtins.str
-    """The org's slug; give this or `org_id`."""
+    """The org's slug."""
     user_id: _builtins.str
     """The user to add."""
-    role: Global___OrgRole.ValueType
+    role: _resources_pb2.OrgRole.ValueType
     """Their role; ORG_ROLE_UNSPECIFIED means ORG_ROLE_MEMBER."""
     def __init__(
         self,
@@ -432,13 +340,15 @@ class AddMemberRequest(_message.Message):
         org_id: _builtins.str = ...,
         org_slug: _builtins.str = ...,
         user_id: _builtins.str = ...,
-        role: Global___OrgRole.ValueType = ...,
+        role: _resources_pb2.OrgRole.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_id", b"org_id", "org_slug", b"org_slug", "role", b"role", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug", "role", b"role", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_org: _TypeAlias = _typing.Literal["org_id", "org_slug"]  # noqa: Y015
+    _WhichOneofArgType_org: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_org) -> _WhichOneofReturnType_org | None: ...
 
 Global___AddMemberRequest: _TypeAlias = AddMemberRequest  # noqa: Y015
 
@@ -450,13 +360,13 @@ class AddMemberResponse(_message.Message):
 
     MEMBER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def member(self) -> Global___Member:
+    def member(self) -> _resources_pb2.Member:
         """The new membership."""
 
     def __init__(
         self,
         *,
-        member: Global___Member | None = ...,
+        member: _resources_pb2.Member | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -476,27 +386,33 @@ class UpdateMemberRequest(_message.Message):
     ORG_SLUG_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
-    """The org's id; give this or `org_slug`."""
+    """The org's id."""
     org_slug: _builtins.str
-    """The org's slug; give this or `org_id`."""
+    """The org's slug."""
     user_id: _builtins.str
     """The member."""
-    role: Global___OrgRole.ValueType
-    """The new role. Required."""
+    role: _resources_pb2.OrgRole.ValueType
+    """The new role; not ORG_ROLE_UNSPECIFIED."""
+    etag: _builtins.str
+    """When set, the change is made only if this is the membership's current etag."""
     def __init__(
         self,
         *,
         org_id: _builtins.str = ...,
         org_slug: _builtins.str = ...,
         user_id: _builtins.str = ...,
-        role: Global___OrgRole.ValueType = ...,
+        role: _resources_pb2.OrgRole.ValueType = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_id", b"org_id", "org_slug", b"org_slug", "role", b"role", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "org", b"org", "org_id", b"org_id", "org_slug", b"org_slug", "role", b"role", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_org: _TypeAlias = _typing.Literal["org_id", "org_slug"]  # noqa: Y015
+    _WhichOneofArgType_org: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_org) -> _WhichOneofReturnType_org | None: ...
 
 Global___UpdateMemberRequest: _TypeAlias = UpdateMemberRequest  # noqa: Y015
 
@@ -508,13 +424,13 @@ class UpdateMemberResponse(_message.Message):
 
     MEMBER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def member(self) -> Global___Member:
+    def member(self) -> _resources_pb2.Member:
         """The membership after the change."""
 
     def __init__(
         self,
         *,
-        member: Global___Member | None = ...,
+        member: _resources_pb2.Member | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -533,24 +449,34 @@ class RemoveMemberRequest(_message.Message):
     ORG_ID_FIELD_NUMBER: _builtins.int
     ORG_SLUG_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    ALLOW_MISSING_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
-    """The org's id; give this or `org_slug`."""
+    """The org's id."""
     org_slug: _builtins.str
-    """The org's slug; give this or `org_id`."""
+    """The org's slug."""
     user_id: _builtins.str
     """The member to remove."""
+    etag: _builtins.str
+    """When set, the member is removed only if this is the membership's current etag."""
+    allow_missing: _builtins.bool
+    """When true, a membership that does not exist is not an error."""
     def __init__(
         self,
         *,
         org_id: _builtins.str = ...,
         org_slug: _builtins.str = ...,
         user_id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        allow_missing: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_id", b"org_id", "org_slug", b"org_slug", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_missing", b"allow_missing", "etag", b"etag", "org", b"org", "org_id", b"org_id", "org_slug", b"org_slug", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_org: _TypeAlias = _typing.Literal["org_id", "org_slug"]  # noqa: Y015
+    _WhichOneofArgType_org: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_org) -> _WhichOneofReturnType_org | None: ...
 
 Global___RemoveMemberRequest: _TypeAlias = RemoveMemberRequest  # noqa: Y015
 
@@ -581,9 +507,9 @@ class GetMemberRequest(_message.Message):
     ORG_SLUG_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
-    """The org's id; give this or `org_slug`."""
+    """The org's id."""
     org_slug: _builtins.str
-    """The org's slug; give this or `org_id`."""
+    """The org's slug."""
     user_id: _builtins.str
     """The member."""
     def __init__(
@@ -593,11 +519,13 @@ class GetMemberRequest(_message.Message):
         org_slug: _builtins.str = ...,
         user_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_id", b"org_id", "org_slug", b"org_slug", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_org: _TypeAlias = _typing.Literal["org_id", "org_slug"]  # noqa: Y015
+    _WhichOneofArgType_org: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_org) -> _WhichOneofReturnType_org | None: ...
 
 Global___GetMemberRequest: _TypeAlias = GetMemberRequest  # noqa: Y015
 
@@ -609,13 +537,13 @@ class GetMemberResponse(_message.Message):
 
     MEMBER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def member(self) -> Global___Member:
+    def member(self) -> _resources_pb2.Member:
         """The membership."""
 
     def __init__(
         self,
         *,
-        member: Global___Member | None = ...,
+        member: _resources_pb2.Member | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -636,9 +564,9 @@ class ListMembersRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
-    """The org's id; give this or `org_slug`."""
+    """The org's id."""
     org_slug: _builtins.str
-    """The org's slug; give this or `org_id`."""
+    """The org's slug."""
     page_size: _builtins.int
     """At most this many; 0 means 50, values above 500 are treated as 500."""
     page_token: _builtins.str
@@ -651,11 +579,13 @@ class ListMembersRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_id", b"org_id", "org_slug", b"org_slug", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_org: _TypeAlias = _typing.Literal["org_id", "org_slug"]  # noqa: Y015
+    _WhichOneofArgType_org: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_org) -> _WhichOneofReturnType_org | None: ...
 
 Global___ListMembersRequest: _TypeAlias = ListMembersRequest  # noqa: Y015
 
@@ -670,13 +600,13 @@ class ListMembersResponse(_message.Message):
     next_page_token: _builtins.str
     """Token of the next page; empty on the last page."""
     @_builtins.property
-    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___Member]:
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Member]:
         """The page, oldest membership first."""
 
     def __init__(
         self,
         *,
-        members: _abc.Iterable[Global___Member] | None = ...,
+        members: _abc.Iterable[_resources_pb2.Member] | None = ...,
         next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015

@@ -29,7 +29,7 @@ class OrgServiceStub:
     """Organizations (tenants) and their members.
 
     Org-scoped calls (ACCESS_ORG) name one org by `org_id` or `org_slug`
-    (exactly one). A user acts in an org through a session whose active org it
+    (exactly one: the `org` oneof). A user acts in an org through a session whose active org it
     is (AuthService.SetActiveOrg), with the role they hold there now:
 
     | action                                        | member | admin | owner |
@@ -111,7 +111,7 @@ class OrgServiceServicer:
     """Organizations (tenants) and their members.
 
     Org-scoped calls (ACCESS_ORG) name one org by `org_id` or `org_slug`
-    (exactly one). A user acts in an org through a session whose active org it
+    (exactly one: the `org` oneof). A user acts in an org through a session whose active org it
     is (AuthService.SetActiveOrg), with the role they hold there now:
 
     | action                                        | member | admin | owner |
@@ -137,8 +137,6 @@ class OrgServiceServicer:
         A user creates an org they own (leave `owner_user_id` empty or give their
         own id); an admin token or API key may name any user as owner (an API key
         must name one).
-        Fails with INVALID_ARGUMENT, PERMISSION_DENIED, ORG_SLUG_CONFLICT,
-        USER_NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,8 +145,7 @@ class OrgServiceServicer:
     def GetOrg(self, request, context):
         """Returns one organization, by id or by slug.
 
-        Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
-        PERMISSION_DENIED, ORG_NOT_FOUND.
+        Needs any role in the org.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,22 +154,24 @@ class OrgServiceServicer:
     def UpdateOrg(self, request, context):
         """Changes the fields of an organization named in `update_mask` (AIP-134).
 
-        The org is named by `org_id` or `org_slug`; `org.slug`, with `slug` in the
-        mask, is its new slug. Needs admin or owner.
-        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-        ORG_NOT_FOUND, ORG_SLUG_CONFLICT.
+        The org is named by `org`; `values.slug`, with `slug` in the mask, is its
+        new slug (the sessions whose active org it is get a claims change, so that
+        their tokens carry the new `org_slug`). With `values.etag` set, changes the
+        org only if that is its current etag. Needs admin or owner.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteOrg(self, request, context):
-        """Deletes an organization and every membership in it.
+        """Deletes an organization and every membership in it (AIP-135).
 
-        Sessions whose active org it was lose it: Authenticate shows no org for
-        them at once, and their next refresh carries none. Needs owner.
-        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-        ORG_NOT_FOUND.
+        An org with members other than the caller (for an admin token or API key:
+        any member) needs `force`, or fails with ORG_HAS_MEMBERS. With
+        `allow_missing`, deleting an org that does not exist succeeds, so a retried
+        delete is not an error. Sessions whose active org it was lose it:
+        Authenticate shows no org for them at once, and their next refresh carries
+        none. Needs owner.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -182,9 +181,8 @@ class OrgServiceServicer:
         """Lists organizations, oldest first, a page at a time (AIP-158).
 
         A user lists the orgs they belong to (leave `user_id` empty or give their
-        own id); an admin token or API key lists a user's orgs, or every org when
-        `user_id` is empty.
-        Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
+        own id), with their membership in each; an admin token or API key lists a
+        user's orgs (with memberships), or every org when `user_id` is empty.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,8 +192,6 @@ class OrgServiceServicer:
         """Adds a user to an organization.
 
         Needs admin or owner; adding an owner needs owner.
-        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-        ORG_NOT_FOUND, USER_NOT_FOUND, MEMBER_ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -204,23 +200,21 @@ class OrgServiceServicer:
     def UpdateMember(self, request, context):
         """Changes a member's role.
 
-        Needs admin or owner; a change to or from owner needs owner. The member's
+        Needs admin or owner; a change to or from owner needs owner. With `etag`
+        set, changes the membership only if that is its current etag. The member's
         Authenticate shows the new role at once and their next refresh carries it.
-        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-        ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RemoveMember(self, request, context):
-        """Removes a user from an organization.
+        """Removes a user from an organization (AIP-135).
 
         Any member may remove themselves (leave); removing someone else needs
-        admin or owner, and removing an owner needs owner. Sessions of the user
+        admin or owner, and removing an owner needs owner. With `allow_missing`,
+        removing a membership that does not exist succeeds. Sessions of the user
         whose active org it was lose it at once.
-        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-        ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -229,8 +223,7 @@ class OrgServiceServicer:
     def GetMember(self, request, context):
         """Returns one membership.
 
-        Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
-        PERMISSION_DENIED, ORG_NOT_FOUND, MEMBER_NOT_FOUND.
+        Needs any role in the org.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -239,8 +232,7 @@ class OrgServiceServicer:
     def ListMembers(self, request, context):
         """Lists an organization's members, oldest membership first (AIP-158).
 
-        Needs any role in the org. Fails with INVALID_ARGUMENT,
-        INVALID_PAGE_TOKEN, ORG_MISMATCH, PERMISSION_DENIED, ORG_NOT_FOUND.
+        Needs any role in the org.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -311,7 +303,7 @@ class OrgService:
     """Organizations (tenants) and their members.
 
     Org-scoped calls (ACCESS_ORG) name one org by `org_id` or `org_slug`
-    (exactly one). A user acts in an org through a session whose active org it
+    (exactly one: the `org` oneof). A user acts in an org through a session whose active org it
     is (AuthService.SetActiveOrg), with the role they hold there now:
 
     | action                                        | member | admin | owner |

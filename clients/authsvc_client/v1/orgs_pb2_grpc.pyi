@@ -30,7 +30,7 @@ class OrgServiceStub:
     """Organizations (tenants) and their members.
 
     Org-scoped calls (ACCESS_ORG) name one org by `org_id` or `org_slug`
-    (exactly one). A user acts in an org through a session whose active org it
+    (exactly one: the `org` oneof). A user acts in an org through a session whose active org it
     is (AuthService.SetActiveOrg), with the role they hold there now:
 
     | action                                        | member | admin | owner |
@@ -60,74 +60,66 @@ class OrgServiceStub:
     A user creates an org they own (leave `owner_user_id` empty or give their
     own id); an admin token or API key may name any user as owner (an API key
     must name one).
-    Fails with INVALID_ARGUMENT, PERMISSION_DENIED, ORG_SLUG_CONFLICT,
-    USER_NOT_FOUND.
     """
     GetOrg: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.GetOrgRequest, _orgs_pb2.GetOrgResponse]
     """Returns one organization, by id or by slug.
 
-    Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
-    PERMISSION_DENIED, ORG_NOT_FOUND.
+    Needs any role in the org.
     """
     UpdateOrg: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.UpdateOrgRequest, _orgs_pb2.UpdateOrgResponse]
     """Changes the fields of an organization named in `update_mask` (AIP-134).
 
-    The org is named by `org_id` or `org_slug`; `org.slug`, with `slug` in the
-    mask, is its new slug. Needs admin or owner.
-    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-    ORG_NOT_FOUND, ORG_SLUG_CONFLICT.
+    The org is named by `org`; `values.slug`, with `slug` in the mask, is its
+    new slug (the sessions whose active org it is get a claims change, so that
+    their tokens carry the new `org_slug`). With `values.etag` set, changes the
+    org only if that is its current etag. Needs admin or owner.
     """
     DeleteOrg: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.DeleteOrgRequest, _orgs_pb2.DeleteOrgResponse]
-    """Deletes an organization and every membership in it.
+    """Deletes an organization and every membership in it (AIP-135).
 
-    Sessions whose active org it was lose it: Authenticate shows no org for
-    them at once, and their next refresh carries none. Needs owner.
-    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-    ORG_NOT_FOUND.
+    An org with members other than the caller (for an admin token or API key:
+    any member) needs `force`, or fails with ORG_HAS_MEMBERS. With
+    `allow_missing`, deleting an org that does not exist succeeds, so a retried
+    delete is not an error. Sessions whose active org it was lose it:
+    Authenticate shows no org for them at once, and their next refresh carries
+    none. Needs owner.
     """
     ListOrgs: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.ListOrgsRequest, _orgs_pb2.ListOrgsResponse]
     """Lists organizations, oldest first, a page at a time (AIP-158).
 
     A user lists the orgs they belong to (leave `user_id` empty or give their
-    own id); an admin token or API key lists a user's orgs, or every org when
-    `user_id` is empty.
-    Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
+    own id), with their membership in each; an admin token or API key lists a
+    user's orgs (with memberships), or every org when `user_id` is empty.
     """
     AddMember: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.AddMemberRequest, _orgs_pb2.AddMemberResponse]
     """Adds a user to an organization.
 
     Needs admin or owner; adding an owner needs owner.
-    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-    ORG_NOT_FOUND, USER_NOT_FOUND, MEMBER_ALREADY_EXISTS.
     """
     UpdateMember: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.UpdateMemberRequest, _orgs_pb2.UpdateMemberResponse]
     """Changes a member's role.
 
-    Needs admin or owner; a change to or from owner needs owner. The member's
+    Needs admin or owner; a change to or from owner needs owner. With `etag`
+    set, changes the membership only if that is its current etag. The member's
     Authenticate shows the new role at once and their next refresh carries it.
-    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-    ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
     """
     RemoveMember: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.RemoveMemberRequest, _orgs_pb2.RemoveMemberResponse]
-    """Removes a user from an organization.
+    """Removes a user from an organization (AIP-135).
 
     Any member may remove themselves (leave); removing someone else needs
-    admin or owner, and removing an owner needs owner. Sessions of the user
+    admin or owner, and removing an owner needs owner. With `allow_missing`,
+    removing a membership that does not exist succeeds. Sessions of the user
     whose active org it was lose it at once.
-    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-    ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
     """
     GetMember: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.GetMemberRequest, _orgs_pb2.GetMemberResponse]
     """Returns one membership.
 
-    Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
-    PERMISSION_DENIED, ORG_NOT_FOUND, MEMBER_NOT_FOUND.
+    Needs any role in the org.
     """
     ListMembers: _grpc.UnaryUnaryMultiCallable[_orgs_pb2.ListMembersRequest, _orgs_pb2.ListMembersResponse]
     """Lists an organization's members, oldest membership first (AIP-158).
 
-    Needs any role in the org. Fails with INVALID_ARGUMENT,
-    INVALID_PAGE_TOKEN, ORG_MISMATCH, PERMISSION_DENIED, ORG_NOT_FOUND.
+    Needs any role in the org.
     """
 
 @_typing.type_check_only
@@ -135,7 +127,7 @@ class OrgServiceAsyncStub(OrgServiceStub):
     """Organizations (tenants) and their members.
 
     Org-scoped calls (ACCESS_ORG) name one org by `org_id` or `org_slug`
-    (exactly one). A user acts in an org through a session whose active org it
+    (exactly one: the `org` oneof). A user acts in an org through a session whose active org it
     is (AuthService.SetActiveOrg), with the role they hold there now:
 
     | action                                        | member | admin | owner |
@@ -162,81 +154,73 @@ class OrgServiceAsyncStub(OrgServiceStub):
     A user creates an org they own (leave `owner_user_id` empty or give their
     own id); an admin token or API key may name any user as owner (an API key
     must name one).
-    Fails with INVALID_ARGUMENT, PERMISSION_DENIED, ORG_SLUG_CONFLICT,
-    USER_NOT_FOUND.
     """
     GetOrg: _aio.UnaryUnaryMultiCallable[_orgs_pb2.GetOrgRequest, _orgs_pb2.GetOrgResponse]  # type: ignore[assignment]
     """Returns one organization, by id or by slug.
 
-    Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
-    PERMISSION_DENIED, ORG_NOT_FOUND.
+    Needs any role in the org.
     """
     UpdateOrg: _aio.UnaryUnaryMultiCallable[_orgs_pb2.UpdateOrgRequest, _orgs_pb2.UpdateOrgResponse]  # type: ignore[assignment]
     """Changes the fields of an organization named in `update_mask` (AIP-134).
 
-    The org is named by `org_id` or `org_slug`; `org.slug`, with `slug` in the
-    mask, is its new slug. Needs admin or owner.
-    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-    ORG_NOT_FOUND, ORG_SLUG_CONFLICT.
+    The org is named by `org`; `values.slug`, with `slug` in the mask, is its
+    new slug (the sessions whose active org it is get a claims change, so that
+    their tokens carry the new `org_slug`). With `values.etag` set, changes the
+    org only if that is its current etag. Needs admin or owner.
     """
     DeleteOrg: _aio.UnaryUnaryMultiCallable[_orgs_pb2.DeleteOrgRequest, _orgs_pb2.DeleteOrgResponse]  # type: ignore[assignment]
-    """Deletes an organization and every membership in it.
+    """Deletes an organization and every membership in it (AIP-135).
 
-    Sessions whose active org it was lose it: Authenticate shows no org for
-    them at once, and their next refresh carries none. Needs owner.
-    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-    ORG_NOT_FOUND.
+    An org with members other than the caller (for an admin token or API key:
+    any member) needs `force`, or fails with ORG_HAS_MEMBERS. With
+    `allow_missing`, deleting an org that does not exist succeeds, so a retried
+    delete is not an error. Sessions whose active org it was lose it:
+    Authenticate shows no org for them at once, and their next refresh carries
+    none. Needs owner.
     """
     ListOrgs: _aio.UnaryUnaryMultiCallable[_orgs_pb2.ListOrgsRequest, _orgs_pb2.ListOrgsResponse]  # type: ignore[assignment]
     """Lists organizations, oldest first, a page at a time (AIP-158).
 
     A user lists the orgs they belong to (leave `user_id` empty or give their
-    own id); an admin token or API key lists a user's orgs, or every org when
-    `user_id` is empty.
-    Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
+    own id), with their membership in each; an admin token or API key lists a
+    user's orgs (with memberships), or every org when `user_id` is empty.
     """
     AddMember: _aio.UnaryUnaryMultiCallable[_orgs_pb2.AddMemberRequest, _orgs_pb2.AddMemberResponse]  # type: ignore[assignment]
     """Adds a user to an organization.
 
     Needs admin or owner; adding an owner needs owner.
-    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-    ORG_NOT_FOUND, USER_NOT_FOUND, MEMBER_ALREADY_EXISTS.
     """
     UpdateMember: _aio.UnaryUnaryMultiCallable[_orgs_pb2.UpdateMemberRequest, _orgs_pb2.UpdateMemberResponse]  # type: ignore[assignment]
     """Changes a member's role.
 
-    Needs admin or owner; a change to or from owner needs owner. The member's
+    Needs admin or owner; a change to or from owner needs owner. With `etag`
+    set, changes the membership only if that is its current etag. The member's
     Authenticate shows the new role at once and their next refresh carries it.
-    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-    ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
     """
     RemoveMember: _aio.UnaryUnaryMultiCallable[_orgs_pb2.RemoveMemberRequest, _orgs_pb2.RemoveMemberResponse]  # type: ignore[assignment]
-    """Removes a user from an organization.
+    """Removes a user from an organization (AIP-135).
 
     Any member may remove themselves (leave); removing someone else needs
-    admin or owner, and removing an owner needs owner. Sessions of the user
+    admin or owner, and removing an owner needs owner. With `allow_missing`,
+    removing a membership that does not exist succeeds. Sessions of the user
     whose active org it was lose it at once.
-    Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-    ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
     """
     GetMember: _aio.UnaryUnaryMultiCallable[_orgs_pb2.GetMemberRequest, _orgs_pb2.GetMemberResponse]  # type: ignore[assignment]
     """Returns one membership.
 
-    Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
-    PERMISSION_DENIED, ORG_NOT_FOUND, MEMBER_NOT_FOUND.
+    Needs any role in the org.
     """
     ListMembers: _aio.UnaryUnaryMultiCallable[_orgs_pb2.ListMembersRequest, _orgs_pb2.ListMembersResponse]  # type: ignore[assignment]
     """Lists an organization's members, oldest membership first (AIP-158).
 
-    Needs any role in the org. Fails with INVALID_ARGUMENT,
-    INVALID_PAGE_TOKEN, ORG_MISMATCH, PERMISSION_DENIED, ORG_NOT_FOUND.
+    Needs any role in the org.
     """
 
 class OrgServiceServicer(metaclass=_abc_1.ABCMeta):
     """Organizations (tenants) and their members.
 
     Org-scoped calls (ACCESS_ORG) name one org by `org_id` or `org_slug`
-    (exactly one). A user acts in an org through a session whose active org it
+    (exactly one: the `org` oneof). A user acts in an org through a session whose active org it
     is (AuthService.SetActiveOrg), with the role they hold there now:
 
     | action                                        | member | admin | owner |
@@ -267,8 +251,6 @@ class OrgServiceServicer(metaclass=_abc_1.ABCMeta):
         A user creates an org they own (leave `owner_user_id` empty or give their
         own id); an admin token or API key may name any user as owner (an API key
         must name one).
-        Fails with INVALID_ARGUMENT, PERMISSION_DENIED, ORG_SLUG_CONFLICT,
-        USER_NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
@@ -279,8 +261,7 @@ class OrgServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_orgs_pb2.GetOrgResponse, _abc.Awaitable[_orgs_pb2.GetOrgResponse]]:
         """Returns one organization, by id or by slug.
 
-        Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
-        PERMISSION_DENIED, ORG_NOT_FOUND.
+        Needs any role in the org.
         """
 
     @_abc_1.abstractmethod
@@ -291,10 +272,10 @@ class OrgServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_orgs_pb2.UpdateOrgResponse, _abc.Awaitable[_orgs_pb2.UpdateOrgResponse]]:
         """Changes the fields of an organization named in `update_mask` (AIP-134).
 
-        The org is named by `org_id` or `org_slug`; `org.slug`, with `slug` in the
-        mask, is its new slug. Needs admin or owner.
-        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-        ORG_NOT_FOUND, ORG_SLUG_CONFLICT.
+        The org is named by `org`; `values.slug`, with `slug` in the mask, is its
+        new slug (the sessions whose active org it is get a claims change, so that
+        their tokens carry the new `org_slug`). With `values.etag` set, changes the
+        org only if that is its current etag. Needs admin or owner.
         """
 
     @_abc_1.abstractmethod
@@ -303,12 +284,14 @@ class OrgServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orgs_pb2.DeleteOrgRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orgs_pb2.DeleteOrgResponse, _abc.Awaitable[_orgs_pb2.DeleteOrgResponse]]:
-        """Deletes an organization and every membership in it.
+        """Deletes an organization and every membership in it (AIP-135).
 
-        Sessions whose active org it was lose it: Authenticate shows no org for
-        them at once, and their next refresh carries none. Needs owner.
-        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-        ORG_NOT_FOUND.
+        An org with members other than the caller (for an admin token or API key:
+        any member) needs `force`, or fails with ORG_HAS_MEMBERS. With
+        `allow_missing`, deleting an org that does not exist succeeds, so a retried
+        delete is not an error. Sessions whose active org it was lose it:
+        Authenticate shows no org for them at once, and their next refresh carries
+        none. Needs owner.
         """
 
     @_abc_1.abstractmethod
@@ -320,9 +303,8 @@ class OrgServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists organizations, oldest first, a page at a time (AIP-158).
 
         A user lists the orgs they belong to (leave `user_id` empty or give their
-        own id); an admin token or API key lists a user's orgs, or every org when
-        `user_id` is empty.
-        Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
+        own id), with their membership in each; an admin token or API key lists a
+        user's orgs (with memberships), or every org when `user_id` is empty.
         """
 
     @_abc_1.abstractmethod
@@ -334,8 +316,6 @@ class OrgServiceServicer(metaclass=_abc_1.ABCMeta):
         """Adds a user to an organization.
 
         Needs admin or owner; adding an owner needs owner.
-        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-        ORG_NOT_FOUND, USER_NOT_FOUND, MEMBER_ALREADY_EXISTS.
         """
 
     @_abc_1.abstractmethod
@@ -346,10 +326,9 @@ class OrgServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_orgs_pb2.UpdateMemberResponse, _abc.Awaitable[_orgs_pb2.UpdateMemberResponse]]:
         """Changes a member's role.
 
-        Needs admin or owner; a change to or from owner needs owner. The member's
+        Needs admin or owner; a change to or from owner needs owner. With `etag`
+        set, changes the membership only if that is its current etag. The member's
         Authenticate shows the new role at once and their next refresh carries it.
-        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-        ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
         """
 
     @_abc_1.abstractmethod
@@ -358,13 +337,12 @@ class OrgServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orgs_pb2.RemoveMemberRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orgs_pb2.RemoveMemberResponse, _abc.Awaitable[_orgs_pb2.RemoveMemberResponse]]:
-        """Removes a user from an organization.
+        """Removes a user from an organization (AIP-135).
 
         Any member may remove themselves (leave); removing someone else needs
-        admin or owner, and removing an owner needs owner. Sessions of the user
+        admin or owner, and removing an owner needs owner. With `allow_missing`,
+        removing a membership that does not exist succeeds. Sessions of the user
         whose active org it was lose it at once.
-        Fails with INVALID_ARGUMENT, ORG_MISMATCH, PERMISSION_DENIED,
-        ORG_NOT_FOUND, MEMBER_NOT_FOUND, LAST_OWNER.
         """
 
     @_abc_1.abstractmethod
@@ -375,8 +353,7 @@ class OrgServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_orgs_pb2.GetMemberResponse, _abc.Awaitable[_orgs_pb2.GetMemberResponse]]:
         """Returns one membership.
 
-        Needs any role in the org. Fails with INVALID_ARGUMENT, ORG_MISMATCH,
-        PERMISSION_DENIED, ORG_NOT_FOUND, MEMBER_NOT_FOUND.
+        Needs any role in the org.
         """
 
     @_abc_1.abstractmethod
@@ -387,8 +364,7 @@ class OrgServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_orgs_pb2.ListMembersResponse, _abc.Awaitable[_orgs_pb2.ListMembersResponse]]:
         """Lists an organization's members, oldest membership first (AIP-158).
 
-        Needs any role in the org. Fails with INVALID_ARGUMENT,
-        INVALID_PAGE_TOKEN, ORG_MISMATCH, PERMISSION_DENIED, ORG_NOT_FOUND.
+        Needs any role in the org.
         """
 
 def add_OrgServiceServicer_to_server(servicer: OrgServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -23,40 +23,46 @@ _sym_db = _symbol_database.Default()
 
 
 from . import options_pb2 as authsvc_dot_v1_dot_options__pb2
-from . import orgs_pb2 as authsvc_dot_v1_dot_orgs__pb2
-from . import users_pb2 as authsvc_dot_v1_dot_users__pb2
-from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from . import resources_pb2 as authsvc_dot_v1_dot_resources__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61uthsvc/v1/sessions.proto\x12\nauthsvc.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a\x15\x61uthsvc/v1/orgs.proto\x1a\x16\x61uthsvc/v1/users.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x02\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nip_address\x18\x06 \x01(\t\x12\x12\n\nuser_agent\x18\x07 \x01(\t\x12\x0e\n\x06org_id\x18\x08 \x01(\t\x12\x0f\n\x07\x63urrent\x18\t \x01(\x08\"\x82\x02\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x1e\n\x04role\x18\x04 \x01(\x0e\x32\x10.authsvc.v1.Role\x12\x0e\n\x06org_id\x18\x05 \x01(\t\x12%\n\x08org_role\x18\x06 \x01(\x0e\x32\x13.authsvc.v1.OrgRole\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13session_expire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"M\n\x13ListSessionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x14ListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.authsvc.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14RevokeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15RevokeSessionResponse\"+\n\x18RevokeAllSessionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"2\n\x19RevokeAllSessionsResponse\x12\x15\n\rrevoked_count\x18\x01 \x01(\x05\x32\xad\x02\n\x0eSessionService\x12W\n\x0cListSessions\x12\x1f.authsvc.v1.ListSessionsRequest\x1a .authsvc.v1.ListSessionsResponse\"\x04\xa8\xbb\x18\x03\x12Z\n\rRevokeSession\x12 .authsvc.v1.RevokeSessionRequest\x1a!.authsvc.v1.RevokeSessionResponse\"\x04\xa8\xbb\x18\x03\x12\x66\n\x11RevokeAllSessions\x12$.authsvc.v1.RevokeAllSessionsRequest\x1a%.authsvc.v1.RevokeAllSessionsResponse\"\x04\xa8\xbb\x18\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61uthsvc/v1/sessions.proto\x12\nauthsvc.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a\x1a\x61uthsvc/v1/resources.proto\x1a\x1fgoogle/api/field_behavior.proto\"_\n\x13ListSessionsRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"V\n\x14ListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.authsvc.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x14RevokeSessionRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x17\n\x15RevokeSessionResponse\"1\n\x18RevokeAllSessionsRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\"2\n\x19RevokeAllSessionsResponse\x12\x15\n\rrevoked_count\x18\x01 \x01(\x05\x32\xd1\x02\n\x0eSessionService\x12\x63\n\x0cListSessions\x12\x1f.authsvc.v1.ListSessionsRequest\x1a .authsvc.v1.ListSessionsResponse\"\x10\xa8\xbb\x18\x03\xba\xbb\x18\x08\n\x06\n\x06\x05\x08\x0b\x10\x12\x66\n\rRevokeSession\x12 .authsvc.v1.RevokeSessionRequest\x1a!.authsvc.v1.RevokeSessionResponse\"\x10\xa8\xbb\x18\x03\xba\xbb\x18\x08\n\x06\n\x06\x05\x08\x0b\x0f\x12r\n\x11RevokeAllSessions\x12$.authsvc.v1.RevokeAllSessionsRequest\x1a%.authsvc.v1.RevokeAllSessionsResponse\"\x10\xa8\xbb\x18\x03\xba\xbb\x18\x08\n\x06\n\x06\x05\x08\x0b\tB\x87\x01\n\x0e\x64\x65v.authsvc.v1B\rSessionsProtoP\x01Z6github.com/authsvc/authsvc/gen/go/authsvc/v1;authsvcv1\xa2\x02\x03\x41XX\xaa\x02\nAuthsvc.V1\xca\x02\nAuthsvc\\V1\xea\x02\x0b\x41uthsvc::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sessions_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.authsvc.v1B\rSessionsProtoP\001Z6github.com/authsvc/authsvc/gen/go/authsvc/v1;authsvcv1\242\002\003AXX\252\002\nAuthsvc.V1\312\002\nAuthsvc\\V1\352\002\013Authsvc::V1'
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\001'
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_REVOKESESSIONREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_REVOKESESSIONREQUEST'].fields_by_name['session_id']._serialized_options = b'\342A\001\002'
+  _globals['_REVOKEALLSESSIONSREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_REVOKEALLSESSIONSREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\001'
   _globals['_SESSIONSERVICE'].methods_by_name['ListSessions']._loaded_options = None
-  _globals['_SESSIONSERVICE'].methods_by_name['ListSessions']._serialized_options = b'\250\273\030\003'
+  _globals['_SESSIONSERVICE'].methods_by_name['ListSessions']._serialized_options = b'\250\273\030\003\272\273\030\010\n\006\n\006\005\010\013\020'
   _globals['_SESSIONSERVICE'].methods_by_name['RevokeSession']._loaded_options = None
-  _globals['_SESSIONSERVICE'].methods_by_name['RevokeSession']._serialized_options = b'\250\273\030\003'
+  _globals['_SESSIONSERVICE'].methods_by_name['RevokeSession']._serialized_options = b'\250\273\030\003\272\273\030\010\n\006\n\006\005\010\013\017'
   _globals['_SESSIONSERVICE'].methods_by_name['RevokeAllSessions']._loaded_options = None
-  _globals['_SESSIONSERVICE'].methods_by_name['RevokeAllSessions']._serialized_options = b'\250\273\030\003'
-  _globals['_SESSION']._serialized_start=148
-  _globals['_SESSION']._serialized_end=408
-  _globals['_SESSIONINFO']._serialized_start=411
-  _globals['_SESSIONINFO']._serialized_end=669
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=671
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=748
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=750
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=836
-  _globals['_REVOKESESSIONREQUEST']._serialized_start=838
-  _globals['_REVOKESESSIONREQUEST']._serialized_end=880
-  _globals['_REVOKESESSIONRESPONSE']._serialized_start=882
-  _globals['_REVOKESESSIONRESPONSE']._serialized_end=905
-  _globals['_REVOKEALLSESSIONSREQUEST']._serialized_start=907
-  _globals['_REVOKEALLSESSIONSREQUEST']._serialized_end=950
-  _globals['_REVOKEALLSESSIONSRESPONSE']._serialized_start=952
-  _globals['_REVOKEALLSESSIONSRESPONSE']._serialized_end=1002
-  _globals['_SESSIONSERVICE']._serialized_start=1005
-  _globals['_SESSIONSERVICE']._serialized_end=1306
+  _globals['_SESSIONSERVICE'].methods_by_name['RevokeAllSessions']._serialized_options = b'\250\273\030\003\272\273\030\010\n\006\n\006\005\010\013\t'
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=128
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=223
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=225
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=311
+  _globals['_REVOKESESSIONREQUEST']._serialized_start=313
+  _globals['_REVOKESESSIONREQUEST']._serialized_end=361
+  _globals['_REVOKESESSIONRESPONSE']._serialized_start=363
+  _globals['_REVOKESESSIONRESPONSE']._serialized_end=386
+  _globals['_REVOKEALLSESSIONSREQUEST']._serialized_start=388
+  _globals['_REVOKEALLSESSIONSREQUEST']._serialized_end=437
+  _globals['_REVOKEALLSESSIONSRESPONSE']._serialized_start=439
+  _globals['_REVOKEALLSESSIONSRESPONSE']._serialized_end=489
+  _globals['_SESSIONSERVICE']._serialized_start=492
+  _globals['_SESSIONSERVICE']._serialized_end=829
 # @@protoc_insertion_point(module_scope)

@@ -3,12 +3,10 @@
 isort:skip_file
 """
 
-from . import orgs_pb2 as _orgs_pb2
-from . import users_pb2 as _users_pb2
+from . import resources_pb2 as _resources_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -20,120 +18,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-@_typing.final
-class Session(_message.Message):
-    """One sign-in session as listed."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ID_FIELD_NUMBER: _builtins.int
-    USER_ID_FIELD_NUMBER: _builtins.int
-    CREATE_TIME_FIELD_NUMBER: _builtins.int
-    LAST_USE_TIME_FIELD_NUMBER: _builtins.int
-    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
-    IP_ADDRESS_FIELD_NUMBER: _builtins.int
-    USER_AGENT_FIELD_NUMBER: _builtins.int
-    ORG_ID_FIELD_NUMBER: _builtins.int
-    CURRENT_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    """UUID; also the `sid` claim of its access tokens."""
-    user_id: _builtins.str
-    """The user signed in."""
-    ip_address: _builtins.str
-    """Client address at the last sign-in or refresh."""
-    user_agent: _builtins.str
-    """Client user agent at the last sign-in or refresh."""
-    org_id: _builtins.str
-    """The active organization, empty when none."""
-    current: _builtins.bool
-    """True for the session of the access token that made this call."""
-    @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When the user signed in."""
-
-    @_builtins.property
-    def last_use_time(self) -> _timestamp_pb2.Timestamp:
-        """When the session last signed in or refreshed."""
-
-    @_builtins.property
-    def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """The absolute end of the session; refreshing does not extend it."""
-
-    def __init__(
-        self,
-        *,
-        id: _builtins.str = ...,
-        user_id: _builtins.str = ...,
-        create_time: _timestamp_pb2.Timestamp | None = ...,
-        last_use_time: _timestamp_pb2.Timestamp | None = ...,
-        expire_time: _timestamp_pb2.Timestamp | None = ...,
-        ip_address: _builtins.str = ...,
-        user_agent: _builtins.str = ...,
-        org_id: _builtins.str = ...,
-        current: _builtins.bool = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_use_time", b"last_use_time"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "current", b"current", "expire_time", b"expire_time", "id", b"id", "ip_address", b"ip_address", "last_use_time", b"last_use_time", "org_id", b"org_id", "user_agent", b"user_agent", "user_id", b"user_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Session: _TypeAlias = Session  # noqa: Y015
-
-@_typing.final
-class SessionInfo(_message.Message):
-    """Who is calling, as Authenticate resolves an access token."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    SESSION_ID_FIELD_NUMBER: _builtins.int
-    USER_ID_FIELD_NUMBER: _builtins.int
-    EMAIL_FIELD_NUMBER: _builtins.int
-    ROLE_FIELD_NUMBER: _builtins.int
-    ORG_ID_FIELD_NUMBER: _builtins.int
-    ORG_ROLE_FIELD_NUMBER: _builtins.int
-    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
-    SESSION_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
-    session_id: _builtins.str
-    """The session (`sid` claim)."""
-    user_id: _builtins.str
-    """The user (`sub` claim)."""
-    email: _builtins.str
-    """The user's email now."""
-    role: _users_pb2.Role.ValueType
-    """The user's platform role now (not the role the token was minted with)."""
-    org_id: _builtins.str
-    """The session's active organization, empty when none."""
-    org_role: _orgs_pb2.OrgRole.ValueType
-    """The user's role in `org_id`, ORG_ROLE_UNSPECIFIED when none."""
-    @_builtins.property
-    def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When this access token expires."""
-
-    @_builtins.property
-    def session_expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When the session itself ends."""
-
-    def __init__(
-        self,
-        *,
-        session_id: _builtins.str = ...,
-        user_id: _builtins.str = ...,
-        email: _builtins.str = ...,
-        role: _users_pb2.Role.ValueType = ...,
-        org_id: _builtins.str = ...,
-        org_role: _orgs_pb2.OrgRole.ValueType = ...,
-        expire_time: _timestamp_pb2.Timestamp | None = ...,
-        session_expire_time: _timestamp_pb2.Timestamp | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "session_expire_time", b"session_expire_time"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "expire_time", b"expire_time", "org_id", b"org_id", "org_role", b"org_role", "role", b"role", "session_expire_time", b"session_expire_time", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SessionInfo: _TypeAlias = SessionInfo  # noqa: Y015
 
 @_typing.final
 class ListSessionsRequest(_message.Message):
@@ -176,13 +60,13 @@ class ListSessionsResponse(_message.Message):
     next_page_token: _builtins.str
     """Token of the next page; empty on the last page."""
     @_builtins.property
-    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]:
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Session]:
         """The page, newest session first."""
 
     def __init__(
         self,
         *,
-        sessions: _abc.Iterable[Global___Session] | None = ...,
+        sessions: _abc.Iterable[_resources_pb2.Session] | None = ...,
         next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015

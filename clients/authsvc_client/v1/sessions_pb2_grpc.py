@@ -72,7 +72,6 @@ class SessionServiceServicer:
         A user lists their own (leave `user_id` empty or give their own id); an
         admin token or API key lists anyone's, or every session when `user_id` is
         empty.
-        Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,7 +82,6 @@ class SessionServiceServicer:
 
         A user may revoke their own sessions; an admin token or API key, anyone's.
         Revoking an already revoked session succeeds and changes nothing.
-        Fails with INVALID_ARGUMENT, PERMISSION_DENIED, SESSION_NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,7 +92,6 @@ class SessionServiceServicer:
 
         A user may revoke their own (leave `user_id` empty or give their own id);
         an admin token or API key, anyone's.
-        Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,21 +45,18 @@ class SessionServiceStub:
     A user lists their own (leave `user_id` empty or give their own id); an
     admin token or API key lists anyone's, or every session when `user_id` is
     empty.
-    Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
     """
     RevokeSession: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.RevokeSessionRequest, _sessions_pb2.RevokeSessionResponse]
     """Revokes one session.
 
     A user may revoke their own sessions; an admin token or API key, anyone's.
     Revoking an already revoked session succeeds and changes nothing.
-    Fails with INVALID_ARGUMENT, PERMISSION_DENIED, SESSION_NOT_FOUND.
     """
     RevokeAllSessions: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.RevokeAllSessionsRequest, _sessions_pb2.RevokeAllSessionsResponse]
     """Revokes every live session of a user ("sign out everywhere").
 
     A user may revoke their own (leave `user_id` empty or give their own id);
     an admin token or API key, anyone's.
-    Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND.
     """
 
 @_typing.type_check_only
@@ -79,21 +76,18 @@ class SessionServiceAsyncStub(SessionServiceStub):
     A user lists their own (leave `user_id` empty or give their own id); an
     admin token or API key lists anyone's, or every session when `user_id` is
     empty.
-    Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
     """
     RevokeSession: _aio.UnaryUnaryMultiCallable[_sessions_pb2.RevokeSessionRequest, _sessions_pb2.RevokeSessionResponse]  # type: ignore[assignment]
     """Revokes one session.
 
     A user may revoke their own sessions; an admin token or API key, anyone's.
     Revoking an already revoked session succeeds and changes nothing.
-    Fails with INVALID_ARGUMENT, PERMISSION_DENIED, SESSION_NOT_FOUND.
     """
     RevokeAllSessions: _aio.UnaryUnaryMultiCallable[_sessions_pb2.RevokeAllSessionsRequest, _sessions_pb2.RevokeAllSessionsResponse]  # type: ignore[assignment]
     """Revokes every live session of a user ("sign out everywhere").
 
     A user may revoke their own (leave `user_id` empty or give their own id);
     an admin token or API key, anyone's.
-    Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND.
     """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -116,7 +110,6 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         A user lists their own (leave `user_id` empty or give their own id); an
         admin token or API key lists anyone's, or every session when `user_id` is
         empty.
-        Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
@@ -129,7 +122,6 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
 
         A user may revoke their own sessions; an admin token or API key, anyone's.
         Revoking an already revoked session succeeds and changes nothing.
-        Fails with INVALID_ARGUMENT, PERMISSION_DENIED, SESSION_NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
@@ -142,7 +134,6 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
 
         A user may revoke their own (leave `user_id` empty or give their own id);
         an admin token or API key, anyone's.
-        Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND.
         """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -23,57 +23,101 @@ _sym_db = _symbol_database.Default()
 
 
 from . import options_pb2 as authsvc_dot_v1_dot_options__pb2
+from . import resources_pb2 as authsvc_dot_v1_dot_resources__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
-from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61uthsvc/v1/users.proto\x12\nauthsvc.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd1\x01\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x16\n\x0e\x65mail_verified\x18\x03 \x01(\x08\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x1e\n\x04role\x18\x05 \x01(\x0e\x32\x10.authsvc.v1.Role\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"!\n\x0eGetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"1\n\x0fGetUserResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\"\x17\n\x15GetCurrentUserRequest\"8\n\x16GetCurrentUserResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\"o\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x1e\n\x04role\x18\x03 \x01(\x0e\x32\x10.authsvc.v1.Role\x12\x14\n\x0c\x65mail_prefix\x18\x04 \x01(\t\"M\n\x11ListUsersResponse\x12\x1f\n\x05users\x18\x01 \x03(\x0b\x32\x10.authsvc.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"d\n\x11UpdateUserRequest\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"4\n\x12UpdateUserResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\"$\n\x11\x44\x65leteUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteUserResponse\"3\n\x11\x43ountUsersRequest\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.authsvc.v1.Role\"#\n\x12\x43ountUsersResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03*;\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x0e\n\nROLE_ADMIN\x10\x02\x32\xff\x03\n\x0bUserService\x12H\n\x07GetUser\x12\x1a.authsvc.v1.GetUserRequest\x1a\x1b.authsvc.v1.GetUserResponse\"\x04\xa8\xbb\x18\x03\x12]\n\x0eGetCurrentUser\x12!.authsvc.v1.GetCurrentUserRequest\x1a\".authsvc.v1.GetCurrentUserResponse\"\x04\xa8\xbb\x18\x02\x12N\n\tListUsers\x12\x1c.authsvc.v1.ListUsersRequest\x1a\x1d.authsvc.v1.ListUsersResponse\"\x04\xa8\xbb\x18\x04\x12Q\n\nUpdateUser\x12\x1d.authsvc.v1.UpdateUserRequest\x1a\x1e.authsvc.v1.UpdateUserResponse\"\x04\xa8\xbb\x18\x03\x12Q\n\nDeleteUser\x12\x1d.authsvc.v1.DeleteUserRequest\x1a\x1e.authsvc.v1.DeleteUserResponse\"\x04\xa8\xbb\x18\x04\x12Q\n\nCountUsers\x12\x1d.authsvc.v1.CountUsersRequest\x1a\x1e.authsvc.v1.CountUsersResponse\"\x04\xa8\xbb\x18\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61uthsvc/v1/users.proto\x12\nauthsvc.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a\x1a\x61uthsvc/v1/resources.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\"\'\n\x0eGetUserRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"1\n\x0fGetUserResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\"\x17\n\x15GetCurrentUserRequest\"8\n\x16GetCurrentUserResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\"\x87\x01\n\x10ListUsersRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12$\n\x04role\x18\x03 \x01(\x0e\x32\x10.authsvc.v1.RoleB\x04\xe2\x41\x01\x01\x12\x1a\n\x0c\x65mail_prefix\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"M\n\x11ListUsersResponse\x12\x1f\n\x05users\x18\x01 \x03(\x0b\x32\x10.authsvc.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"p\n\x11UpdateUserRequest\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.UserB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"4\n\x12UpdateUserResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\"e\n\x12SetUserRoleRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x10.authsvc.v1.RoleB\x04\xe2\x41\x01\x02\x12\x12\n\x04\x65tag\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"5\n\x13SetUserRoleResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\"U\n\x13SetUserEmailRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x65mail\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04\x65tag\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"6\n\x14SetUserEmailResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\"[\n\x11\x44\x65leteUserRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04\x65tag\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rallow_missing\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\x14\n\x12\x44\x65leteUserResponse\"9\n\x11\x43ountUsersRequest\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x10.authsvc.v1.RoleB\x04\xe2\x41\x01\x01\"#\n\x12\x43ountUsersResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x32\x90\x06\n\x0bUserService\x12T\n\x07GetUser\x12\x1a.authsvc.v1.GetUserRequest\x1a\x1b.authsvc.v1.GetUserResponse\"\x10\xa8\xbb\x18\x03\xba\xbb\x18\x08\n\x06\n\x06\x05\x08\x0b\t\x12g\n\x0eGetCurrentUser\x12!.authsvc.v1.GetCurrentUserRequest\x1a\".authsvc.v1.GetCurrentUserResponse\"\x0e\xa8\xbb\x18\x02\xba\xbb\x18\x06\n\x04\n\x06\x05\x08\x12Z\n\tListUsers\x12\x1c.authsvc.v1.ListUsersRequest\x1a\x1d.authsvc.v1.ListUsersResponse\"\x10\xa8\xbb\x18\x04\xba\xbb\x18\x08\n\x06\x10\n\x06\x05\x08\x0b\x12^\n\nUpdateUser\x12\x1d.authsvc.v1.UpdateUserRequest\x1a\x1e.authsvc.v1.UpdateUserResponse\"\x11\xa8\xbb\x18\x03\xba\xbb\x18\t\n\x07\n\x06\x05\x08\x0b\t\x1b\x12\x61\n\x0bSetUserRole\x12\x1e.authsvc.v1.SetUserRoleRequest\x1a\x1f.authsvc.v1.SetUserRoleResponse\"\x11\xa8\xbb\x18\x04\xba\xbb\x18\t\n\x07\n\x06\x05\x08\x0b\t\x1b\x12\x65\n\x0cSetUserEmail\x12\x1f.authsvc.v1.SetUserEmailRequest\x1a .authsvc.v1.SetUserEmailResponse\"\x12\xa8\xbb\x18\x04\xba\xbb\x18\n\n\x08\n\x06\x05\x08\x0b\t\x03\x1b\x12^\n\nDeleteUser\x12\x1d.authsvc.v1.DeleteUserRequest\x1a\x1e.authsvc.v1.DeleteUserResponse\"\x11\xa8\xbb\x18\x04\xba\xbb\x18\t\n\x07\n\x06\x05\x08\x0b\t\x1b\x12\\\n\nCountUsers\x12\x1d.authsvc.v1.CountUsersRequest\x1a\x1e.authsvc.v1.CountUsersResponse\"\x0f\xa8\xbb\x18\x04\xba\xbb\x18\x07\n\x05\n\x06\x05\x08\x0b\x42\x84\x01\n\x0e\x64\x65v.authsvc.v1B\nUsersProtoP\x01Z6github.com/authsvc/authsvc/gen/go/authsvc/v1;authsvcv1\xa2\x02\x03\x41XX\xaa\x02\nAuthsvc.V1\xca\x02\nAuthsvc\\V1\xea\x02\x0b\x41uthsvc::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'users_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.authsvc.v1B\nUsersProtoP\001Z6github.com/authsvc/authsvc/gen/go/authsvc/v1;authsvcv1\242\002\003AXX\252\002\nAuthsvc.V1\312\002\nAuthsvc\\V1\352\002\013Authsvc::V1'
+  _globals['_GETUSERREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_GETUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\002'
+  _globals['_LISTUSERSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTUSERSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTUSERSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTUSERSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_LISTUSERSREQUEST'].fields_by_name['role']._loaded_options = None
+  _globals['_LISTUSERSREQUEST'].fields_by_name['role']._serialized_options = b'\342A\001\001'
+  _globals['_LISTUSERSREQUEST'].fields_by_name['email_prefix']._loaded_options = None
+  _globals['_LISTUSERSREQUEST'].fields_by_name['email_prefix']._serialized_options = b'\342A\001\001'
+  _globals['_UPDATEUSERREQUEST'].fields_by_name['user']._loaded_options = None
+  _globals['_UPDATEUSERREQUEST'].fields_by_name['user']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATEUSERREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATEUSERREQUEST'].fields_by_name['update_mask']._serialized_options = b'\342A\001\002'
+  _globals['_SETUSERROLEREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_SETUSERROLEREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\002'
+  _globals['_SETUSERROLEREQUEST'].fields_by_name['role']._loaded_options = None
+  _globals['_SETUSERROLEREQUEST'].fields_by_name['role']._serialized_options = b'\342A\001\002'
+  _globals['_SETUSERROLEREQUEST'].fields_by_name['etag']._loaded_options = None
+  _globals['_SETUSERROLEREQUEST'].fields_by_name['etag']._serialized_options = b'\342A\001\001'
+  _globals['_SETUSEREMAILREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_SETUSEREMAILREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\002'
+  _globals['_SETUSEREMAILREQUEST'].fields_by_name['email']._loaded_options = None
+  _globals['_SETUSEREMAILREQUEST'].fields_by_name['email']._serialized_options = b'\342A\001\002'
+  _globals['_SETUSEREMAILREQUEST'].fields_by_name['etag']._loaded_options = None
+  _globals['_SETUSEREMAILREQUEST'].fields_by_name['etag']._serialized_options = b'\342A\001\001'
+  _globals['_DELETEUSERREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_DELETEUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\002'
+  _globals['_DELETEUSERREQUEST'].fields_by_name['etag']._loaded_options = None
+  _globals['_DELETEUSERREQUEST'].fields_by_name['etag']._serialized_options = b'\342A\001\001'
+  _globals['_DELETEUSERREQUEST'].fields_by_name['allow_missing']._loaded_options = None
+  _globals['_DELETEUSERREQUEST'].fields_by_name['allow_missing']._serialized_options = b'\342A\001\001'
+  _globals['_COUNTUSERSREQUEST'].fields_by_name['role']._loaded_options = None
+  _globals['_COUNTUSERSREQUEST'].fields_by_name['role']._serialized_options = b'\342A\001\001'
   _globals['_USERSERVICE'].methods_by_name['GetUser']._loaded_options = None
-  _globals['_USERSERVICE'].methods_by_name['GetUser']._serialized_options = b'\250\273\030\003'
+  _globals['_USERSERVICE'].methods_by_name['GetUser']._serialized_options = b'\250\273\030\003\272\273\030\010\n\006\n\006\005\010\013\t'
   _globals['_USERSERVICE'].methods_by_name['GetCurrentUser']._loaded_options = None
-  _globals['_USERSERVICE'].methods_by_name['GetCurrentUser']._serialized_options = b'\250\273\030\002'
+  _globals['_USERSERVICE'].methods_by_name['GetCurrentUser']._serialized_options = b'\250\273\030\002\272\273\030\006\n\004\n\006\005\010'
   _globals['_USERSERVICE'].methods_by_name['ListUsers']._loaded_options = None
-  _globals['_USERSERVICE'].methods_by_name['ListUsers']._serialized_options = b'\250\273\030\004'
+  _globals['_USERSERVICE'].methods_by_name['ListUsers']._serialized_options = b'\250\273\030\004\272\273\030\010\n\006\020\n\006\005\010\013'
   _globals['_USERSERVICE'].methods_by_name['UpdateUser']._loaded_options = None
-  _globals['_USERSERVICE'].methods_by_name['UpdateUser']._serialized_options = b'\250\273\030\003'
+  _globals['_USERSERVICE'].methods_by_name['UpdateUser']._serialized_options = b'\250\273\030\003\272\273\030\t\n\007\n\006\005\010\013\t\033'
+  _globals['_USERSERVICE'].methods_by_name['SetUserRole']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['SetUserRole']._serialized_options = b'\250\273\030\004\272\273\030\t\n\007\n\006\005\010\013\t\033'
+  _globals['_USERSERVICE'].methods_by_name['SetUserEmail']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['SetUserEmail']._serialized_options = b'\250\273\030\004\272\273\030\n\n\010\n\006\005\010\013\t\003\033'
   _globals['_USERSERVICE'].methods_by_name['DeleteUser']._loaded_options = None
-  _globals['_USERSERVICE'].methods_by_name['DeleteUser']._serialized_options = b'\250\273\030\004'
+  _globals['_USERSERVICE'].methods_by_name['DeleteUser']._serialized_options = b'\250\273\030\004\272\273\030\t\n\007\n\006\005\010\013\t\033'
   _globals['_USERSERVICE'].methods_by_name['CountUsers']._loaded_options = None
-  _globals['_USERSERVICE'].methods_by_name['CountUsers']._serialized_options = b'\250\273\030\004'
-  _globals['_ROLE']._serialized_start=1010
-  _globals['_ROLE']._serialized_end=1069
-  _globals['_USER']._serialized_start=132
-  _globals['_USER']._serialized_end=341
-  _globals['_GETUSERREQUEST']._serialized_start=343
-  _globals['_GETUSERREQUEST']._serialized_end=376
-  _globals['_GETUSERRESPONSE']._serialized_start=378
-  _globals['_GETUSERRESPONSE']._serialized_end=427
-  _globals['_GETCURRENTUSERREQUEST']._serialized_start=429
-  _globals['_GETCURRENTUSERREQUEST']._serialized_end=452
-  _globals['_GETCURRENTUSERRESPONSE']._serialized_start=454
-  _globals['_GETCURRENTUSERRESPONSE']._serialized_end=510
-  _globals['_LISTUSERSREQUEST']._serialized_start=512
-  _globals['_LISTUSERSREQUEST']._serialized_end=623
-  _globals['_LISTUSERSRESPONSE']._serialized_start=625
-  _globals['_LISTUSERSRESPONSE']._serialized_end=702
-  _globals['_UPDATEUSERREQUEST']._serialized_start=704
-  _globals['_UPDATEUSERREQUEST']._serialized_end=804
-  _globals['_UPDATEUSERRESPONSE']._serialized_start=806
-  _globals['_UPDATEUSERRESPONSE']._serialized_end=858
-  _globals['_DELETEUSERREQUEST']._serialized_start=860
-  _globals['_DELETEUSERREQUEST']._serialized_end=896
-  _globals['_DELETEUSERRESPONSE']._serialized_start=898
-  _globals['_DELETEUSERRESPONSE']._serialized_end=918
-  _globals['_COUNTUSERSREQUEST']._serialized_start=920
-  _globals['_COUNTUSERSREQUEST']._serialized_end=971
-  _globals['_COUNTUSERSRESPONSE']._serialized_start=973
-  _globals['_COUNTUSERSRESPONSE']._serialized_end=1008
-  _globals['_USERSERVICE']._serialized_start=1072
-  _globals['_USERSERVICE']._serialized_end=1583
+  _globals['_USERSERVICE'].methods_by_name['CountUsers']._serialized_options = b'\250\273\030\004\272\273\030\007\n\005\n\006\005\010\013'
+  _globals['_GETUSERREQUEST']._serialized_start=159
+  _globals['_GETUSERREQUEST']._serialized_end=198
+  _globals['_GETUSERRESPONSE']._serialized_start=200
+  _globals['_GETUSERRESPONSE']._serialized_end=249
+  _globals['_GETCURRENTUSERREQUEST']._serialized_start=251
+  _globals['_GETCURRENTUSERREQUEST']._serialized_end=274
+  _globals['_GETCURRENTUSERRESPONSE']._serialized_start=276
+  _globals['_GETCURRENTUSERRESPONSE']._serialized_end=332
+  _globals['_LISTUSERSREQUEST']._serialized_start=335
+  _globals['_LISTUSERSREQUEST']._serialized_end=470
+  _globals['_LISTUSERSRESPONSE']._serialized_start=472
+  _globals['_LISTUSERSRESPONSE']._serialized_end=549
+  _globals['_UPDATEUSERREQUEST']._serialized_start=551
+  _globals['_UPDATEUSERREQUEST']._serialized_end=663
+  _globals['_UPDATEUSERRESPONSE']._serialized_start=665
+  _globals['_UPDATEUSERRESPONSE']._serialized_end=717
+  _globals['_SETUSERROLEREQUEST']._serialized_start=719
+  _globals['_SETUSERROLEREQUEST']._serialized_end=820
+  _globals['_SETUSERROLERESPONSE']._serialized_start=822
+  _globals['_SETUSERROLERESPONSE']._serialized_end=875
+  _globals['_SETUSEREMAILREQUEST']._serialized_start=877
+  _globals['_SETUSEREMAILREQUEST']._serialized_end=962
+  _globals['_SETUSEREMAILRESPONSE']._serialized_start=964
+  _globals['_SETUSEREMAILRESPONSE']._serialized_end=1018
+  _globals['_DELETEUSERREQUEST']._serialized_start=1020
+  _globals['_DELETEUSERREQUEST']._serialized_end=1111
+  _globals['_DELETEUSERRESPONSE']._serialized_start=1113
+  _globals['_DELETEUSERRESPONSE']._serialized_end=1133
+  _globals['_COUNTUSERSREQUEST']._serialized_start=1135
+  _globals['_COUNTUSERSREQUEST']._serialized_end=1192
+  _globals['_COUNTUSERSRESPONSE']._serialized_start=1194
+  _globals['_COUNTUSERSRESPONSE']._serialized_end=1229
+  _globals['_USERSERVICE']._serialized_start=1232
+  _globals['_USERSERVICE']._serialized_end=2016
 # @@protoc_insertion_point(module_scope)

@@ -3,13 +3,12 @@
 isort:skip_file
 """
 
+from . import resources_pb2 as _resources_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
-from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,82 +19,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class _Role:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    ROLE_UNSPECIFIED: _Role.ValueType  # 0
-    """Not set; in filters, means any role."""
-    ROLE_USER: _Role.ValueType  # 1
-    """An ordinary user."""
-    ROLE_ADMIN: _Role.ValueType  # 2
-    """A platform administrator: may manage every user and session."""
-
-class Role(_Role, metaclass=_RoleEnumTypeWrapper):
-    """A user's platform role."""
-
-ROLE_UNSPECIFIED: Role.ValueType  # 0
-"""Not set; in filters, means any role."""
-ROLE_USER: Role.ValueType  # 1
-"""An ordinary user."""
-ROLE_ADMIN: Role.ValueType  # 2
-"""A platform administrator: may manage every user and session."""
-Global___Role: _TypeAlias = Role  # noqa: Y015
-
-@_typing.final
-class User(_message.Message):
-    """A user account. The password hash never leaves the server."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ID_FIELD_NUMBER: _builtins.int
-    EMAIL_FIELD_NUMBER: _builtins.int
-    EMAIL_VERIFIED_FIELD_NUMBER: _builtins.int
-    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
-    ROLE_FIELD_NUMBER: _builtins.int
-    CREATE_TIME_FIELD_NUMBER: _builtins.int
-    UPDATE_TIME_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    """UUID, assigned by the server."""
-    email: _builtins.str
-    """The email as the user typed it (normalized by email-validator); unique
-    case-insensitively.
-    """
-    email_verified: _builtins.bool
-    """Whether the email address has been confirmed."""
-    display_name: _builtins.str
-    """Free-form name, at most 200 characters."""
-    role: Global___Role.ValueType
-    """Platform role."""
-    @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When the account was created."""
-
-    @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When the account last changed."""
-
-    def __init__(
-        self,
-        *,
-        id: _builtins.str = ...,
-        email: _builtins.str = ...,
-        email_verified: _builtins.bool = ...,
-        display_name: _builtins.str = ...,
-        role: Global___Role.ValueType = ...,
-        create_time: _timestamp_pb2.Timestamp | None = ...,
-        update_time: _timestamp_pb2.Timestamp | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "email", b"email", "email_verified", b"email_verified", "id", b"id", "role", b"role", "update_time", b"update_time"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___User: _TypeAlias = User  # noqa: Y015
 
 @_typing.final
 class GetUserRequest(_message.Message):
@@ -127,13 +50,13 @@ class GetUserResponse(_message.Message):
 
     USER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def user(self) -> Global___User:
+    def user(self) -> _resources_pb2.User:
         """The user."""
 
     def __init__(
         self,
         *,
-        user: Global___User | None = ...,
+        user: _resources_pb2.User | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -168,13 +91,13 @@ class GetCurrentUserResponse(_message.Message):
 
     USER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def user(self) -> Global___User:
+    def user(self) -> _resources_pb2.User:
         """The caller."""
 
     def __init__(
         self,
         *,
-        user: Global___User | None = ...,
+        user: _resources_pb2.User | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -198,7 +121,7 @@ class ListUsersRequest(_message.Message):
     """At most this many users; 0 means 50, values above 500 are treated as 500."""
     page_token: _builtins.str
     """`next_page_token` of the previous page, with the same filters."""
-    role: Global___Role.ValueType
+    role: _resources_pb2.Role.ValueType
     """Only users of this role; ROLE_UNSPECIFIED means any."""
     email_prefix: _builtins.str
     """Only users whose email starts with this, compared case-insensitively."""
@@ -207,7 +130,7 @@ class ListUsersRequest(_message.Message):
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
-        role: Global___Role.ValueType = ...,
+        role: _resources_pb2.Role.ValueType = ...,
         email_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -229,13 +152,13 @@ class ListUsersResponse(_message.Message):
     next_page_token: _builtins.str
     """Token of the next page; empty on the last page."""
     @_builtins.property
-    def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___User]:
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.User]:
         """The page, oldest account first."""
 
     def __init__(
         self,
         *,
-        users: _abc.Iterable[Global___User] | None = ...,
+        users: _abc.Iterable[_resources_pb2.User] | None = ...,
         next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -255,17 +178,21 @@ class UpdateUserRequest(_message.Message):
     USER_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def user(self) -> Global___User:
-        """The new values; `user.id` names the user to change."""
+    def user(self) -> _resources_pb2.User:
+        """The new values; `user.id` names the user to change, and `user.etag`, when
+        set, must be its current etag.
+        """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """The fields to change: any of `display_name`, `email`, `role`. Required."""
+        """The fields to change: any of `display_name`, `given_name`,
+        `family_name`.
+        """
 
     def __init__(
         self,
         *,
-        user: Global___User | None = ...,
+        user: _resources_pb2.User | None = ...,
         update_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_mask", b"update_mask", "user", b"user"]  # noqa: Y015
@@ -284,13 +211,13 @@ class UpdateUserResponse(_message.Message):
 
     USER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def user(self) -> Global___User:
+    def user(self) -> _resources_pb2.User:
         """The user after the change."""
 
     def __init__(
         self,
         *,
-        user: Global___User | None = ...,
+        user: _resources_pb2.User | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -301,22 +228,138 @@ class UpdateUserResponse(_message.Message):
 Global___UpdateUserResponse: _TypeAlias = UpdateUserResponse  # noqa: Y015
 
 @_typing.final
+class SetUserRoleRequest(_message.Message):
+    """Request of UserService.SetUserRole."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user's id."""
+    role: _resources_pb2.Role.ValueType
+    """The new role; not ROLE_UNSPECIFIED."""
+    etag: _builtins.str
+    """When set, the change is made only if this is the user's current etag."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        role: _resources_pb2.Role.ValueType = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "role", b"role", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetUserRoleRequest: _TypeAlias = SetUserRoleRequest  # noqa: Y015
+
+@_typing.final
+class SetUserRoleResponse(_message.Message):
+    """Response of UserService.SetUserRole."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> _resources_pb2.User:
+        """The user after the change."""
+
+    def __init__(
+        self,
+        *,
+        user: _resources_pb2.User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetUserRoleResponse: _TypeAlias = SetUserRoleResponse  # noqa: Y015
+
+@_typing.final
+class SetUserEmailRequest(_message.Message):
+    """Request of UserService.SetUserEmail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user's id."""
+    email: _builtins.str
+    """The new email address; unique case-insensitively."""
+    etag: _builtins.str
+    """When set, the change is made only if this is the user's current etag."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        email: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "etag", b"etag", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetUserEmailRequest: _TypeAlias = SetUserEmailRequest  # noqa: Y015
+
+@_typing.final
+class SetUserEmailResponse(_message.Message):
+    """Response of UserService.SetUserEmail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> _resources_pb2.User:
+        """The user after the change."""
+
+    def __init__(
+        self,
+        *,
+        user: _resources_pb2.User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetUserEmailResponse: _TypeAlias = SetUserEmailResponse  # noqa: Y015
+
+@_typing.final
 class DeleteUserRequest(_message.Message):
     """Request of UserService.DeleteUser."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    ALLOW_MISSING_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user's id."""
+    etag: _builtins.str
+    """When set, the user is deleted only if this is their current etag."""
+    allow_missing: _builtins.bool
+    """When true, a user that does not exist is not an error."""
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        allow_missing: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_missing", b"allow_missing", "etag", b"etag", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -346,12 +389,12 @@ class CountUsersRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROLE_FIELD_NUMBER: _builtins.int
-    role: Global___Role.ValueType
+    role: _resources_pb2.Role.ValueType
     """Only users of this role; ROLE_UNSPECIFIED means any."""
     def __init__(
         self,
         *,
-        role: Global___Role.ValueType = ...,
+        role: _resources_pb2.Role.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

@@ -55,6 +55,16 @@ class UserServiceStub:
                 request_serializer=authsvc_dot_v1_dot_users__pb2.UpdateUserRequest.SerializeToString,
                 response_deserializer=authsvc_dot_v1_dot_users__pb2.UpdateUserResponse.FromString,
                 _registered_method=True)
+        self.SetUserRole = channel.unary_unary(
+                '/authsvc.v1.UserService/SetUserRole',
+                request_serializer=authsvc_dot_v1_dot_users__pb2.SetUserRoleRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_users__pb2.SetUserRoleResponse.FromString,
+                _registered_method=True)
+        self.SetUserEmail = channel.unary_unary(
+                '/authsvc.v1.UserService/SetUserEmail',
+                request_serializer=authsvc_dot_v1_dot_users__pb2.SetUserEmailRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_users__pb2.SetUserEmailResponse.FromString,
+                _registered_method=True)
         self.DeleteUser = channel.unary_unary(
                 '/authsvc.v1.UserService/DeleteUser',
                 request_serializer=authsvc_dot_v1_dot_users__pb2.DeleteUserRequest.SerializeToString,
@@ -75,7 +85,6 @@ class UserServiceServicer:
         """Returns one user.
 
         Needs a user's own access token, or an admin token or API key.
-        Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,7 +94,6 @@ class UserServiceServicer:
         """Returns the user the access token belongs to.
 
         Needs an access token.
-        Fails with NOT_AUTHENTICATED, TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,30 +103,49 @@ class UserServiceServicer:
         """Lists users, oldest first, a page at a time (AIP-158).
 
         Needs an admin token or API key.
-        Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateUser(self, request, context):
-        """Changes the fields of a user named in `update_mask` (AIP-134).
+        """Changes the profile fields of a user named in `update_mask` (AIP-134):
+        `display_name`, `given_name`, `family_name`.
 
-        A user may change their own `display_name`; `email` and `role` need an
-        admin token or API key. Changing the role takes effect at the next
-        Authenticate, not at token expiry.
-        Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND,
-        EMAIL_ALREADY_EXISTS.
+        Needs a user's own access token, or an admin token or API key. With
+        `user.etag` set, changes the user only if that is its current etag.
+        The email and the role have their own RPCs (SetUserEmail, SetUserRole).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetUserRole(self, request, context):
+        """Sets a user's platform role.
+
+        Needs an admin token or API key. Takes effect at the user's next
+        Authenticate, not at token expiry: the user's sessions get a claims
+        change. Setting the role the user already has changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetUserEmail(self, request, context):
+        """Sets a user's email address directly, without a confirmation.
+
+        Needs an admin token or API key (a user changes their own email through
+        its confirmation flow). The new address counts as unconfirmed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteUser(self, request, context):
-        """Deletes a user and revokes every session they have.
+        """Deletes a user and revokes every session they have (AIP-135).
 
-        Needs an admin token or API key.
-        Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND.
+        Needs an admin token or API key. With `allow_missing`, deleting a user
+        that does not exist succeeds, so a retried delete is not an error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,7 +155,6 @@ class UserServiceServicer:
         """Counts users, optionally of one role.
 
         Needs an admin token or API key.
-        Fails with INVALID_ARGUMENT, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,6 +182,16 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.UpdateUser,
                     request_deserializer=authsvc_dot_v1_dot_users__pb2.UpdateUserRequest.FromString,
                     response_serializer=authsvc_dot_v1_dot_users__pb2.UpdateUserResponse.SerializeToString,
+            ),
+            'SetUserRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetUserRole,
+                    request_deserializer=authsvc_dot_v1_dot_users__pb2.SetUserRoleRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_users__pb2.SetUserRoleResponse.SerializeToString,
+            ),
+            'SetUserEmail': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetUserEmail,
+                    request_deserializer=authsvc_dot_v1_dot_users__pb2.SetUserEmailRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_users__pb2.SetUserEmailResponse.SerializeToString,
             ),
             'DeleteUser': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteUser,
@@ -277,6 +313,60 @@ class UserService:
             '/authsvc.v1.UserService/UpdateUser',
             authsvc_dot_v1_dot_users__pb2.UpdateUserRequest.SerializeToString,
             authsvc_dot_v1_dot_users__pb2.UpdateUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetUserRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.UserService/SetUserRole',
+            authsvc_dot_v1_dot_users__pb2.SetUserRoleRequest.SerializeToString,
+            authsvc_dot_v1_dot_users__pb2.SetUserRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetUserEmail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.UserService/SetUserEmail',
+            authsvc_dot_v1_dot_users__pb2.SetUserEmailRequest.SerializeToString,
+            authsvc_dot_v1_dot_users__pb2.SetUserEmailResponse.FromString,
             options,
             channel_credentials,
             insecure,

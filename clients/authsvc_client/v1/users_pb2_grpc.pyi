@@ -37,40 +37,48 @@ class UserServiceStub:
     """Returns one user.
 
     Needs a user's own access token, or an admin token or API key.
-    Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND.
     """
     GetCurrentUser: _grpc.UnaryUnaryMultiCallable[_users_pb2.GetCurrentUserRequest, _users_pb2.GetCurrentUserResponse]
     """Returns the user the access token belongs to.
 
     Needs an access token.
-    Fails with NOT_AUTHENTICATED, TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED.
     """
     ListUsers: _grpc.UnaryUnaryMultiCallable[_users_pb2.ListUsersRequest, _users_pb2.ListUsersResponse]
     """Lists users, oldest first, a page at a time (AIP-158).
 
     Needs an admin token or API key.
-    Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
     """
     UpdateUser: _grpc.UnaryUnaryMultiCallable[_users_pb2.UpdateUserRequest, _users_pb2.UpdateUserResponse]
-    """Changes the fields of a user named in `update_mask` (AIP-134).
+    """Changes the profile fields of a user named in `update_mask` (AIP-134):
+    `display_name`, `given_name`, `family_name`.
 
-    A user may change their own `display_name`; `email` and `role` need an
-    admin token or API key. Changing the role takes effect at the next
-    Authenticate, not at token expiry.
-    Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND,
-    EMAIL_ALREADY_EXISTS.
+    Needs a user's own access token, or an admin token or API key. With
+    `user.etag` set, changes the user only if that is its current etag.
+    The email and the role have their own RPCs (SetUserEmail, SetUserRole).
+    """
+    SetUserRole: _grpc.UnaryUnaryMultiCallable[_users_pb2.SetUserRoleRequest, _users_pb2.SetUserRoleResponse]
+    """Sets a user's platform role.
+
+    Needs an admin token or API key. Takes effect at the user's next
+    Authenticate, not at token expiry: the user's sessions get a claims
+    change. Setting the role the user already has changes nothing.
+    """
+    SetUserEmail: _grpc.UnaryUnaryMultiCallable[_users_pb2.SetUserEmailRequest, _users_pb2.SetUserEmailResponse]
+    """Sets a user's email address directly, without a confirmation.
+
+    Needs an admin token or API key (a user changes their own email through
+    its confirmation flow). The new address counts as unconfirmed.
     """
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_users_pb2.DeleteUserRequest, _users_pb2.DeleteUserResponse]
-    """Deletes a user and revokes every session they have.
+    """Deletes a user and revokes every session they have (AIP-135).
 
-    Needs an admin token or API key.
-    Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND.
+    Needs an admin token or API key. With `allow_missing`, deleting a user
+    that does not exist succeeds, so a retried delete is not an error.
     """
     CountUsers: _grpc.UnaryUnaryMultiCallable[_users_pb2.CountUsersRequest, _users_pb2.CountUsersResponse]
     """Counts users, optionally of one role.
 
     Needs an admin token or API key.
-    Fails with INVALID_ARGUMENT, PERMISSION_DENIED.
     """
 
 @_typing.type_check_only
@@ -82,40 +90,48 @@ class UserServiceAsyncStub(UserServiceStub):
     """Returns one user.
 
     Needs a user's own access token, or an admin token or API key.
-    Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND.
     """
     GetCurrentUser: _aio.UnaryUnaryMultiCallable[_users_pb2.GetCurrentUserRequest, _users_pb2.GetCurrentUserResponse]  # type: ignore[assignment]
     """Returns the user the access token belongs to.
 
     Needs an access token.
-    Fails with NOT_AUTHENTICATED, TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED.
     """
     ListUsers: _aio.UnaryUnaryMultiCallable[_users_pb2.ListUsersRequest, _users_pb2.ListUsersResponse]  # type: ignore[assignment]
     """Lists users, oldest first, a page at a time (AIP-158).
 
     Needs an admin token or API key.
-    Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
     """
     UpdateUser: _aio.UnaryUnaryMultiCallable[_users_pb2.UpdateUserRequest, _users_pb2.UpdateUserResponse]  # type: ignore[assignment]
-    """Changes the fields of a user named in `update_mask` (AIP-134).
+    """Changes the profile fields of a user named in `update_mask` (AIP-134):
+    `display_name`, `given_name`, `family_name`.
 
-    A user may change their own `display_name`; `email` and `role` need an
-    admin token or API key. Changing the role takes effect at the next
-    Authenticate, not at token expiry.
-    Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND,
-    EMAIL_ALREADY_EXISTS.
+    Needs a user's own access token, or an admin token or API key. With
+    `user.etag` set, changes the user only if that is its current etag.
+    The email and the role have their own RPCs (SetUserEmail, SetUserRole).
+    """
+    SetUserRole: _aio.UnaryUnaryMultiCallable[_users_pb2.SetUserRoleRequest, _users_pb2.SetUserRoleResponse]  # type: ignore[assignment]
+    """Sets a user's platform role.
+
+    Needs an admin token or API key. Takes effect at the user's next
+    Authenticate, not at token expiry: the user's sessions get a claims
+    change. Setting the role the user already has changes nothing.
+    """
+    SetUserEmail: _aio.UnaryUnaryMultiCallable[_users_pb2.SetUserEmailRequest, _users_pb2.SetUserEmailResponse]  # type: ignore[assignment]
+    """Sets a user's email address directly, without a confirmation.
+
+    Needs an admin token or API key (a user changes their own email through
+    its confirmation flow). The new address counts as unconfirmed.
     """
     DeleteUser: _aio.UnaryUnaryMultiCallable[_users_pb2.DeleteUserRequest, _users_pb2.DeleteUserResponse]  # type: ignore[assignment]
-    """Deletes a user and revokes every session they have.
+    """Deletes a user and revokes every session they have (AIP-135).
 
-    Needs an admin token or API key.
-    Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND.
+    Needs an admin token or API key. With `allow_missing`, deleting a user
+    that does not exist succeeds, so a retried delete is not an error.
     """
     CountUsers: _aio.UnaryUnaryMultiCallable[_users_pb2.CountUsersRequest, _users_pb2.CountUsersResponse]  # type: ignore[assignment]
     """Counts users, optionally of one role.
 
     Needs an admin token or API key.
-    Fails with INVALID_ARGUMENT, PERMISSION_DENIED.
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -130,7 +146,6 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns one user.
 
         Needs a user's own access token, or an admin token or API key.
-        Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
@@ -142,7 +157,6 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns the user the access token belongs to.
 
         Needs an access token.
-        Fails with NOT_AUTHENTICATED, TOKEN_INVALID, TOKEN_EXPIRED, SESSION_REVOKED.
         """
 
     @_abc_1.abstractmethod
@@ -154,7 +168,6 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists users, oldest first, a page at a time (AIP-158).
 
         Needs an admin token or API key.
-        Fails with INVALID_ARGUMENT, INVALID_PAGE_TOKEN, PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
@@ -163,13 +176,37 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _users_pb2.UpdateUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_users_pb2.UpdateUserResponse, _abc.Awaitable[_users_pb2.UpdateUserResponse]]:
-        """Changes the fields of a user named in `update_mask` (AIP-134).
+        """Changes the profile fields of a user named in `update_mask` (AIP-134):
+        `display_name`, `given_name`, `family_name`.
 
-        A user may change their own `display_name`; `email` and `role` need an
-        admin token or API key. Changing the role takes effect at the next
-        Authenticate, not at token expiry.
-        Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND,
-        EMAIL_ALREADY_EXISTS.
+        Needs a user's own access token, or an admin token or API key. With
+        `user.etag` set, changes the user only if that is its current etag.
+        The email and the role have their own RPCs (SetUserEmail, SetUserRole).
+        """
+
+    @_abc_1.abstractmethod
+    def SetUserRole(
+        self,
+        request: _users_pb2.SetUserRoleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_users_pb2.SetUserRoleResponse, _abc.Awaitable[_users_pb2.SetUserRoleResponse]]:
+        """Sets a user's platform role.
+
+        Needs an admin token or API key. Takes effect at the user's next
+        Authenticate, not at token expiry: the user's sessions get a claims
+        change. Setting the role the user already has changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def SetUserEmail(
+        self,
+        request: _users_pb2.SetUserEmailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_users_pb2.SetUserEmailResponse, _abc.Awaitable[_users_pb2.SetUserEmailResponse]]:
+        """Sets a user's email address directly, without a confirmation.
+
+        Needs an admin token or API key (a user changes their own email through
+        its confirmation flow). The new address counts as unconfirmed.
         """
 
     @_abc_1.abstractmethod
@@ -178,10 +215,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _users_pb2.DeleteUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_users_pb2.DeleteUserResponse, _abc.Awaitable[_users_pb2.DeleteUserResponse]]:
-        """Deletes a user and revokes every session they have.
+        """Deletes a user and revokes every session they have (AIP-135).
 
-        Needs an admin token or API key.
-        Fails with INVALID_ARGUMENT, PERMISSION_DENIED, USER_NOT_FOUND.
+        Needs an admin token or API key. With `allow_missing`, deleting a user
+        that does not exist succeeds, so a retried delete is not an error.
         """
 
     @_abc_1.abstractmethod
@@ -193,7 +230,6 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Counts users, optionally of one role.
 
         Needs an admin token or API key.
-        Fails with INVALID_ARGUMENT, PERMISSION_DENIED.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,12 +26,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from authsvc_client.errors import AuthsvcError, status_metadata
 from authsvc_client.scoping import assert_same_org, is_org_authorized
 from authsvc_client.sidecar import AuthInterceptor, Sidecar, current_session
-from authsvc_client.v1 import sessions_pb2
+from authsvc_client.v1 import resources_pb2
 
 from . import notes_pb2, notes_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
-SessionSource = Callable[[], sessions_pb2.SessionInfo | None]
+SessionSource = Callable[[], resources_pb2.SessionInfo | None]
 _R = TypeVar("_R")
 
 MAX_TITLE = 200
@@ -132,7 +132,7 @@ class NotesServicer(notes_pb2_grpc.NotesServicer):
         self._store = store
         self._session = session
 
-    def _tenant(self, org_id: str) -> sessions_pb2.SessionInfo:
+    def _tenant(self, org_id: str) -> resources_pb2.SessionInfo:
         """The caller, once the request's org is checked against their active org.
 
         Raises:

@@ -130,6 +130,7 @@ def session_info(value: SessionInfo) -> resources_pb2.SessionInfo:
         org_role=org_role_to_proto(value.org_role),
         expire_time=timestamp(value.expires_at),
         session_expire_time=timestamp(value.session_expires_at),
+        org_slug=value.org_slug,
     )
 
 

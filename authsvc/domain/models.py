@@ -7,6 +7,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+#: The longest org slug (validation and the longest token both use it).
+MAX_SLUG = 63
+
 
 class Role(enum.StrEnum):
     USER = "user"

@@ -58,8 +58,9 @@ class SessionRepository(Protocol):
 
     async def get_with_user(
         self, session_id: uuid.UUID
-    ) -> tuple[Session, User, OrgRole | None] | None:
-        """The session, its user, and the user's role in the session's active org."""
+    ) -> tuple[Session, User, tuple[OrgRole, str] | None] | None:
+        """The session, its user, and the user's role in the session's active
+        org with that org's slug (None without an active org or membership)."""
 
     async def set_org(self, session_id: uuid.UUID, org_id: uuid.UUID | None) -> None: ...
 
@@ -68,6 +69,12 @@ class SessionRepository(Protocol):
 
     async def bump_session_claims(self, session_id: uuid.UUID) -> int:
         """Increments one session's claims version; returns the new one."""
+
+    async def bump_org_claims(
+        self, org_id: uuid.UUID, now: datetime
+    ) -> list[tuple[uuid.UUID, int]]:
+        """Raises the claims version of every live session whose active org
+        this is; returns ``(session_id, new_version)`` of each."""
 
     async def bump_claims(
         self, user_ids: Sequence[uuid.UUID], now: datetime
@@ -122,6 +129,9 @@ class MembershipRepository(Protocol):
         """Raises: MemberAlreadyExists."""
 
     async def get(self, org_id: uuid.UUID, user_id: uuid.UUID) -> Member | None: ...
+
+    async def claim(self, org_id: uuid.UUID, user_id: uuid.UUID) -> tuple[OrgRole, str] | None:
+        """The user's role in the org and the org's slug: what a token claims."""
 
     async def set_role(
         self, org_id: uuid.UUID, user_id: uuid.UUID, role: OrgRole, now: datetime

@@ -29,6 +29,8 @@ class SessionInfo:
     session_expires_at: datetime
     # The live role in org_id (None without an active org).
     org_role: OrgRole | None = None
+    # The slug of org_id now (empty without an active org).
+    org_slug: str = ""
 
 
 @dataclass(frozen=True, slots=True)

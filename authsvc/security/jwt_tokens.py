@@ -11,7 +11,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from authsvc.domain.models import OrgRole, Role
+from authsvc.domain.models import MAX_SLUG, OrgRole, Role
 from authsvc.errors import TokenExpired, TokenInvalid
 from authsvc.security.secrets import b64url, b64url_decode_canonical
 
@@ -50,6 +50,7 @@ def longest_token(issuer: str, audience: str) -> int:
         "role": max((r.value for r in Role), key=len),
         "ver": _WIDEST_INT,
         "org_id": some_id,
+        "org_slug": "x" * MAX_SLUG,
         "org_role": max((r.value for r in OrgRole), key=len),
     }
     return (
@@ -67,6 +68,7 @@ class AccessClaims:
     org_id: uuid.UUID | None = None
     org_role: OrgRole | None = None
     version: int = 0
+    org_slug: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,7 @@ class AccessTokenCodec:
         }
         if claims.org_id is not None and claims.org_role is not None:
             payload["org_id"] = str(claims.org_id)
+            payload["org_slug"] = claims.org_slug
             payload["org_role"] = claims.org_role.value
         return jwt.encode(payload, key.private, algorithm=ALGORITHM, headers={"kid": key.kid})
 
@@ -161,6 +164,9 @@ class AccessTokenCodec:
         try:
             org = payload.get("org_id")
             org_role = payload.get("org_role")
+            org_slug = payload.get("org_slug", "") if org else ""
+            if not isinstance(org_slug, str):
+                raise TypeError("org_slug")
             version = payload.get("ver", 0)
             if not isinstance(version, int) or isinstance(version, bool):
                 raise TypeError("ver")
@@ -173,6 +179,7 @@ class AccessTokenCodec:
                 org_id=uuid.UUID(org) if org else None,
                 org_role=OrgRole(org_role) if org and org_role else None,
                 version=version,
+                org_slug=org_slug,
             )
         except (KeyError, ValueError, TypeError):
             raise TokenInvalid() from None

@@ -221,7 +221,7 @@ class AuthService:
         self,
         session: Session,
         role: Role,
-        org_role: OrgRole | None,
+        org: tuple[OrgRole, str] | None,
         refresh_token: str,
         now: datetime,
     ) -> IssuedTokens:
@@ -233,9 +233,10 @@ class AuthService:
             role=role,
             issued_at=now,
             expires_at=expires_at,
-            org_id=session.org_id if org_role is not None else None,
-            org_role=org_role,
+            org_id=session.org_id if org is not None else None,
+            org_role=org[0] if org is not None else None,
             version=session.claims_version,
+            org_slug=org[1] if org is not None else "",
         )
         access = self._codec.issue(self._keys.active, claims)
         return IssuedTokens(
@@ -374,9 +375,9 @@ class AuthService:
                         await tx.refresh_tokens.count_grace_use(record.id)
                 if successor is not None:
                     before = session
-                    session, org_role = await self._org_claims(tx, session, org)
+                    session, org_claim = await self._org_claims(tx, session, org)
                     await tx.sessions.touch(session.id, now, client.ip_address, client.user_agent)
-                    issued = self._tokens(session, user.role, org_role, successor, now)
+                    issued = self._tokens(session, user.role, org_claim, successor, now)
                     if session.claims_version != before.claims_version:
                         # The switch: the session's older tokens (and any
                         # cached view of them) must not keep acting in the
@@ -403,9 +404,9 @@ class AuthService:
 
     async def _org_claims(
         self, tx: Transaction, session: Session, org: uuid.UUID | _Keep | None
-    ) -> tuple[Session, OrgRole | None]:
+    ) -> tuple[Session, tuple[OrgRole, str] | None]:
         """The session with its active org switched as asked, and the user's
-        live role in that org.
+        live role in that org with the org's slug now.
 
         Raises: MemberNotFound (a switch to an org the user is not in, or
         that does not exist: the same answer, so existence does not leak).
@@ -413,26 +414,25 @@ class AuthService:
         if isinstance(org, _Keep):
             if session.org_id is None:
                 return session, None
-            member = await tx.memberships.get(session.org_id, session.user_id)
-            if member is None:
+            claim = await tx.memberships.claim(session.org_id, session.user_id)
+            if claim is None:
                 # Membership removal clears the org in the same transaction;
                 # this only guards against a row that escaped it.
                 await tx.sessions.set_org(session.id, None)
                 return replace(session, org_id=None), None
-            return session, member.role
-        role = None
+            return session, claim
+        claim = None
         if org is not None:
-            member = await tx.memberships.get(org, session.user_id)
-            if member is None:
+            claim = await tx.memberships.claim(org, session.user_id)
+            if claim is None:
                 raise MemberNotFound()
-            role = member.role
         if org == session.org_id:
-            return session, role
+            return session, claim
         # A switch changes the claims: older tokens of the session become
         # stale, so no token acts in an org its session has left.
         await tx.sessions.set_org(session.id, org)
         version = await tx.sessions.bump_session_claims(session.id)
-        return replace(session, org_id=org, claims_version=version), role
+        return replace(session, org_id=org, claims_version=version), claim
 
     async def _grace_successor(
         self, tx: Transaction, record: RefreshTokenRecord, token: str, now: datetime
@@ -490,7 +490,7 @@ class AuthService:
             # session (one built while an event was missed): drop them.
             self._cache.mark(str(claims.session_id))
             raise SessionRevoked()
-        session, user, org_role = found
+        session, user, org = found
         if session.user_id != claims.user_id:
             raise TokenInvalid()
         if session.expires_at <= now:
@@ -503,10 +503,11 @@ class AuthService:
             role=user.role,
             # The live membership, not the token's claim: a removed member's
             # token no longer acts in the org, a re-roled one acts in the new role.
-            org_id=session.org_id if org_role is not None else None,
-            org_role=org_role,
+            org_id=session.org_id if org is not None else None,
+            org_role=org[0] if org is not None else None,
             expires_at=claims.expires_at,
             session_expires_at=session.expires_at,
+            org_slug=org[1] if org is not None else "",
         )
         self._cache.put(digest, info, built_at, (claims.expires_at - now).total_seconds())
         return info

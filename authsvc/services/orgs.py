@@ -201,7 +201,14 @@ class OrgService:
             async with attempt as tx:
                 scope = await self._scope(tx, principal, ref, lock=True)
                 scope.require(OrgAction.UPDATE_ORG)
-                org = await tx.orgs.update(scope.org.id, changes, self._clock.now())
+                now = self._clock.now()
+                org = await tx.orgs.update(scope.org.id, changes, now)
+                if org is not None and org.slug != scope.org.slug:
+                    # The slug is a claim (`org_slug`): tokens of the sessions
+                    # acting in this org are stale now, and Authenticate's
+                    # cached view of them must go.
+                    bumped = await tx.sessions.bump_org_claims(org.id, now)
+                    await tx.events.add(*claims_changed([], bumped))
         if org is None:
             raise OrgNotFound()
         return org

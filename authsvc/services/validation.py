@@ -8,6 +8,7 @@ import uuid
 
 from email_validator import EmailNotValidError, validate_email
 
+from authsvc.domain.models import MAX_SLUG
 from authsvc.errors import InvalidArgument, WeakPassword
 
 MAX_EMAIL = 254
@@ -84,7 +85,7 @@ def page_size(value: int, default: int = 50, maximum: int = 500) -> int:
 
 
 MAX_ORG_NAME = 200
-_SLUG = re.compile(r"[a-z0-9-]{3,63}")
+_SLUG = re.compile(rf"[a-z0-9-]{{3,{MAX_SLUG}}}")
 
 
 def slug(value: str, field: str = "slug") -> str:

@@ -237,22 +237,23 @@ class SqlSessionRepository:
 
     async def get_with_user(
         self, session_id: uuid.UUID
-    ) -> tuple[Session, User, OrgRole | None] | None:
+    ) -> tuple[Session, User, tuple[OrgRole, str] | None] | None:
         stmt = (
-            select(*_SESSION_COLUMNS, *_USER_COLUMNS, memberships.c.role)
+            select(*_SESSION_COLUMNS, *_USER_COLUMNS, memberships.c.role, orgs.c.slug)
             .join(users, users.c.id == sessions.c.user_id)
             .outerjoin(
                 memberships,
                 (memberships.c.org_id == sessions.c.org_id)
                 & (memberships.c.user_id == sessions.c.user_id),
             )
+            .outerjoin(orgs, orgs.c.id == memberships.c.org_id)
             .where(sessions.c.id == session_id)
         )
         row = (await self._conn.execute(stmt)).first()
         if row is None:
             return None
-        role = OrgRole(row[-1]) if row[-1] is not None else None
-        return _session(row), _user(row, len(_SESSION_COLUMNS)), role
+        org = (OrgRole(row[-2]), str(row[-1])) if row[-2] is not None else None
+        return _session(row), _user(row, len(_SESSION_COLUMNS)), org
 
     async def set_org(self, session_id: uuid.UUID, org_id: uuid.UUID | None) -> None:
         await self._conn.execute(
@@ -273,6 +274,21 @@ class SqlSessionRepository:
             .returning(sessions.c.claims_version)
         )
         return int((await self._conn.execute(stmt)).scalar_one())
+
+    async def bump_org_claims(
+        self, org_id: uuid.UUID, now: datetime
+    ) -> list[tuple[uuid.UUID, int]]:
+        stmt = (
+            update(sessions)
+            .where(
+                sessions.c.org_id == org_id,
+                sessions.c.revoked_at.is_(None),
+                sessions.c.expires_at > now,
+            )
+            .values(claims_version=sessions.c.claims_version + 1)
+            .returning(sessions.c.id, sessions.c.claims_version)
+        )
+        return [(row[0], row[1]) for row in await self._conn.execute(stmt)]
 
     async def bump_claims(
         self, user_ids: Sequence[uuid.UUID], now: datetime
@@ -459,6 +475,15 @@ class SqlMembershipRepository:
         )
         row = (await self._conn.execute(stmt)).first()
         return _member(row) if row else None
+
+    async def claim(self, org_id: uuid.UUID, user_id: uuid.UUID) -> tuple[OrgRole, str] | None:
+        stmt = (
+            select(memberships.c.role, orgs.c.slug)
+            .join(orgs, orgs.c.id == memberships.c.org_id)
+            .where(self._key(org_id, user_id))
+        )
+        row = (await self._conn.execute(stmt)).first()
+        return (OrgRole(row[0]), str(row[1])) if row else None
 
     async def set_role(
         self, org_id: uuid.UUID, user_id: uuid.UUID, role: OrgRole, now: datetime

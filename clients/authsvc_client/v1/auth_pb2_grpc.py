@@ -173,9 +173,9 @@ class AuthServiceServicer:
 
         Public: the token in the request is the credential. Checks signature,
         issuer, audience, expiry, and that the session is live, so a signed-out
-        token fails here at once rather than at its expiry. (A token outlives its
-        session only when a setting shortens the session afterwards; such a
-        token fails with SESSION_REVOKED.)
+        token fails here at once rather than at its expiry. (An access token never
+        outlives its session, so SESSION_EXPIRED is rare: TOKEN_EXPIRED comes
+        first.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

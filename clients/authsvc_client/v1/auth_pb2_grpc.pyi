@@ -89,9 +89,9 @@ class AuthServiceStub:
 
     Public: the token in the request is the credential. Checks signature,
     issuer, audience, expiry, and that the session is live, so a signed-out
-    token fails here at once rather than at its expiry. (A token outlives its
-    session only when a setting shortens the session afterwards; such a
-    token fails with SESSION_REVOKED.)
+    token fails here at once rather than at its expiry. (An access token never
+    outlives its session, so SESSION_EXPIRED is rare: TOKEN_EXPIRED comes
+    first.)
     """
     SetActiveOrg: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SetActiveOrgRequest, _auth_pb2.SetActiveOrgResponse]
     """Switches the active organization of a session, or clears it.
@@ -185,9 +185,9 @@ class AuthServiceAsyncStub(AuthServiceStub):
 
     Public: the token in the request is the credential. Checks signature,
     issuer, audience, expiry, and that the session is live, so a signed-out
-    token fails here at once rather than at its expiry. (A token outlives its
-    session only when a setting shortens the session afterwards; such a
-    token fails with SESSION_REVOKED.)
+    token fails here at once rather than at its expiry. (An access token never
+    outlives its session, so SESSION_EXPIRED is rare: TOKEN_EXPIRED comes
+    first.)
     """
     SetActiveOrg: _aio.UnaryUnaryMultiCallable[_auth_pb2.SetActiveOrgRequest, _auth_pb2.SetActiveOrgResponse]  # type: ignore[assignment]
     """Switches the active organization of a session, or clears it.
@@ -314,9 +314,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Public: the token in the request is the credential. Checks signature,
         issuer, audience, expiry, and that the session is live, so a signed-out
-        token fails here at once rather than at its expiry. (A token outlives its
-        session only when a setting shortens the session afterwards; such a
-        token fails with SESSION_REVOKED.)
+        token fails here at once rather than at its expiry. (An access token never
+        outlives its session, so SESSION_EXPIRED is rare: TOKEN_EXPIRED comes
+        first.)
         """
 
     @_abc_1.abstractmethod

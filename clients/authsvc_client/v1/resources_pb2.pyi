@@ -212,8 +212,8 @@ class Org(_message.Message):
     id: _builtins.str
     """UUID, assigned by the server."""
     slug: _builtins.str
-    """Unique; 3 to 63 lowercase letters, digits and hyphens, starting and
-    ending with a letter or digit. It may change (UpdateOrg): store `id`.
+    """Unique; 3 to 63 lowercase letters, digits and hyphens. It may change
+    (UpdateOrg): store `id`, not the slug.
     """
     name: _builtins.str
     """Display name, 1 to 200 characters."""

@@ -155,7 +155,11 @@ async def _watch_all(api: Api) -> list[str]:
     finally:
         stream.cancel()
     assert not first.gap
-    return [r.session_id for r in first.revocations if r.revoked]
+    return [
+        r.session_id
+        for r in first.revocations
+        if r.kind == auth_pb2.REVOCATION_KIND_SESSION_REVOKED
+    ]
 
 
 def _revoked(log: list[tuple[str, str, str]]) -> list[str]:

@@ -155,9 +155,11 @@ def _request(method: MethodDescriptor, world: World, **ident: str) -> Any:
         message.user_id = world.outsider.id if method.name == "AddMember" else world.member.id
     if "role" in fields:
         message.role = ADMIN
-    if "update_mask" in fields and "org" in fields:
+    if "update_mask" in fields and "values" in fields:
         message.update_mask.paths.append("name")
-        message.org.name = "Renamed"
+        message.values.name = "Renamed"
+    if "force" in fields:
+        message.force = True  # the target has a member besides its owner
     return message
 
 

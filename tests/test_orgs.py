@@ -2,16 +2,24 @@
 
 What this proves, as orgs.proto states it: the creator of an org becomes its
 owner (an API key must name the owner; a user may not name someone else);
-an org is named by exactly one of id and slug; UpdateOrg changes exactly the
-fields of its mask (the slug included) and refuses a taken slug; DeleteOrg
-removes the memberships and takes the org off every session whose active org
-it was, at once and for the next refresh; ListOrgs and ListMembers page by
-cursor with page tokens bound to their filter; AddMember / UpdateMember /
-RemoveMember / GetMember report what they do; the slug and name rules hold
-as a table. Every refused call leaves every table unchanged (``refused``).
+an org is named by its id or its slug (the `org` oneof; unset is bad input on
+`org`), and every org RPC takes the slug, from a user's token and from the
+API key; UpdateOrg changes exactly the fields of its mask (the slug included)
+and refuses a taken slug; DeleteOrg removes the memberships and takes the org
+off every session whose active org it was, at once and for the next refresh,
+and needs `force` while the org has members other than the caller (for an
+admin or the API key: any member); DeleteOrg and RemoveMember take
+`allow_missing`; Org and Member carry etags that change with them, and a
+stale one changes nothing; ListOrgs and ListMembers page by cursor with page
+tokens bound to their filter, and ListOrgs of one user gives that user's
+membership in each org; AddMember / UpdateMember / RemoveMember / GetMember
+report what they do; the slug and name rules hold as a table. Every refused
+call leaves every table unchanged (``refused``).
 
 Who may do what (the role table) is tests/test_org_roles.py; the active-org
-check (ORG_MISMATCH) is tests/test_tenancy.py.
+check (ORG_MISMATCH, and the retried deletes that allow_missing lets through
+without telling anything of other orgs) is tests/test_tenancy.py; two
+changes with one etag at once, tests/test_races.py.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf.field_mask_pb2 import FieldMask
 
 from authsvc_client.v1 import auth_pb2, orgs_pb2, resources_pb2, sessions_pb2, users_pb2
 from tests.app import (
@@ -365,11 +364,8 @@ async def test_every_live_session_of_the_member_sees_the_change(api: Api) -> Non
 async def test_a_platform_role_change_bumps_ver(api: Api) -> None:
     org, member = await _member_of_new_org(api, MEMBER)
     old_ver = _ver(member.token)
-    await api.users.UpdateUser(
-        users_pb2.UpdateUserRequest(
-            user=resources_pb2.User(id=member.id, role=resources_pb2.ROLE_ADMIN),
-            update_mask=FieldMask(paths=["role"]),
-        ),
+    await api.users.SetUserRole(
+        users_pb2.SetUserRoleRequest(user_id=member.id, role=resources_pb2.ROLE_ADMIN),
         metadata=service(),
     )
     pair = await refreshed(api, member.tokens.refresh_token)

@@ -317,7 +317,7 @@ async def _load(
                 ),
             )
             if signed is not None:
-                client.signed_in.append(signed.tokens.session_id)
+                client.signed_in.append(signed.result.tokens.session_id)
             failed |= signed is None
             # A client backs off a little after a failure (as RetryInfo asks),
             # rather than spinning on refused connections.

@@ -138,7 +138,7 @@ async def test_rate_limited_rpcs_under_load_while_redis_fails(
                 ),
             )
             if signed is not None:
-                sessions.add(signed.tokens.session_id)
+                sessions.add(signed.result.tokens.session_id)
             api = apis[turn % 2]
             created = await tally.call(
                 "SignUp",
@@ -150,8 +150,8 @@ async def test_rate_limited_rpcs_under_load_while_redis_fails(
                 ),
             )
             if created is not None:
-                users.add(created.user.id)
-                sessions.add(created.tokens.session_id)
+                users.add(created.result.user.id)
+                sessions.add(created.result.tokens.session_id)
             if signed is None or created is None:
                 await asyncio.sleep(0.05)
 

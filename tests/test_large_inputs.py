@@ -50,7 +50,7 @@ class Ctx:
     owner: OrgUser  # owns ``org``, which is active in the owner's session
     member: OrgUser  # a member of ``org``
     org: Any
-    victim: Any  # a SignInWithPasswordResponse of the owner: spent by RefreshToken & co.
+    victim: Any  # a SignInResult of the owner's: spent by RefreshToken & co.
 
     @classmethod
     async def make(cls, api: Api) -> Ctx:
@@ -61,7 +61,7 @@ class Ctx:
             auth_pb2.SignInWithPasswordRequest(email=owner.user.email, password=PASSWORD)
         )
         remember(victim.result.tokens.access_token, victim.result.tokens.refresh_token)
-        return cls(api, admin, owner, member, org, victim)
+        return cls(api, admin, owner, member, org, victim.result)
 
 
 # One valid request per RPC (a failure on it is fine: only its shape matters).
@@ -70,11 +70,20 @@ BUILDERS: dict[str, Callable[[Ctx], Message]] = {
         email=f"new-{uuid.uuid4().hex[:8]}@example.com",
         password="a perfectly fine password",
         display_name="New",
+        given_name="Ada",
+        family_name="Lovelace",
         client_info=resources_pb2.ClientInfo(ip_address="203.0.113.9", user_agent="ua/1"),
     ),
     "AuthService.SignInWithPassword": lambda c: auth_pb2.SignInWithPasswordRequest(
         email=c.owner.user.email,
         password=PASSWORD,
+        given_name="Ada",
+        family_name="Lovelace",
+        client_info=resources_pb2.ClientInfo(ip_address="203.0.113.9", user_agent="ua/1"),
+    ),
+    "AuthService.CompleteSignIn": lambda c: auth_pb2.CompleteSignInRequest(
+        pending_token="pt_not-a-pending-token",
+        new_password="a perfectly fine password",
         client_info=resources_pb2.ClientInfo(ip_address="203.0.113.9", user_agent="ua/1"),
     ),
     "AuthService.RefreshToken": lambda c: auth_pb2.RefreshTokenRequest(
@@ -96,10 +105,25 @@ BUILDERS: dict[str, Callable[[Ctx], Message]] = {
         email_prefix="a", page_size=10, page_token=""
     ),
     "UserService.UpdateUser": lambda c: users_pb2.UpdateUserRequest(
-        user=resources_pb2.User(id=c.owner.id, display_name="Renamed", email=c.owner.user.email),
-        update_mask=FieldMask(paths=["display_name"]),
+        user=resources_pb2.User(
+            id=c.owner.id,
+            display_name="Renamed",
+            given_name="Ada",
+            family_name="Lovelace",
+            email=c.owner.user.email,
+            etag=c.owner.user.etag,
+        ),
+        update_mask=FieldMask(paths=["display_name", "given_name", "family_name"]),
     ),
-    "UserService.DeleteUser": lambda c: users_pb2.DeleteUserRequest(user_id=c.member.id),
+    "UserService.SetUserRole": lambda c: users_pb2.SetUserRoleRequest(
+        user_id=c.member.id, role=resources_pb2.ROLE_USER, etag=c.member.user.etag
+    ),
+    "UserService.SetUserEmail": lambda c: users_pb2.SetUserEmailRequest(
+        user_id=c.member.id, email=c.member.user.email, etag=c.member.user.etag
+    ),
+    "UserService.DeleteUser": lambda c: users_pb2.DeleteUserRequest(
+        user_id=c.member.id, etag=c.member.user.etag
+    ),
     "UserService.CountUsers": lambda c: users_pb2.CountUsersRequest(),
     "SessionService.ListSessions": lambda c: sessions_pb2.ListSessionsRequest(
         user_id=c.owner.id, page_size=10
@@ -116,19 +140,21 @@ BUILDERS: dict[str, Callable[[Ctx], Message]] = {
     "OrgService.GetOrg": lambda c: orgs_pb2.GetOrgRequest(org_id=c.org.id),
     "OrgService.UpdateOrg": lambda c: orgs_pb2.UpdateOrgRequest(
         org_id=c.org.id,
-        values=resources_pb2.Org(name="Renamed", slug=c.org.slug),
+        values=resources_pb2.Org(name="Renamed", slug=c.org.slug, etag=c.org.etag),
         update_mask=FieldMask(paths=["name"]),
     ),
-    "OrgService.DeleteOrg": lambda c: orgs_pb2.DeleteOrgRequest(org_slug="no-such-org"),
+    "OrgService.DeleteOrg": lambda c: orgs_pb2.DeleteOrgRequest(
+        org_slug="no-such-org", etag=c.org.etag, force=True, allow_missing=True
+    ),
     "OrgService.ListOrgs": lambda c: orgs_pb2.ListOrgsRequest(user_id=c.owner.id, page_size=5),
     "OrgService.AddMember": lambda c: orgs_pb2.AddMemberRequest(
         org_id=c.org.id, user_id=c.member.id, role=resources_pb2.ORG_ROLE_MEMBER
     ),
     "OrgService.UpdateMember": lambda c: orgs_pb2.UpdateMemberRequest(
-        org_id=c.org.id, user_id=c.member.id, role=resources_pb2.ORG_ROLE_ADMIN
+        org_id=c.org.id, user_id=c.member.id, role=resources_pb2.ORG_ROLE_ADMIN, etag="e"
     ),
     "OrgService.RemoveMember": lambda c: orgs_pb2.RemoveMemberRequest(
-        org_id=c.org.id, user_id=c.member.id
+        org_id=c.org.id, user_id=c.member.id, etag="e", allow_missing=True
     ),
     "OrgService.GetMember": lambda c: orgs_pb2.GetMemberRequest(
         org_id=c.org.id, user_id=c.member.id

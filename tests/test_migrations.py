@@ -14,7 +14,9 @@ migration commands run in a worker thread, never in the test's loop.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,12 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import DateTime, MetaData, String, inspect
+from sqlalchemy import DateTime, MetaData, String, insert, inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from authsvc.storage import migrate
-from authsvc.storage.tables import metadata
+from authsvc.storage.tables import metadata, sessions, users
 
 VERSION_TABLE = "alembic_version"
 
@@ -204,3 +206,72 @@ async def test_upgrade_twice_is_a_no_op(empty_db: str) -> None:
     before = await _inspect(empty_db, _schema)
     await _upgrade(empty_db)
     assert await _inspect(empty_db, _schema) == before
+
+
+async def test_user_names_arrive_empty_on_existing_users_and_leave_them_intact(
+    empty_db: str,
+) -> None:
+    """0004 adds users.given_name and users.family_name: NOT NULL, '' for the
+    users that exist (and by default for rows inserted without them); its
+    downgrade removes both columns and keeps every user, sessions included."""
+    await _upgrade(empty_db, "0003")
+    now = datetime.now(UTC)
+    user_id = uuid.uuid4()
+    # Only the columns 0003 has: the metadata's Core insert names no others.
+    engine = create_async_engine(empty_db)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                insert(users).values(
+                    id=user_id,
+                    email="old@example.com",
+                    email_key="old@example.com",
+                    password_hash="not-a-hash",
+                    display_name="Old",
+                    role="user",
+                    email_verified=False,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            await conn.execute(
+                insert(sessions).values(
+                    id=uuid.uuid4(),
+                    user_id=user_id,
+                    created_at=now,
+                    last_used_at=now,
+                    expires_at=now,
+                    ip_address="",
+                    user_agent="",
+                )
+            )
+    finally:
+        await engine.dispose()
+    await _upgrade(empty_db, "0004")
+
+    def names(conn: Connection) -> list[tuple[Any, ...]]:
+        rows = conn.execute(text("SELECT email, display_name, given_name, family_name FROM users"))
+        return [tuple(r) for r in rows]
+
+    assert await _inspect(empty_db, names) == [("old@example.com", "Old", "", "")]
+    columns = await _inspect(
+        empty_db, lambda conn: {c["name"]: c for c in inspect(conn).get_columns("users")}
+    )
+    for name in ("given_name", "family_name"):
+        assert columns[name]["nullable"] is False
+        assert isinstance(columns[name]["type"], String)
+        assert columns[name]["type"].length == 200
+
+    await _downgrade(empty_db, "0003")
+
+    def after_downgrade(conn: Connection) -> tuple[set[str], list[Any], int]:
+        cols = {c["name"] for c in inspect(conn).get_columns("users")}
+        rows = [tuple(r) for r in conn.execute(text("SELECT email, display_name FROM users"))]
+        count = conn.execute(text("SELECT count(*) FROM sessions")).scalar_one()
+        return cols, rows, int(count)
+
+    cols, kept, live = await _inspect(empty_db, after_downgrade)
+    assert not {"given_name", "family_name"} & cols
+    assert (kept, live) == ([("old@example.com", "Old")], 1)
+    await _upgrade(empty_db)
+    await assert_matches_metadata(empty_db)

@@ -150,7 +150,7 @@ def _update_org(api: Api, c: Cast, md: Metadata, _: str) -> Any:
 
 
 def _delete_org(api: Api, c: Cast, md: Metadata, _: str) -> Any:
-    return api.orgs.DeleteOrg(orgs_pb2.DeleteOrgRequest(org_id=c.org.id), metadata=md)
+    return api.orgs.DeleteOrg(orgs_pb2.DeleteOrgRequest(org_id=c.org.id, force=True), metadata=md)
 
 
 def _add(role: OrgRole) -> Call:

@@ -2,21 +2,31 @@
 
 What this proves, as orgs.proto states it: the creator of an org becomes its
 owner (an API key must name the owner; a user may not name someone else);
-an org is named by exactly one of id and slug; UpdateOrg changes exactly the
-fields of its mask (the slug included) and refuses a taken slug; DeleteOrg
-removes the memberships and takes the org off every session whose active org
-it was, at once and for the next refresh; ListOrgs and ListMembers page by
-cursor with page tokens bound to their filter; AddMember / UpdateMember /
-RemoveMember / GetMember report what they do; the slug and name rules hold
-as a table. Every refused call leaves every table unchanged (``refused``).
+an org is named by its id or its slug (the `org` oneof; unset is bad input on
+`org`), and every org RPC takes the slug, from a user's token and from the
+API key; UpdateOrg changes exactly the fields of its mask (the slug included)
+and refuses a taken slug; DeleteOrg removes the memberships and takes the org
+off every session whose active org it was, at once and for the next refresh,
+and needs `force` while the org has members other than the caller (for an
+admin or the API key: any member); DeleteOrg and RemoveMember take
+`allow_missing`; Org and Member carry etags that change with them, and a
+stale one changes nothing; ListOrgs and ListMembers page by cursor with page
+tokens bound to their filter, and ListOrgs of one user gives that user's
+membership in each org; AddMember / UpdateMember / RemoveMember / GetMember
+report what they do; the slug and name rules hold as a table. Every refused
+call leaves every table unchanged (``refused``).
 
 Who may do what (the role table) is tests/test_org_roles.py; the active-org
-check (ORG_MISMATCH) is tests/test_tenancy.py.
+check (ORG_MISMATCH, and the retried deletes that allow_missing lets through
+without telling anything of other orgs) is tests/test_tenancy.py; two
+changes with one etag at once, tests/test_races.py.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -59,8 +69,19 @@ MEMBER_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, "MEMBER_NOT_FOUND")
 MEMBER_EXISTS = (grpc.StatusCode.ALREADY_EXISTS, "MEMBER_ALREADY_EXISTS")
 SLUG_CONFLICT = (grpc.StatusCode.ALREADY_EXISTS, "ORG_SLUG_CONFLICT")
 INVALID_PAGE_TOKEN = (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
+ETAG_MISMATCH = (grpc.StatusCode.ABORTED, "ETAG_MISMATCH")
+HAS_MEMBERS = (grpc.StatusCode.FAILED_PRECONDITION, "ORG_HAS_MEMBERS")
 
 Metadata = tuple[tuple[str, str], ...]
+
+
+async def changes_nothing(api: Api, call: Callable[[], Awaitable[Any]]) -> Any:
+    """Makes a call that must succeed and leave every table and Redis key as
+    they were; returns its response."""
+    before = await api.snapshot()
+    response = await call()
+    assert await api.snapshot() == before, "the call changed stored data"
+    return response
 
 
 def _create(api: Api, md: Metadata, slug: str, name: str = "Acme", owner: str = "") -> Any:
@@ -207,12 +228,17 @@ async def test_get_org_by_id_and_by_slug(api: Api) -> None:
     assert (await _get(api, service(), org_id=org.id.upper())).org.id == org.id
 
 
-async def test_get_org_needs_exactly_one_of_id_and_slug(api: Api) -> None:
+async def test_get_org_needs_the_org(api: Api) -> None:
+    """The `org` oneof unset, or set to an empty id or slug, is bad input on
+    the field `org`. (Both at once cannot be sent: a oneof keeps the last.)"""
     org, owner = await org_with_owner(api)
     admin = await api.admin_token()
     for md in (owner.md, bearer(admin), service()):
-        await refused(api, partial(_get, api, md), *IA)
-        await refused(api, partial(_get, api, md, org_id=org.id, org_slug=org.slug), *IA)
+        for ident in ({}, {"org_id": ""}, {"org_slug": ""}):
+            error = await refused(api, partial(_get, api, md, **ident), *IA)
+            assert _violations(error) == ["org"]
+    both = orgs_pb2.GetOrgRequest(org_id=org.id, org_slug=org.slug)
+    assert both.WhichOneof("org") == "org_slug"
 
 
 async def test_a_missing_org_is_org_not_found_for_admin_and_service(api: Api) -> None:
@@ -356,7 +382,9 @@ async def test_delete_org_removes_memberships_and_every_sessions_active_org(api:
     for token in (owner.token, member.token, member_elsewhere.access_token):
         assert (await who(api, token)).org_id != ""
 
-    await api.orgs.DeleteOrg(orgs_pb2.DeleteOrgRequest(org_id=org.id), metadata=owner.md)
+    await api.orgs.DeleteOrg(
+        orgs_pb2.DeleteOrgRequest(org_id=org.id, force=True), metadata=owner.md
+    )
 
     await refused(api, lambda: _get(api, service(), org_id=org.id), *ORG_NOT_FOUND)
     await refused(api, lambda: _get(api, service(), org_slug=org.slug), *ORG_NOT_FOUND)
@@ -412,7 +440,9 @@ async def test_delete_org_by_slug_by_admin_and_service(api: Api) -> None:
     admin = await api.admin_token()
     for md in (bearer(admin), service()):
         org, owner = await org_with_owner(api)
-        await api.orgs.DeleteOrg(orgs_pb2.DeleteOrgRequest(org_slug=org.slug), metadata=md)
+        await api.orgs.DeleteOrg(
+            orgs_pb2.DeleteOrgRequest(org_slug=org.slug, force=True), metadata=md
+        )
         await refused(api, partial(_get, api, service(), org_id=org.id), *ORG_NOT_FOUND)
         assert (await who(api, owner.token)).org_id == ""
 
@@ -460,7 +490,9 @@ async def test_list_orgs_pages_a_users_orgs_oldest_first(api: Api) -> None:
 
     # An org deleted between pages is not listed; nothing repeats.
     first = await api.orgs.ListOrgs(orgs_pb2.ListOrgsRequest(page_size=2), metadata=a_md)
-    await api.orgs.DeleteOrg(orgs_pb2.DeleteOrgRequest(org_id=a3.id), metadata=service())
+    await api.orgs.DeleteOrg(
+        orgs_pb2.DeleteOrgRequest(org_id=a3.id, force=True), metadata=service()
+    )
     rest = await api.orgs.ListOrgs(
         orgs_pb2.ListOrgsRequest(page_size=10, page_token=first.next_page_token), metadata=a_md
     )
@@ -493,6 +525,318 @@ async def test_list_orgs_page_tokens_are_bound_to_the_filter(api: Api) -> None:
     # The same filter takes them.
     assert (await page(service(), user_id=alice.user.id, page_token=of_alice)).orgs
     assert (await page(a_md, user_id=alice.user.id, page_token=alices_own)).orgs
+
+
+async def test_list_orgs_gives_the_users_membership_in_each(api: Api) -> None:
+    alice = await api.sign_up()
+    bob = await api.sign_up()
+    a_md, b_md = bearer(alice.tokens.access_token), bearer(bob.tokens.access_token)
+    a = await _created(api, a_md)
+    b = await _created(api, b_md)
+    c = await _created(api, b_md)
+    await _add(api, service(), b.id, alice.user.id, ADMIN)
+    await _add(api, service(), c.id, alice.user.id, MEMBER)
+    admin = await api.admin_token()
+
+    async def pages(md: Metadata, **fields: Any) -> tuple[list[Any], list[Any]]:
+        orgs: list[Any] = []
+        members: list[Any] = []
+        token = ""
+        while True:
+            page = await api.orgs.ListOrgs(
+                orgs_pb2.ListOrgsRequest(page_size=2, page_token=token, **fields), metadata=md
+            )
+            assert len(page.memberships) in (0, len(page.orgs))
+            orgs += page.orgs
+            members += page.memberships
+            token = page.next_page_token
+            if not token:
+                return orgs, members
+
+    for md, fields in [
+        (a_md, {}),
+        (a_md, {"user_id": alice.user.id}),
+        (bearer(admin), {"user_id": alice.user.id}),
+        (service(), {"user_id": alice.user.id}),
+    ]:
+        orgs, members = await pages(md, **fields)
+        assert [o.id for o in orgs] == [a.id, b.id, c.id]
+        assert [(m.org_id, m.user_id) for m in members] == [(o.id, alice.user.id) for o in orgs]
+        assert [m.role for m in members] == [OWNER, ADMIN, MEMBER]
+        assert {m.email for m in members} == {alice.user.email}
+        # Each is the membership GetMember answers, etag and all.
+        for org, member in zip(orgs, members, strict=True):
+            assert (await _get_member(api, service(), org.id, alice.user.id)).member == member
+    orgs, members = await pages(service(), user_id=bob.user.id)
+    assert ([o.id for o in orgs], [m.role for m in members]) == ([b.id, c.id], [OWNER, OWNER])
+    # Every org (an admin or the API key without user_id): no memberships.
+    for md in (bearer(admin), service()):
+        orgs, members = await pages(md)
+        assert [o.id for o in orgs] == [a.id, b.id, c.id]
+        assert members == []
+
+
+# -- etags -----------------------------------------------------------------------
+
+ETAG = re.compile(r"[A-Za-z0-9_-]{16}")
+
+
+async def test_orgs_and_members_carry_etags_that_change_with_them(api: Api) -> None:
+    org, owner = await org_with_owner(api)
+    assert ETAG.fullmatch(org.etag), org.etag
+    assert (await _get(api, owner.md, org_id=org.id)).org.etag == org.etag
+    listed = await api.orgs.ListOrgs(orgs_pb2.ListOrgsRequest(), metadata=owner.md)
+    assert (listed.orgs[0].etag, listed.memberships[0].org_id) == (org.etag, org.id)
+
+    renamed = (await _update(api, owner.md, ["name"], {"org_id": org.id}, name="Renamed")).org
+    moved = (await _update(api, owner.md, ["slug"], {"org_id": org.id}, slug=new_slug())).org
+    assert len({org.etag, renamed.etag, moved.etag}) == 3
+    # A change that changes nothing writes nothing: the etag stays.
+    same = await changes_nothing(
+        api, lambda: _update(api, owner.md, ["name", "slug"], {"org_id": org.id}, **_of(moved))
+    )
+    assert same.org == moved
+
+    bob = await api.sign_up()
+    added = (await _add(api, owner.md, org.id, bob.user.id)).member
+    assert ETAG.fullmatch(added.etag), added.etag
+    assert (await _get_member(api, owner.md, org.id, bob.user.id)).member.etag == added.etag
+    members, _ = await _list_members(api, owner.md, org_id=org.id)
+    assert {m.user_id: m.etag for m in members}[bob.user.id] == added.etag
+    promoted = (await _set_role(api, owner.md, org.id, bob.user.id, ADMIN)).member
+    demoted = (await _set_role(api, owner.md, org.id, bob.user.id, MEMBER)).member
+    assert len({added.etag, promoted.etag, demoted.etag}) == 3
+    # The member's name is the user's, with the user's etag: renaming the user
+    # leaves the membership's etag (and update time) as they were.
+    await api.users.UpdateUser(
+        users_pb2.UpdateUserRequest(
+            user=resources_pb2.User(id=bob.user.id, display_name="Bob"),
+            update_mask=FieldMask(paths=["display_name"]),
+        ),
+        metadata=service(),
+    )
+    now = (await _get_member(api, owner.md, org.id, bob.user.id)).member
+    assert (now.display_name, now.etag, now.update_time) == (
+        "Bob",
+        demoted.etag,
+        demoted.update_time,
+    )
+
+
+def _of(org: Any) -> dict[str, str]:
+    return {"name": org.name, "slug": org.slug}
+
+
+async def test_a_stale_etag_changes_nothing_in_an_org(api: Api) -> None:
+    org, owner = await org_with_owner(api)
+    bob = await org_member(api, org.id)
+    stale_org = org.etag
+    current_org = (
+        await _update(api, owner.md, ["name"], {"org_id": org.id}, name="New", etag=stale_org)
+    ).org.etag
+    member = (await _get_member(api, owner.md, org.id, bob.id)).member
+    stale_member = member.etag
+    current_member = (
+        await api.orgs.UpdateMember(
+            orgs_pb2.UpdateMemberRequest(
+                org_id=org.id, user_id=bob.id, role=ADMIN, etag=stale_member
+            ),
+            metadata=owner.md,
+        )
+    ).member.etag
+    assert (current_org, current_member) != (stale_org, stale_member)
+
+    calls: dict[str, tuple[Callable[[str], Any], str]] = {
+        "UpdateOrg": (
+            lambda etag: _update(api, owner.md, ["name"], {"org_id": org.id}, name="X", etag=etag),
+            "values.etag",
+        ),
+        "DeleteOrg": (
+            lambda etag: api.orgs.DeleteOrg(
+                orgs_pb2.DeleteOrgRequest(org_id=org.id, etag=etag, force=True),
+                metadata=owner.md,
+            ),
+            "etag",
+        ),
+        "UpdateMember": (
+            lambda etag: api.orgs.UpdateMember(
+                orgs_pb2.UpdateMemberRequest(org_id=org.id, user_id=bob.id, role=MEMBER, etag=etag),
+                metadata=owner.md,
+            ),
+            "etag",
+        ),
+        "RemoveMember": (
+            lambda etag: api.orgs.RemoveMember(
+                orgs_pb2.RemoveMemberRequest(
+                    org_id=org.id, user_id=bob.id, etag=etag, allow_missing=True
+                ),
+                metadata=owner.md,
+            ),
+            "etag",
+        ),
+    }
+    stale = {"UpdateOrg": stale_org, "DeleteOrg": stale_org}
+    for name, (call, field) in calls.items():
+        for etag in (stale.get(name, stale_member), "x"):
+            error = await refused(api, partial(call, etag), *ETAG_MISMATCH)
+            assert error.reason == "ETAG_MISMATCH", name
+        error = await refused(api, partial(call, "e" * 65), *IA)
+        assert _violations(error) == [field], name
+    # The API key is held to the etag too.
+    await refused(
+        api,
+        lambda: api.orgs.UpdateOrg(
+            orgs_pb2.UpdateOrgRequest(
+                org_id=org.id,
+                values=resources_pb2.Org(name="X", etag=stale_org),
+                update_mask=FieldMask(paths=["name"]),
+            ),
+            metadata=service(),
+        ),
+        *ETAG_MISMATCH,
+    )
+    # The current ones are taken.
+    await calls["UpdateMember"][0](current_member)
+    member = (await _get_member(api, owner.md, org.id, bob.id)).member
+    await calls["RemoveMember"][0](member.etag)
+    assert await members_of(api, org.id) == {owner.id: OWNER}
+    current_org = (await calls["UpdateOrg"][0](current_org)).org.etag
+    await calls["DeleteOrg"][0](current_org)
+    await refused(api, lambda: _get(api, service(), org_id=org.id), *ORG_NOT_FOUND)
+
+
+# -- force and allow_missing ---------------------------------------------------------
+
+
+def _delete(api: Api, md: Metadata, **fields: Any) -> Any:
+    return api.orgs.DeleteOrg(orgs_pb2.DeleteOrgRequest(**fields), metadata=md)
+
+
+async def test_deleting_an_org_with_other_members_needs_force(api: Api) -> None:
+    org, owner = await org_with_owner(api)
+    member = await org_member(api, org.id)
+    for fields in ({"org_id": org.id}, {"org_slug": org.slug}, {"org_id": org.id, "force": False}):
+        await refused(api, partial(_delete, api, owner.md, **fields), *HAS_MEMBERS)
+    await _delete(api, owner.md, org_id=org.id, force=True)
+    await refused(api, lambda: _get(api, service(), org_id=org.id), *ORG_NOT_FOUND)
+    assert (await who(api, member.token)).org_id == ""
+
+    # An owner alone in the org needs no force.
+    alone, sole = await org_with_owner(api)
+    await _delete(api, sole.md, org_id=alone.id)
+    await refused(api, lambda: _get(api, service(), org_id=alone.id), *ORG_NOT_FOUND)
+
+    # For an admin token or the API key every member is another: the owner too.
+    admin = await api.admin_token()
+    for md in (bearer(admin), service()):
+        target, _ = await org_with_owner(api)
+        await refused(api, partial(_delete, api, md, org_id=target.id), *HAS_MEMBERS)
+        await _delete(api, md, org_id=target.id, force=True)
+        await refused(api, partial(_get, api, service(), org_id=target.id), *ORG_NOT_FOUND)
+
+
+async def test_delete_org_allow_missing(api: Api) -> None:
+    admin = await api.admin_token()
+    for md in (bearer(admin), service()):
+        for ident in ({"org_id": str(uuid.uuid4())}, {"org_slug": "no-such-org"}):
+            await refused(api, partial(_delete, api, md, **ident), *ORG_NOT_FOUND)
+            await changes_nothing(api, partial(_delete, api, md, allow_missing=True, **ident))
+        # A retried delete, with the etag it was made with.
+        org, _ = await org_with_owner(api)
+        request = {"org_id": org.id, "etag": org.etag, "force": True, "allow_missing": True}
+        await _delete(api, md, **request)
+        await changes_nothing(api, partial(_delete, api, md, **request))
+        await refused(api, partial(_delete, api, md, org_id=org.id, force=True), *ORG_NOT_FOUND)
+    # An org that exists is deleted as without it, under the same rules.
+    org, owner = await org_with_owner(api)
+    await org_member(api, org.id)
+    await refused(
+        api, partial(_delete, api, owner.md, org_id=org.id, allow_missing=True), *HAS_MEMBERS
+    )
+
+
+def _remove_member(api: Api, md: Metadata, org_id: str, user_id: str, **fields: Any) -> Any:
+    return api.orgs.RemoveMember(
+        orgs_pb2.RemoveMemberRequest(org_id=org_id, user_id=user_id, **fields), metadata=md
+    )
+
+
+async def test_remove_member_allow_missing(api: Api) -> None:
+    org, owner = await org_with_owner(api)
+    bob = await org_member(api, org.id)
+    outsider = await api.sign_up()
+    admin = await api.admin_token()
+    for md in (owner.md, bearer(admin), service()):
+        for user_id in (outsider.user.id, str(uuid.uuid4())):
+            await refused(api, partial(_remove_member, api, md, org.id, user_id), *MEMBER_NOT_FOUND)
+            await changes_nothing(
+                api, partial(_remove_member, api, md, org.id, user_id, allow_missing=True)
+            )
+    # A retried removal: the first removes, the second finds nothing.
+    await _remove_member(api, owner.md, org.id, bob.id, allow_missing=True)
+    await changes_nothing(
+        api, partial(_remove_member, api, owner.md, org.id, bob.id, allow_missing=True)
+    )
+    assert await members_of(api, org.id) == {owner.id: OWNER}
+    # For an admin or the API key, an org that does not exist has no such
+    # membership either.
+    for md in (bearer(admin), service()):
+        missing = str(uuid.uuid4())
+        await refused(api, partial(_remove_member, api, md, missing, bob.id), *ORG_NOT_FOUND)
+        await changes_nothing(
+            api, partial(_remove_member, api, md, missing, bob.id, allow_missing=True)
+        )
+    # The rules hold as without it: the last owner stays.
+    await refused(
+        api,
+        partial(_remove_member, api, owner.md, org.id, owner.id, allow_missing=True),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "LAST_OWNER",
+    )
+
+
+# -- addressing by slug ----------------------------------------------------------
+
+
+async def test_every_org_rpc_takes_the_slug(api: Api) -> None:
+    """Each org-scoped RPC, by slug, from the org's owner (a user token, the
+    org active in its session) and from the API key."""
+    for md_of in (lambda owner: owner.md, lambda owner: service()):
+        org, owner = await org_with_owner(api)
+        md = md_of(owner)
+        by_slug = {"org_slug": org.slug}
+        assert (await _get(api, md, **by_slug)).org == org
+        bob = await api.sign_up()
+        added = (
+            await api.orgs.AddMember(
+                orgs_pb2.AddMemberRequest(user_id=bob.user.id, role=ADMIN, **by_slug), metadata=md
+            )
+        ).member
+        assert (added.org_id, added.user_id, added.role) == (org.id, bob.user.id, ADMIN)
+        got = await api.orgs.GetMember(
+            orgs_pb2.GetMemberRequest(user_id=bob.user.id, **by_slug), metadata=md
+        )
+        assert got.member == added
+        listed = await api.orgs.ListMembers(orgs_pb2.ListMembersRequest(**by_slug), metadata=md)
+        assert [m.user_id for m in listed.members] == [owner.id, bob.user.id]
+        changed = await api.orgs.UpdateMember(
+            orgs_pb2.UpdateMemberRequest(
+                user_id=bob.user.id, role=MEMBER, etag=added.etag, **by_slug
+            ),
+            metadata=md,
+        )
+        assert changed.member.role == MEMBER
+        await api.orgs.RemoveMember(
+            orgs_pb2.RemoveMemberRequest(user_id=bob.user.id, etag=changed.member.etag, **by_slug),
+            metadata=md,
+        )
+        assert await members_of(api, org.id) == {owner.id: OWNER}
+        renamed = (await _update(api, md, ["name"], by_slug, name="By Slug", etag=org.etag)).org
+        assert (renamed.id, renamed.name) == (org.id, "By Slug")
+        await api.orgs.DeleteOrg(
+            orgs_pb2.DeleteOrgRequest(etag=renamed.etag, force=True, **by_slug), metadata=md
+        )
+        await refused(api, partial(_get, api, service(), org_id=org.id), *ORG_NOT_FOUND)
 
 
 # -- members ---------------------------------------------------------------------
@@ -702,7 +1046,7 @@ async def test_invalid_slugs(api: Api, slug: str) -> None:
     error = await refused(
         api, lambda: _update(api, owner.md, ["slug"], {"org_id": org.id}, slug=slug), *IA
     )
-    assert _violations(error) == ["org.slug"]
+    assert _violations(error) == ["values.slug"]
 
 
 async def test_a_taken_slug_is_a_conflict(api: Api) -> None:
@@ -754,4 +1098,4 @@ async def test_invalid_names(api: Api, name: str) -> None:
     error = await refused(
         api, lambda: _update(api, owner.md, ["name"], {"org_id": org.id}, name=name), *IA
     )
-    assert _violations(error) == ["org.name"]
+    assert _violations(error) == ["values.name"]

@@ -155,7 +155,11 @@ async def _watch_all(api: Api) -> list[str]:
     finally:
         stream.cancel()
     assert not first.gap
-    return [r.session_id for r in first.revocations if r.revoked]
+    return [
+        r.session_id
+        for r in first.revocations
+        if r.kind == auth_pb2.REVOCATION_KIND_SESSION_REVOKED
+    ]
 
 
 def _revoked(log: list[tuple[str, str, str]]) -> list[str]:
@@ -246,7 +250,10 @@ async def test_a_sign_out_made_while_redis_is_down_is_never_undone(
             _always_refused(lambda: _authenticate(b, x1), "SESSION_REVOKED"),
             _always_refused(lambda: sidecar.authenticate(x1), "SESSION_REVOKED"),
         )
-        assert min(refusals) > 50, refusals
+        # Asked all through the window (each loop runs to its deadline); how
+        # often depends on the machine's load: 45 times in 3 s was seen on a
+        # shared 2-core machine at load 8, against ~250 when idle.
+        assert min(refusals) > 20, refusals
         assert (await _authenticate(b, x2)).session.session_id == x2_session
         assert (await sidecar.authenticate(x2)).session_id == x2_session
         for api in (a, b):

@@ -228,27 +228,36 @@ def remember_tokens(results: Sequence[Any]) -> None:
 class Person:
     email: str
     user_id: str = ""
-    signup: Any = None  # SignUpResponse
-    signin: Any = None  # SignInWithPasswordResponse
+    signup: Any = None  # SignInResult of SignUp
+    signin: Any = None  # SignInResult of SignInWithPassword
     refreshed: Any = None  # RefreshTokenResponse of signin's refresh token
 
 
+def _results(answers: Sequence[Any]) -> list[Any]:
+    """The SignInResult of each sign-in response; errors as they are."""
+    return [a if isinstance(a, BaseException) else a.result for a in answers]
+
+
 async def sign_up_all(api: Api, people: list[Person]) -> list[Any]:
+    """The SignInResult of each sign-up, or the exception it raised."""
+
     def call(person: Person) -> Callable[[Stubs], Awaitable[Any]]:
         return lambda s: s.auth.SignUp(
             auth_pb2.SignUpRequest(email=person.email, password=PASSWORD)
         )
 
-    return await at_once(api, [call(p) for p in people])
+    return _results(await at_once(api, [call(p) for p in people]))
 
 
 async def sign_in_all(api: Api, people: list[Person]) -> list[Any]:
+    """The SignInResult of each sign-in, or the exception it raised."""
+
     def call(person: Person) -> Callable[[Stubs], Awaitable[Any]]:
         return lambda s: s.auth.SignInWithPassword(
             auth_pb2.SignInWithPasswordRequest(email=person.email.upper(), password=PASSWORD)
         )
 
-    return await at_once(api, [call(p) for p in people])
+    return _results(await at_once(api, [call(p) for p in people]))
 
 
 async def authenticate_all(api: Api, tokens: list[str]) -> list[Any]:

@@ -16,12 +16,13 @@ REVOKED = (grpc.StatusCode.UNAUTHENTICATED, "SESSION_REVOKED")
 
 
 async def _sign_in(api: Api, email: str, metadata: Any = None, **fields: Any) -> Any:
+    """Signs in; the SignInResult (``.user``, ``.tokens``)."""
     signed = await api.auth.SignInWithPassword(
         auth_pb2.SignInWithPasswordRequest(email=email, password=PASSWORD, **fields),
         metadata=metadata,
     )
     remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
-    return signed
+    return signed.result
 
 
 async def _user_with_sessions(api: Api, count: int) -> tuple[Any, list[Any]]:

@@ -8,14 +8,19 @@ editing this file) is called by a user who OWNS both orgs involved, through
 * a session with no active org,
 * a session whose active org is the target, naming another org,
 
-with the org named by id and by slug. Each call fails with PERMISSION_DENIED /
-ORG_MISMATCH and changes nothing; an org that does not exist answers the same,
-so a user cannot probe which orgs exist. As a control, the same request from
-a session whose active org is the named one succeeds, so the matrix's requests
-are ones the server would otherwise carry out.
+with the org named by id and by slug, and, for the deletes, with
+`allow_missing` too. Each call fails with PERMISSION_DENIED / ORG_MISMATCH and
+changes nothing; an org that does not exist answers the same, so a user
+cannot probe which orgs exist. As a control, the same request from a session
+whose active org is the named one succeeds, so the matrix's requests are ones
+the server would otherwise carry out.
 
 Also: a stale org claim is not honoured (a removed member's token, a demoted
-owner's token), and a platform admin is not bound to an active org.
+owner's token), and a platform admin is not bound to an active org. The one
+exception to "only the active org": a delete with `allow_missing` retried
+after its first attempt took the org off the caller's session (the owner's
+DeleteOrg, a member's leave) succeeds, for the org the access token itself
+names (by id) with a role there that may do it, once what it deletes is gone.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -47,6 +52,7 @@ from tests.app import (
     refused,
     remember,
     set_active_org,
+    who,
 )
 
 OWNER = resources_pb2.ORG_ROLE_OWNER
@@ -155,9 +161,11 @@ def _request(method: MethodDescriptor, world: World, **ident: str) -> Any:
         message.user_id = world.outsider.id if method.name == "AddMember" else world.member.id
     if "role" in fields:
         message.role = ADMIN
-    if "update_mask" in fields and "org" in fields:
+    if "update_mask" in fields and "values" in fields:
         message.update_mask.paths.append("name")
-        message.org.name = "Renamed"
+        message.values.name = "Renamed"
+    if "force" in fields:
+        message.force = True  # the target has a member besides its owner
     return message
 
 
@@ -200,10 +208,16 @@ async def test_org_scoped_method_acts_only_in_the_active_org(
     api: Api, svc: ServiceDescriptor, method: MethodDescriptor
 ) -> None:
     world = await World.make(api)
+    # A delete with allow_missing answers the same: it does not tell a missing
+    # org (or membership) from one the caller may not act in.
+    lenient = (False, True) if "allow_missing" in method.input_type.fields_by_name else (False,)
     for what, md, ident in _mismatches(world):
-        request = _request(method, world, **ident)
-        error = await refused(api, partial(_call, api, svc, method, request, md), *MISMATCH)
-        assert error.reason == "ORG_MISMATCH", what
+        for allow_missing in lenient:
+            request = _request(method, world, **ident)
+            if allow_missing:
+                request.allow_missing = True
+            error = await refused(api, partial(_call, api, svc, method, request, md), *MISMATCH)
+            assert error.reason == "ORG_MISMATCH", (what, allow_missing)
 
     # The control: from the target's own session, the same request is carried out.
     await _call(
@@ -213,19 +227,154 @@ async def test_org_scoped_method_acts_only_in_the_active_org(
 
 async def test_a_missing_org_and_another_org_answer_alike(api: Api) -> None:
     """Existence does not leak: a user gets ORG_MISMATCH for an org that does
-    not exist, exactly as for one that does."""
+    not exist, exactly as for one that does, also from the deletes that take
+    allow_missing."""
     world = await World.make(api)
+    md = world.stranger.md
     for ident in (
         {"org_id": world.other.id},
         {"org_id": str(uuid.uuid4())},
         {"org_slug": world.other.slug},
         {"org_slug": "no-such-org"},
     ):
+        for call in (
+            partial(api.orgs.GetOrg, orgs_pb2.GetOrgRequest(**ident), metadata=md),
+            partial(
+                api.orgs.DeleteOrg,
+                orgs_pb2.DeleteOrgRequest(force=True, allow_missing=True, **ident),
+                metadata=md,
+            ),
+            partial(
+                api.orgs.RemoveMember,
+                orgs_pb2.RemoveMemberRequest(
+                    user_id=world.stranger.id, allow_missing=True, **ident
+                ),
+                metadata=md,
+            ),
+        ):
+            await refused(api, call, *MISMATCH)
+
+
+async def changes_nothing(api: Api, call: Callable[[], Awaitable[Any]]) -> Any:
+    """Makes a call that must succeed and leave every table and Redis key as
+    they were; returns its response."""
+    before = await api.snapshot()
+    response = await call()
+    assert await api.snapshot() == before, "the call changed stored data"
+    return response
+
+
+async def test_a_retried_delete_of_the_active_org_succeeds_with_allow_missing(api: Api) -> None:
+    """The owner's DeleteOrg takes the org off every session, the owner's too,
+    so a retry (its answer was lost) comes from a session with no active org.
+    With allow_missing it succeeds, because the access token it carries names
+    that org with a role that may delete it: the caller learns only that an
+    org they were in is gone. Anything else still answers ORG_MISMATCH."""
+    org, owner = await org_with_owner(api)
+    admin = await org_member(api, org.id, ADMIN)
+    member = await org_member(api, org.id, MEMBER)
+    request = orgs_pb2.DeleteOrgRequest(
+        org_id=org.id, etag=org.etag, force=True, allow_missing=True
+    )
+    await api.orgs.DeleteOrg(request, metadata=owner.md)
+    assert (await who(api, owner.token)).org_id == ""
+
+    await changes_nothing(api, partial(api.orgs.DeleteOrg, request, metadata=owner.md))
+    # Without allow_missing, the session is simply not in the org.
+    await refused(
+        api,
+        partial(api.orgs.DeleteOrg, orgs_pb2.DeleteOrgRequest(org_id=org.id), metadata=owner.md),
+        *MISMATCH,
+    )
+    # By slug: a token names its org by id only.
+    await refused(
+        api,
+        partial(
+            api.orgs.DeleteOrg,
+            orgs_pb2.DeleteOrgRequest(org_slug=org.slug, allow_missing=True),
+            metadata=owner.md,
+        ),
+        *MISMATCH,
+    )
+    # The admin's and the member's tokens name the org too, with roles that
+    # could not delete it.
+    for md in (admin.md, member.md):
         await refused(
             api,
-            partial(api.orgs.GetOrg, orgs_pb2.GetOrgRequest(**ident), metadata=world.stranger.md),
+            partial(
+                api.orgs.DeleteOrg,
+                orgs_pb2.DeleteOrgRequest(org_id=org.id, allow_missing=True),
+                metadata=md,
+            ),
             *MISMATCH,
         )
+    # Removals in the deleted org: the member's own leave, and the admin's
+    # removal of the member (its role there may remove members), are done.
+    for md, user_id in ((member.md, member.id), (admin.md, member.id)):
+        await changes_nothing(
+            api,
+            partial(
+                api.orgs.RemoveMember,
+                orgs_pb2.RemoveMemberRequest(org_id=org.id, user_id=user_id, allow_missing=True),
+                metadata=md,
+            ),
+        )
+    # The member's role there could not remove the admin.
+    await refused(
+        api,
+        partial(
+            api.orgs.RemoveMember,
+            orgs_pb2.RemoveMemberRequest(org_id=org.id, user_id=admin.id, allow_missing=True),
+            metadata=member.md,
+        ),
+        *MISMATCH,
+    )
+
+
+async def test_a_retried_leave_succeeds_with_allow_missing(api: Api) -> None:
+    """Leaving takes the org off the leaver's sessions; the retry, with the
+    same token, succeeds with allow_missing while the membership is gone."""
+    org, owner = await org_with_owner(api)
+    member = await org_member(api, org.id, MEMBER)
+    leave = orgs_pb2.RemoveMemberRequest(org_id=org.id, user_id=member.id, allow_missing=True)
+    await api.orgs.RemoveMember(leave, metadata=member.md)
+    assert (await who(api, member.token)).org_id == ""
+    await changes_nothing(api, partial(api.orgs.RemoveMember, leave, metadata=member.md))
+    await refused(
+        api,
+        partial(
+            api.orgs.RemoveMember,
+            orgs_pb2.RemoveMemberRequest(org_id=org.id, user_id=member.id),
+            metadata=member.md,
+        ),
+        *MISMATCH,
+    )
+    # The old token tells nothing of other memberships, nor of the org.
+    await refused(
+        api,
+        partial(
+            api.orgs.RemoveMember,
+            orgs_pb2.RemoveMemberRequest(org_id=org.id, user_id=owner.id, allow_missing=True),
+            metadata=member.md,
+        ),
+        *MISMATCH,
+    )
+    await refused(
+        api,
+        partial(
+            api.orgs.DeleteOrg,
+            orgs_pb2.DeleteOrgRequest(org_id=org.id, allow_missing=True),
+            metadata=member.md,
+        ),
+        *MISMATCH,
+    )
+    # Back in the org (but not active in this session), a retry of the old
+    # leave is a mismatch again: the membership exists.
+    await api.orgs.AddMember(
+        orgs_pb2.AddMemberRequest(org_id=org.id, user_id=member.id), metadata=owner.md
+    )
+    await refused(api, partial(api.orgs.RemoveMember, leave, metadata=member.md), *MISMATCH)
+    assert await members_of(api, org.id) == {owner.id: OWNER, member.id: MEMBER}
 
 
 async def test_a_removed_members_token_no_longer_acts_in_the_org(api: Api) -> None:

@@ -3,26 +3,63 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import grpc
+import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
+from google.rpc import error_details_pb2
+from sqlalchemy import update
 
 from authsvc.domain.models import Role, User
+from authsvc.storage.tables import users
 from authsvc_client.v1 import auth_pb2, resources_pb2, sessions_pb2, users_pb2
-from tests.app import PASSWORD, Api, all_pages, bearer, failure, remember, service
+from tests.app import (
+    PASSWORD,
+    Api,
+    all_pages,
+    bearer,
+    claims,
+    failure,
+    refused,
+    remember,
+    service,
+)
 
 PD = (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
+IA = (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
 USER_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND")
+ETAG_MISMATCH = (grpc.StatusCode.ABORTED, "ETAG_MISMATCH")
 
 
 def _update(user_id: str, paths: list[str], **values: Any) -> users_pb2.UpdateUserRequest:
     return users_pb2.UpdateUserRequest(
         user=resources_pb2.User(id=user_id, **values), update_mask=FieldMask(paths=paths)
     )
+
+
+async def changes_nothing(api: Api, call: Callable[[], Awaitable[Any]]) -> Any:
+    """Makes a call that must succeed and leave every table (the event log
+    included) and Redis key as they were; returns its response."""
+    before = await api.snapshot()
+    response = await call()
+    assert await api.snapshot() == before, "the call changed stored data"
+    return response
+
+
+def _field(name: str, value: str) -> dict[str, Any]:
+    return {name: value}
+
+
+def _violations(error: Any) -> list[str]:
+    bad_request = error.detail(error_details_pb2.BadRequest)
+    assert bad_request is not None, "INVALID_ARGUMENT without a BadRequest detail"
+    return [v.field for v in bad_request.field_violations]
 
 
 async def _who(api: Api, token: str) -> Any:
@@ -104,7 +141,7 @@ async def test_get_user_id_accepts_any_case_of_the_uuid(api: Api) -> None:
 # -- UpdateUser ------------------------------------------------------------------
 
 
-async def test_user_changes_own_display_name(api: Api) -> None:
+async def test_user_changes_own_profile_names(api: Api) -> None:
     created = await api.sign_up()
     token = created.tokens.access_token
     updated = await api.users.UpdateUser(
@@ -120,46 +157,123 @@ async def test_user_changes_own_display_name(api: Api) -> None:
     me = await api.users.GetCurrentUser(users_pb2.GetCurrentUserRequest(), metadata=bearer(token))
     assert me.user == updated.user
 
-    # An empty display name is allowed (it is optional).
-    cleared = await api.users.UpdateUser(
-        _update(created.user.id, ["display_name"]), metadata=bearer(token)
+    # Given and family names, each by its own path; the others stay.
+    named = await api.users.UpdateUser(
+        _update(created.user.id, ["given_name"], given_name=" Ada ", family_name="ignored"),
+        metadata=bearer(token),
     )
-    assert cleared.user.display_name == ""
+    assert (named.user.display_name, named.user.given_name, named.user.family_name) == (
+        "Ada Lovelace",
+        "Ada",
+        "",
+    )
+    both = await api.users.UpdateUser(
+        _update(
+            created.user.id,
+            ["family_name", "display_name"],
+            family_name="Lovelace",
+            display_name="Countess",
+        ),
+        metadata=bearer(token),
+    )
+    assert (both.user.display_name, both.user.given_name, both.user.family_name) == (
+        "Countess",
+        "Ada",
+        "Lovelace",
+    )
+    got = await api.users.GetUser(
+        users_pb2.GetUserRequest(user_id=created.user.id), metadata=service()
+    )
+    assert got.user == both.user
+
+    # An empty name is allowed (they are optional).
+    cleared = await api.users.UpdateUser(
+        _update(created.user.id, ["display_name", "given_name", "family_name"]),
+        metadata=bearer(token),
+    )
+    assert (cleared.user.display_name, cleared.user.given_name, cleared.user.family_name) == (
+        "",
+        "",
+        "",
+    )
 
 
-async def test_user_may_not_change_own_email_or_role(api: Api) -> None:
+@pytest.mark.parametrize(
+    ("paths", "rpc"),
+    [
+        pytest.param(["email"], "SetUserEmail", id="email"),
+        pytest.param(["role"], "SetUserRole", id="role"),
+        pytest.param(["display_name", "role"], "SetUserRole", id="name-and-role"),
+        pytest.param(["email", "given_name"], "SetUserEmail", id="email-and-name"),
+    ],
+)
+async def test_update_user_keeps_to_profile_fields(api: Api, paths: list[str], rpc: str) -> None:
+    """The email and the role have RPCs of their own: UpdateUser refuses them
+    as bad input, naming the RPC, for the user and for an admin alike."""
     created = await api.sign_up()
-    md = bearer(created.tokens.access_token)
-    before = await api.snapshot()
-    changes: list[tuple[list[str], dict[str, Any]]] = [
-        (["email"], {"email": "new-address@example.com"}),
-        (["role"], {"role": resources_pb2.ROLE_ADMIN}),
-        (["display_name", "role"], {"display_name": "Eve", "role": resources_pb2.ROLE_ADMIN}),
-        (["display_name", "email"], {"display_name": "Eve", "email": "eve@example.com"}),
-    ]
-    for paths, values in changes:
-        error = await failure(
-            api.users.UpdateUser(_update(created.user.id, paths, **values), metadata=md)
-        )
-        assert (error.code, error.reason) == PD, paths
-    assert await api.snapshot() == before
+    admin = await api.admin_token()
+    values: dict[str, Any] = {
+        "email": "new-address@example.com",
+        "role": resources_pb2.ROLE_ADMIN,
+        "display_name": "Eve",
+        "given_name": "Eve",
+    }
+    request = _update(created.user.id, paths, **{p: values[p] for p in paths})
+    for md in (bearer(created.tokens.access_token), bearer(admin), service()):
+        error = await refused(api, partial(api.users.UpdateUser, request, metadata=md), *IA)
+        assert _violations(error) == ["update_mask"]
+        assert rpc in error.message
     who = await _who(api, created.tokens.access_token)
-    assert who.role == resources_pb2.ROLE_USER
-    assert who.email == created.user.email
+    assert (who.role, who.email) == (resources_pb2.ROLE_USER, created.user.email)
 
 
 async def test_user_may_not_change_another_user(api: Api) -> None:
     alice = await api.sign_up()
     bob = await api.sign_up()
-    before = await api.snapshot()
-    error = await failure(
-        api.users.UpdateUser(
-            _update(bob.user.id, ["display_name"], display_name="pwned"),
-            metadata=bearer(alice.tokens.access_token),
+    for paths in (["display_name"], ["given_name"], ["family_name"]):
+        await refused(
+            api,
+            partial(
+                api.users.UpdateUser,
+                _update(bob.user.id, paths, display_name="x", given_name="x", family_name="x"),
+                metadata=bearer(alice.tokens.access_token),
+            ),
+            *PD,
         )
-    )
-    assert (error.code, error.reason) == PD
-    assert await api.snapshot() == before
+
+
+async def test_admin_and_service_change_anyones_profile(api: Api) -> None:
+    created = await api.sign_up()
+    admin = await api.admin_token()
+    for md, name in ((bearer(admin), "By Admin"), (service(), "By Service")):
+        updated = await api.users.UpdateUser(
+            _update(
+                created.user.id, ["display_name", "given_name"], display_name=name, given_name=name
+            ),
+            metadata=md,
+        )
+        assert (updated.user.display_name, updated.user.given_name) == (name, name)
+
+
+async def test_admin_update_of_a_missing_user_is_user_not_found(api: Api) -> None:
+    admin = await api.admin_token()
+    for metadata in (bearer(admin), service()):
+        await refused(
+            api,
+            partial(
+                api.users.UpdateUser,
+                _update(str(uuid.uuid4()), ["display_name"], display_name="x"),
+                metadata=metadata,
+            ),
+            *USER_NOT_FOUND,
+        )
+
+
+# -- SetUserRole -----------------------------------------------------------------
+
+
+def _set_role(user_id: str, role: int, etag: str = "") -> users_pb2.SetUserRoleRequest:
+    return users_pb2.SetUserRoleRequest(user_id=user_id, role=cast(Any, role), etag=etag)
 
 
 async def test_role_change_reaches_existing_tokens_at_once(api: Api) -> None:
@@ -177,16 +291,16 @@ async def test_role_change_reaches_existing_tokens_at_once(api: Api) -> None:
         )
         assert (error.code, error.reason) == PD
 
-        promoted = await api.users.UpdateUser(
-            _update(created.user.id, ["role"], role=resources_pb2.ROLE_ADMIN), metadata=promote_with
+        promoted = await api.users.SetUserRole(
+            _set_role(created.user.id, resources_pb2.ROLE_ADMIN), metadata=promote_with
         )
         assert promoted.user.role == resources_pb2.ROLE_ADMIN
         assert (await _who(api, token)).role == resources_pb2.ROLE_ADMIN
         counted = await api.users.CountUsers(users_pb2.CountUsersRequest(), metadata=bearer(token))
         assert counted.count == 2
 
-        demoted = await api.users.UpdateUser(
-            _update(created.user.id, ["role"], role=resources_pb2.ROLE_USER), metadata=promote_with
+        demoted = await api.users.SetUserRole(
+            _set_role(created.user.id, resources_pb2.ROLE_USER), metadata=promote_with
         )
         assert demoted.user.role == resources_pb2.ROLE_USER
         assert (await _who(api, token)).role == resources_pb2.ROLE_USER
@@ -201,9 +315,7 @@ async def test_demoted_admin_loses_admin_access_at_once(api: Api) -> None:
     who = await _who(api, admin)
     assert who.role == resources_pb2.ROLE_ADMIN
     await api.users.CountUsers(users_pb2.CountUsersRequest(), metadata=bearer(admin))
-    await api.users.UpdateUser(
-        _update(who.user_id, ["role"], role=resources_pb2.ROLE_USER), metadata=service()
-    )
+    await api.users.SetUserRole(_set_role(who.user_id, resources_pb2.ROLE_USER), metadata=service())
     error = await failure(api.users.ListUsers(users_pb2.ListUsersRequest(), metadata=bearer(admin)))
     assert (error.code, error.reason) == PD
     error = await failure(
@@ -214,14 +326,100 @@ async def test_demoted_admin_loses_admin_access_at_once(api: Api) -> None:
     assert (error.code, error.reason) == PD
 
 
+async def test_a_role_change_bumps_the_claims_and_the_same_role_changes_nothing(api: Api) -> None:
+    created = await api.sign_up()
+    before_ver = claims(created.tokens.access_token)["ver"]
+    promoted = await api.users.SetUserRole(
+        _set_role(created.user.id, resources_pb2.ROLE_ADMIN), metadata=service()
+    )
+    refreshed = await api.auth.RefreshToken(
+        auth_pb2.RefreshTokenRequest(refresh_token=created.tokens.refresh_token)
+    )
+    payload = claims(refreshed.tokens.access_token)
+    assert (payload["role"], payload["ver"] > before_ver) == ("admin", True)
+
+    # The role the user has: no write (same etag, same update time), no event.
+    again = await changes_nothing(
+        api,
+        lambda: api.users.SetUserRole(
+            _set_role(created.user.id, resources_pb2.ROLE_ADMIN), metadata=service()
+        ),
+    )
+    assert again.user == promoted.user
+
+
+@pytest.mark.parametrize("role", [resources_pb2.ROLE_UNSPECIFIED, 3, 99, -1])
+async def test_set_user_role_refuses_what_is_not_a_role(api: Api, role: int) -> None:
+    created = await api.sign_up()
+    error = await refused(
+        api,
+        lambda: api.users.SetUserRole(_set_role(created.user.id, role), metadata=service()),
+        *IA,
+    )
+    assert _violations(error) == ["role"]
+
+
+async def test_set_user_role_and_email_need_an_admin(api: Api) -> None:
+    """A user's own token is refused, for themselves too; a missing user is
+    USER_NOT_FOUND for an admin and the API key."""
+    created = await api.sign_up()
+    other = await api.sign_up()
+    md = bearer(created.tokens.access_token)
+    for user_id in (created.user.id, other.user.id, str(uuid.uuid4())):
+        await refused(
+            api,
+            partial(
+                api.users.SetUserRole, _set_role(user_id, resources_pb2.ROLE_ADMIN), metadata=md
+            ),
+            *PD,
+        )
+        await refused(
+            api,
+            partial(
+                api.users.SetUserEmail,
+                users_pb2.SetUserEmailRequest(user_id=user_id, email="mine@example.com"),
+                metadata=md,
+            ),
+            *PD,
+        )
+    admin = await api.admin_token()
+    for admin_md in (bearer(admin), service()):
+        missing = str(uuid.uuid4())
+        await refused(
+            api,
+            partial(
+                api.users.SetUserRole,
+                _set_role(missing, resources_pb2.ROLE_ADMIN),
+                metadata=admin_md,
+            ),
+            *USER_NOT_FOUND,
+        )
+        await refused(
+            api,
+            partial(
+                api.users.SetUserEmail,
+                users_pb2.SetUserEmailRequest(user_id=missing, email="x@example.com"),
+                metadata=admin_md,
+            ),
+            *USER_NOT_FOUND,
+        )
+
+
+# -- SetUserEmail ----------------------------------------------------------------
+
+
+def _set_email(user_id: str, email: str, etag: str = "") -> users_pb2.SetUserEmailRequest:
+    return users_pb2.SetUserEmailRequest(user_id=user_id, email=email, etag=etag)
+
+
 async def test_admin_changes_email(api: Api) -> None:
     created = await api.sign_up("old-address@example.com")
     token = created.tokens.access_token
     admin = await api.admin_token()
     assert (await _who(api, token)).email == "old-address@example.com"
 
-    updated = await api.users.UpdateUser(
-        _update(created.user.id, ["email"], email="New.Address@Example.COM"), metadata=bearer(admin)
+    updated = await api.users.SetUserEmail(
+        _set_email(created.user.id, "New.Address@Example.COM"), metadata=bearer(admin)
     )
     assert updated.user.email == "New.Address@example.com"
     assert (await _who(api, token)).email == "New.Address@example.com"
@@ -241,41 +439,316 @@ async def test_admin_changes_email(api: Api) -> None:
     await api.sign_up("old-address@example.com")
 
 
+async def test_a_new_email_is_unconfirmed(api: Api) -> None:
+    """A confirmed address (set in the database: no confirmation flow yet)
+    stays confirmed through the same address in another case, and is
+    unconfirmed once the address is another one."""
+    created = await api.sign_up("confirmed@example.com")
+    async with api.server.core.db.transaction() as tx:
+        await tx.conn.execute(
+            update(users)
+            .where(users.c.id == uuid.UUID(created.user.id))
+            .values(email_verified=True)
+        )
+    recased = await api.users.SetUserEmail(
+        _set_email(created.user.id, "Confirmed@example.com"), metadata=service()
+    )
+    assert (recased.user.email, recased.user.email_verified) == ("Confirmed@example.com", True)
+    moved = await api.users.SetUserEmail(
+        _set_email(created.user.id, "elsewhere@example.com"), metadata=service()
+    )
+    assert (moved.user.email, moved.user.email_verified) == ("elsewhere@example.com", False)
+    # The very same address changes nothing.
+    same = await changes_nothing(
+        api,
+        lambda: api.users.SetUserEmail(
+            _set_email(created.user.id, "elsewhere@example.com"), metadata=service()
+        ),
+    )
+    assert same.user == moved.user
+
+
 async def test_admin_email_change_to_an_existing_email_fails(api: Api) -> None:
     taken = await api.sign_up("taken@example.com")
     created = await api.sign_up()
     admin = await api.admin_token()
-    before = await api.snapshot()
     for email in ("taken@example.com", "TAKEN@example.com", "Taken@Example.Com"):
         for metadata in (bearer(admin), service()):
-            error = await failure(
-                api.users.UpdateUser(
-                    _update(created.user.id, ["email"], email=email), metadata=metadata
-                )
-            )
-            assert (error.code, error.reason) == (
+            await refused(
+                api,
+                partial(
+                    api.users.SetUserEmail, _set_email(created.user.id, email), metadata=metadata
+                ),
                 grpc.StatusCode.ALREADY_EXISTS,
                 "EMAIL_ALREADY_EXISTS",
-            ), email
-    assert await api.snapshot() == before
+            )
     # Its own email (in another case) is no conflict.
-    same = await api.users.UpdateUser(
-        _update(taken.user.id, ["email"], email="TAKEN@example.com"), metadata=service()
+    same = await api.users.SetUserEmail(
+        _set_email(taken.user.id, "TAKEN@example.com"), metadata=service()
     )
     assert same.user.email == "TAKEN@example.com"
 
 
-async def test_admin_update_of_a_missing_user_is_user_not_found(api: Api) -> None:
-    admin = await api.admin_token()
-    before = await api.snapshot()
-    for metadata in (bearer(admin), service()):
-        error = await failure(
-            api.users.UpdateUser(
-                _update(str(uuid.uuid4()), ["display_name"], display_name="x"), metadata=metadata
-            )
+@pytest.mark.parametrize("email", ["", "not-an-email", "a@b", "x" * 300 + "@example.com"])
+async def test_set_user_email_refuses_what_is_not_an_email(api: Api, email: str) -> None:
+    created = await api.sign_up()
+    error = await refused(
+        api,
+        lambda: api.users.SetUserEmail(_set_email(created.user.id, email), metadata=service()),
+        *IA,
+    )
+    assert _violations(error) == ["email"]
+
+
+# -- etags -----------------------------------------------------------------------
+
+
+async def test_every_user_message_carries_its_etag(api: Api) -> None:
+    created = await api.sign_up()
+    token = created.tokens.access_token
+    etag = created.user.etag
+    assert re.fullmatch(r"[A-Za-z0-9_-]{16}", etag), etag
+    got = await api.users.GetUser(
+        users_pb2.GetUserRequest(user_id=created.user.id), metadata=bearer(token)
+    )
+    me = await api.users.GetCurrentUser(users_pb2.GetCurrentUserRequest(), metadata=bearer(token))
+    listed = await api.users.ListUsers(users_pb2.ListUsersRequest(), metadata=service())
+    signed = await api.auth.SignInWithPassword(
+        auth_pb2.SignInWithPasswordRequest(email=created.user.email, password=PASSWORD)
+    )
+    assert {got.user.etag, me.user.etag, listed.users[0].etag, signed.result.user.etag} == {etag}
+    # Another user's differs.
+    assert (await api.sign_up()).user.etag != etag
+
+
+async def test_every_change_changes_the_etag(api: Api) -> None:
+    """Each of these changes content, and each gives a new etag, even when
+    they follow each other within one clock tick (the content is hashed)."""
+    created = await api.sign_up()
+    seen = [created.user.etag]
+    steps: list[Callable[[], Awaitable[Any]]] = [
+        lambda: api.users.UpdateUser(
+            _update(created.user.id, ["display_name"], display_name="A"), metadata=service()
+        ),
+        lambda: api.users.UpdateUser(
+            _update(created.user.id, ["given_name"], given_name="A"), metadata=service()
+        ),
+        lambda: api.users.UpdateUser(
+            _update(created.user.id, ["family_name"], family_name="A"), metadata=service()
+        ),
+        lambda: api.users.SetUserRole(
+            _set_role(created.user.id, resources_pb2.ROLE_ADMIN), metadata=service()
+        ),
+        lambda: api.users.SetUserEmail(
+            _set_email(created.user.id, "changed@example.com"), metadata=service()
+        ),
+        lambda: api.users.UpdateUser(
+            _update(created.user.id, ["display_name"], display_name=""), metadata=service()
+        ),
+    ]
+    for step in steps:
+        seen.append((await step()).user.etag)
+    assert len(set(seen)) == len(seen), seen
+    # A change that changes nothing keeps it.
+    same = await changes_nothing(
+        api,
+        lambda: api.users.UpdateUser(
+            _update(created.user.id, ["display_name", "given_name"], given_name="A"),
+            metadata=service(),
+        ),
+    )
+    assert same.user.etag == seen[-1]
+
+
+async def test_a_current_etag_is_honoured_and_a_stale_one_changes_nothing(api: Api) -> None:
+    created = await api.sign_up()
+    user_id = created.user.id
+    stale = created.user.etag
+    current = (
+        await api.users.UpdateUser(
+            _update(user_id, ["display_name"], display_name="First", etag=stale),
+            metadata=bearer(created.tokens.access_token),
         )
-        assert (error.code, error.reason) == USER_NOT_FOUND
-    assert await api.snapshot() == before
+    ).user.etag
+    assert current != stale
+    calls: dict[str, Callable[[str], Awaitable[Any]]] = {
+        "UpdateUser": lambda etag: api.users.UpdateUser(
+            _update(user_id, ["display_name"], display_name="Second", etag=etag),
+            metadata=service(),
+        ),
+        "SetUserRole": lambda etag: api.users.SetUserRole(
+            _set_role(user_id, resources_pb2.ROLE_ADMIN, etag), metadata=service()
+        ),
+        "SetUserEmail": lambda etag: api.users.SetUserEmail(
+            _set_email(user_id, "second@example.com", etag), metadata=service()
+        ),
+        "DeleteUser": lambda etag: api.users.DeleteUser(
+            users_pb2.DeleteUserRequest(user_id=user_id, etag=etag), metadata=service()
+        ),
+        "DeleteUser allow_missing": lambda etag: api.users.DeleteUser(
+            users_pb2.DeleteUserRequest(user_id=user_id, etag=etag, allow_missing=True),
+            metadata=service(),
+        ),
+    }
+    for name, call in calls.items():
+        for etag in (stale, "not-an-etag-of-ours"):
+            error = await refused(api, partial(call, etag), *ETAG_MISMATCH)
+            assert error.reason == "ETAG_MISMATCH", name
+        error = await refused(api, partial(call, "e" * 65), *IA)
+        assert _violations(error) == ["user.etag" if name == "UpdateUser" else "etag"], name
+    # The current one is taken by each, in turn.
+    for name in ("UpdateUser", "SetUserRole", "SetUserEmail"):
+        current = (await calls[name](current)).user.etag
+    await calls["DeleteUser"](current)
+    await refused(
+        api,
+        lambda: api.users.GetUser(users_pb2.GetUserRequest(user_id=user_id), metadata=service()),
+        *USER_NOT_FOUND,
+    )
+
+
+# -- names at sign-up and sign-in ------------------------------------------------
+
+
+async def test_sign_up_takes_the_names(api: Api) -> None:
+    response = await api.auth.SignUp(
+        auth_pb2.SignUpRequest(
+            email="named@example.com",
+            password=PASSWORD,
+            display_name=" Ada L. ",
+            given_name=" Ada ",
+            family_name="Lovelace",
+        )
+    )
+    user = response.result.user
+    assert (user.display_name, user.given_name, user.family_name) == ("Ada L.", "Ada", "Lovelace")
+    got = await api.users.GetUser(users_pb2.GetUserRequest(user_id=user.id), metadata=service())
+    assert got.user == user
+
+
+async def test_sign_in_fills_in_only_the_names_still_empty(api: Api) -> None:
+    created = await api.sign_up()
+    email = created.user.email
+
+    async def sign_in(**names: Any) -> Any:
+        signed = await api.auth.SignInWithPassword(
+            auth_pb2.SignInWithPasswordRequest(email=email, password=PASSWORD, **names)
+        )
+        return signed.result.user
+
+    async def stored() -> Any:
+        return (
+            await api.users.GetUser(
+                users_pb2.GetUserRequest(user_id=created.user.id), metadata=service()
+            )
+        ).user
+
+    # No names sent, or empty ones: the user row is not written.
+    for names in ({}, {"given_name": "", "family_name": ""}, {"given_name": "   "}):
+        assert await sign_in(**names) == created.user
+        assert await stored() == created.user
+
+    # A given name fills in the empty one; the family name stays empty.
+    filled = await sign_in(given_name=" Ada ")
+    assert (filled.given_name, filled.family_name) == ("Ada", "")
+    assert filled.etag != created.user.etag
+    assert await stored() == filled
+
+    # A set name is never overwritten; an empty one is filled beside it.
+    both = await sign_in(given_name="Eve", family_name="Lovelace")
+    assert (both.given_name, both.family_name) == ("Ada", "Lovelace")
+    assert await stored() == both
+
+    # Both set: nothing to fill, no write (the etag and update time stay).
+    users_before = (await api.snapshot())["users"]
+    assert await sign_in(given_name="Eve", family_name="Byron") == both
+    assert (await api.snapshot())["users"] == users_before
+
+    # A name set with UpdateUser counts as set.
+    other = await api.sign_up()
+    await api.users.UpdateUser(
+        _update(other.user.id, ["family_name"], family_name="Set"), metadata=service()
+    )
+    email = other.user.email
+    got = await sign_in(given_name="G", family_name="F")
+    assert (got.given_name, got.family_name) == ("G", "Set")
+
+
+BAD_NAMES = [
+    pytest.param("x" * 201, id="201-chars"),
+    pytest.param("x" * (1 << 20), id="1mb"),
+    pytest.param("Ada\nL", id="newline"),
+    pytest.param("Ada\x00", id="nul"),
+    pytest.param("Ada\x7f", id="del"),
+    pytest.param("Ada\x85", id="c1-next-line"),
+    pytest.param("Ada\u2028L", id="line-separator"),
+    pytest.param("\x1b[31mAda", id="escape"),
+]
+GOOD_NAMES = [
+    pytest.param("x" * 200, id="200-chars"),
+    pytest.param("Zoë O\u2019Brien-Łukasiewicz", id="accents"),
+    pytest.param("山田", id="cjk"),
+    pytest.param("👩\u200d💻 Dev", id="emoji-with-zwj"),
+    pytest.param("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", id="persian-zwnj"),
+]
+
+
+@pytest.mark.parametrize("field", ["given_name", "family_name"])
+@pytest.mark.parametrize("name", BAD_NAMES)
+async def test_bad_names_are_refused_at_sign_up_sign_in_and_update(
+    api: Api, field: str, name: str
+) -> None:
+    created = await api.sign_up()
+    error = await refused(
+        api,
+        lambda: api.auth.SignUp(
+            auth_pb2.SignUpRequest(
+                email="new@example.com", password=PASSWORD, **_field(field, name)
+            )
+        ),
+        *IA,
+    )
+    assert _violations(error) == [field]
+    # At sign-in, before anything is looked up: a known email (with the
+    # right password) and an unknown one fail alike.
+    answers = []
+    for email in (created.user.email, "nobody@example.com"):
+        error = await refused(
+            api,
+            partial(
+                api.auth.SignInWithPassword,
+                auth_pb2.SignInWithPasswordRequest(
+                    email=email, password=PASSWORD, **_field(field, name)
+                ),
+            ),
+            *IA,
+        )
+        answers.append((error.message, _violations(error)))
+    assert answers[0] == answers[1]
+    assert answers[0][1] == [field]
+    error = await refused(
+        api,
+        lambda: api.users.UpdateUser(
+            _update(created.user.id, [field], **_field(field, name)), metadata=service()
+        ),
+        *IA,
+    )
+    assert _violations(error) == [f"user.{field}"]
+
+
+@pytest.mark.parametrize("name", GOOD_NAMES)
+async def test_names_take_any_one_line_of_text(api: Api, name: str) -> None:
+    response = await api.auth.SignUp(
+        auth_pb2.SignUpRequest(
+            email=f"n-{uuid.uuid4().hex[:8]}@example.com",
+            password=PASSWORD,
+            given_name=name,
+            family_name=name,
+            display_name=name,
+        )
+    )
+    user = response.result.user
+    assert (user.given_name, user.family_name, user.display_name) == (name, name, name)
 
 
 # -- DeleteUser ------------------------------------------------------------------
@@ -354,13 +827,52 @@ async def test_delete_user_through_the_api_key(api: Api) -> None:
     assert counted.count == 0
 
 
-async def test_delete_missing_user_is_user_not_found(api: Api) -> None:
-    error = await failure(
-        api.users.DeleteUser(
-            users_pb2.DeleteUserRequest(user_id=str(uuid.uuid4())), metadata=service()
+async def test_delete_missing_user_is_user_not_found_unless_allowed(api: Api) -> None:
+    admin = await api.admin_token()
+    created = await api.sign_up()
+    for md in (bearer(admin), service()):
+        missing = str(uuid.uuid4())
+        await refused(
+            api,
+            partial(
+                api.users.DeleteUser, users_pb2.DeleteUserRequest(user_id=missing), metadata=md
+            ),
+            *USER_NOT_FOUND,
         )
+        # allow_missing: a user that does not exist is no error, with or
+        # without an etag, and nothing changes.
+        for etag in ("", created.user.etag):
+            await changes_nothing(
+                api,
+                partial(
+                    api.users.DeleteUser,
+                    users_pb2.DeleteUserRequest(user_id=missing, etag=etag, allow_missing=True),
+                    metadata=md,
+                ),
+            )
+    # A retried delete: the first deletes, the second finds nothing.
+    request = users_pb2.DeleteUserRequest(
+        user_id=created.user.id, etag=created.user.etag, allow_missing=True
     )
-    assert (error.code, error.reason) == USER_NOT_FOUND
+    await api.users.DeleteUser(request, metadata=service())
+    await changes_nothing(api, lambda: api.users.DeleteUser(request, metadata=service()))
+    await refused(
+        api,
+        lambda: api.users.DeleteUser(
+            users_pb2.DeleteUserRequest(user_id=created.user.id), metadata=service()
+        ),
+        *USER_NOT_FOUND,
+    )
+    # allow_missing does not open the RPC to users.
+    user = await api.sign_up()
+    await refused(
+        api,
+        lambda: api.users.DeleteUser(
+            users_pb2.DeleteUserRequest(user_id=str(uuid.uuid4()), allow_missing=True),
+            metadata=bearer(user.tokens.access_token),
+        ),
+        *PD,
+    )
 
 
 # -- CountUsers ------------------------------------------------------------------

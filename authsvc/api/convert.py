@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from authsvc.domain import etags
 from authsvc.domain.events import CLAIMS_CHANGED, SESSION_REVOKED, Event
 from authsvc.domain.models import ClientMeta, Member, Org, OrgRole, Role, Session, User
 from authsvc.domain.principal import Principal, SessionInfo
@@ -78,6 +79,7 @@ def org(value: Org) -> resources_pb2.Org:
         name=value.name,
         create_time=timestamp(value.created_at),
         update_time=timestamp(value.updated_at),
+        etag=etags.org(value),
     )
 
 
@@ -90,6 +92,7 @@ def member(value: Member) -> resources_pb2.Member:
         display_name=value.display_name,
         create_time=timestamp(value.created_at),
         update_time=timestamp(value.updated_at),
+        etag=etags.member(value),
     )
 
 
@@ -99,9 +102,12 @@ def user(value: User) -> resources_pb2.User:
         email=value.email,
         email_verified=value.email_verified,
         display_name=value.display_name,
+        given_name=value.given_name,
+        family_name=value.family_name,
         role=role_to_proto(value.role),
         create_time=timestamp(value.created_at),
         update_time=timestamp(value.updated_at),
+        etag=etags.user(value),
     )
 
 

@@ -85,6 +85,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             email=request.email,
             password=request.password,
             display_name=request.display_name,
+            given_name=request.given_name,
+            family_name=request.family_name,
             client=client,
         )
         return auth_pb2.SignUpResponse(result=convert.signed_in(result.user, result.tokens))
@@ -96,7 +98,11 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             context, request.client_info, request.HasField("client_info"), current_principal()
         )
         result = await self._auth.sign_in_with_password(
-            email=request.email, password=request.password, client=client
+            email=request.email,
+            password=request.password,
+            given_name=request.given_name,
+            family_name=request.family_name,
+            client=client,
         )
         return auth_pb2.SignInWithPasswordResponse(
             result=convert.signed_in(result.user, result.tokens)
@@ -199,38 +205,37 @@ class UserServicer(users_pb2_grpc.UserServiceServicer):
         self, request: users_pb2.UpdateUserRequest, context: Context
     ) -> users_pb2.UpdateUserResponse:
         values = request.user
-        paths = list(request.update_mask.paths)
         user = await self._users.update(
             current_principal(),
             values.id,
-            paths,
+            list(request.update_mask.paths),
             display_name=values.display_name,
+            given_name=values.given_name,
+            family_name=values.family_name,
+            etag=values.etag,
         )
         return users_pb2.UpdateUserResponse(user=convert.user(user))
 
     async def SetUserRole(
         self, request: users_pb2.SetUserRoleRequest, context: Context
     ) -> users_pb2.SetUserRoleResponse:
-        user = await self._users.update(
-            current_principal(),
-            request.user_id,
-            ["role"],
-            role=convert.role_or_none(request.role),
+        user = await self._users.set_role(
+            request.user_id, convert.role_or_none(request.role), etag=request.etag
         )
         return users_pb2.SetUserRoleResponse(user=convert.user(user))
 
     async def SetUserEmail(
         self, request: users_pb2.SetUserEmailRequest, context: Context
     ) -> users_pb2.SetUserEmailResponse:
-        user = await self._users.update(
-            current_principal(), request.user_id, ["email"], email=request.email
-        )
+        user = await self._users.set_email(request.user_id, request.email, etag=request.etag)
         return users_pb2.SetUserEmailResponse(user=convert.user(user))
 
     async def DeleteUser(
         self, request: users_pb2.DeleteUserRequest, context: Context
     ) -> users_pb2.DeleteUserResponse:
-        await self._users.delete(request.user_id)
+        await self._users.delete(
+            request.user_id, etag=request.etag, allow_missing=request.allow_missing
+        )
         return users_pb2.DeleteUserResponse()
 
     async def CountUsers(
@@ -304,6 +309,7 @@ class OrgServicer(orgs_pb2_grpc.OrgServiceServicer):
             paths=list(request.update_mask.paths),
             name=request.values.name,
             slug=request.values.slug,
+            etag=request.values.etag,
         )
         return orgs_pb2.UpdateOrgResponse(org=convert.org(org))
 
@@ -311,19 +317,30 @@ class OrgServicer(orgs_pb2_grpc.OrgServiceServicer):
         self, request: orgs_pb2.DeleteOrgRequest, context: Context
     ) -> orgs_pb2.DeleteOrgResponse:
         org_id, org_slug = convert.org_key(request)
-        await self._orgs.delete(current_principal(), org_id=org_id, org_slug=org_slug)
+        await self._orgs.delete(
+            current_principal(),
+            org_id=org_id,
+            org_slug=org_slug,
+            etag=request.etag,
+            force=request.force,
+            allow_missing=request.allow_missing,
+        )
         return orgs_pb2.DeleteOrgResponse()
 
     async def ListOrgs(
         self, request: orgs_pb2.ListOrgsRequest, context: Context
     ) -> orgs_pb2.ListOrgsResponse:
-        orgs, token = await self._orgs.list_orgs(
+        orgs, memberships, token = await self._orgs.list_orgs(
             current_principal(),
             user_id=request.user_id,
             page_size=request.page_size,
             page_token=request.page_token,
         )
-        return orgs_pb2.ListOrgsResponse(orgs=[convert.org(o) for o in orgs], next_page_token=token)
+        return orgs_pb2.ListOrgsResponse(
+            orgs=[convert.org(o) for o in orgs],
+            memberships=[convert.member(m) for m in memberships],
+            next_page_token=token,
+        )
 
     async def AddMember(
         self, request: orgs_pb2.AddMemberRequest, context: Context
@@ -348,6 +365,7 @@ class OrgServicer(orgs_pb2_grpc.OrgServiceServicer):
             org_slug=org_slug,
             user_id=request.user_id,
             role=convert.org_role_from_proto(request.role),
+            etag=request.etag,
         )
         return orgs_pb2.UpdateMemberResponse(member=convert.member(member))
 
@@ -360,6 +378,8 @@ class OrgServicer(orgs_pb2_grpc.OrgServiceServicer):
             org_id=org_id,
             org_slug=org_slug,
             user_id=request.user_id,
+            etag=request.etag,
+            allow_missing=request.allow_missing,
         )
         return orgs_pb2.RemoveMemberResponse()
 

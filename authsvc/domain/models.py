@@ -40,6 +40,8 @@ class User:
     email_verified: bool
     created_at: datetime
     updated_at: datetime
+    given_name: str = ""
+    family_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)

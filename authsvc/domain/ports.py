@@ -31,7 +31,9 @@ class UserRepository(Protocol):
     async def add(self, user: User, email_key: str, password_hash: str) -> None:
         """Raises: EmailAlreadyExists."""
 
-    async def get(self, user_id: uuid.UUID) -> User | None: ...
+    async def get(self, user_id: uuid.UUID, *, for_update: bool = False) -> User | None:
+        """With ``for_update``, the user's row stays locked until the
+        transaction ends (no other change of the user lands in between)."""
 
     async def get_credentials(self, email_key: str) -> tuple[User, str] | None: ...
 
@@ -41,6 +43,13 @@ class UserRepository(Protocol):
         self, user_id: uuid.UUID, changes: Mapping[str, object], now: datetime
     ) -> User | None:
         """Raises: EmailAlreadyExists."""
+
+    async def fill_names(
+        self, user_id: uuid.UUID, names: Mapping[str, str], now: datetime
+    ) -> User | None:
+        """Sets each of ``names`` (``given_name``, ``family_name``, non-empty)
+        that the user still has empty, never one set meanwhile; the user when
+        a name was set, None when none was."""
 
     async def delete(self, user_id: uuid.UUID) -> bool: ...
 
@@ -118,8 +127,14 @@ class OrgRepository(Protocol):
 
     async def delete(self, org_id: uuid.UUID) -> bool: ...
 
-    async def list(self, user_id: uuid.UUID | None, after: Cursor | None, limit: int) -> list[Org]:
-        """Oldest first; only the orgs ``user_id`` belongs to when given."""
+    async def list_of_user(
+        self, user_id: uuid.UUID, after: Cursor | None, limit: int
+    ) -> list[tuple[Org, Member]]:
+        """The orgs ``user_id`` belongs to, oldest first, each with that
+        user's membership (one query)."""
+
+    async def list(self, after: Cursor | None, limit: int) -> list[Org]:
+        """Every org, oldest first."""
 
 
 class MembershipRepository(Protocol):

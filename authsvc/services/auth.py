@@ -119,7 +119,14 @@ class AuthService:
     # -- sign-up and sign-in ---------------------------------------------------
 
     async def sign_up(
-        self, *, email: str, password: str, display_name: str, client: ClientMeta
+        self,
+        *,
+        email: str,
+        password: str,
+        display_name: str,
+        client: ClientMeta,
+        given_name: str = "",
+        family_name: str = "",
     ) -> SignedIn:
         """Creates an account and its first session.
 
@@ -131,11 +138,15 @@ class AuthService:
         normalized, email_key = validation.email(email)
         p = self._policy
         validation.password(password, p.password_min_length, p.password_max_length)
-        name = validation.display_name(display_name)
+        name = validation.profile_name(display_name, "display_name")
+        given = validation.profile_name(given_name, "given_name")
+        family = validation.profile_name(family_name, "family_name")
         await self._limit(f"ip:{client.ip_address}", p.signin_attempts_per_ip)
         password_hash = await self._hasher.hash(password)
         now = self._clock.now()
-        user = _new_user(normalized, name, Role.USER, now)
+        user = replace(
+            _new_user(normalized, name, Role.USER, now), given_name=given, family_name=family
+        )
         async for attempt in self._db.attempts():
             async with attempt as tx:
                 await tx.users.add(user, email_key, password_hash)
@@ -144,12 +155,22 @@ class AuthService:
         return SignedIn(user, tokens)
 
     async def sign_in_with_password(
-        self, *, email: str, password: str, client: ClientMeta
+        self,
+        *,
+        email: str,
+        password: str,
+        client: ClientMeta,
+        given_name: str = "",
+        family_name: str = "",
     ) -> SignedIn:
         """Starts a session for a correct email and password.
 
         An unknown email costs one Argon2 verify, like a wrong password, and
-        fails with the same error.
+        fails with the same error. ``given_name`` and ``family_name`` fill in
+        the user's names that are still empty (never one that is set), in the
+        session's transaction, which writes the user only when there is a
+        name to fill. They are checked before anything is looked up, so a bad
+        one fails alike for every email.
 
         Raises:
             InvalidArgument, InvalidCredentials, RateLimited.
@@ -163,6 +184,10 @@ class AuthService:
         email_key = validation.email_key(email)
         if email_key is None:
             raise InvalidArgument.field("email", "not a valid email address")
+        names = {
+            "given_name": validation.profile_name(given_name, "given_name"),
+            "family_name": validation.profile_name(family_name, "family_name"),
+        }
         p = self._policy
         await self._limit(f"ip:{client.ip_address}", p.signin_attempts_per_ip)
         await self._limit("email:" + sha256(email_key).hex()[:32], p.signin_attempts_per_email)
@@ -177,18 +202,22 @@ class AuthService:
         new_hash = None
         if self._hasher.needs_rehash(password_hash):
             new_hash = await self._hasher.hash(password)
+        # Only names the user lacks (as read): most sign-ins fill nothing and
+        # write no user row.
+        fill = {k: v for k, v in names.items() if v and not getattr(user, k)}
         now = self._clock.now()
         try:
             async for attempt in self._db.attempts():
                 async with attempt as tx:
                     if new_hash is not None:
                         await tx.users.set_password_hash(user.id, new_hash)
-                    tokens = await self._start_session(tx, user, client, now)
+                    filled = await tx.users.fill_names(user.id, fill, now) if fill else None
+                    tokens = await self._start_session(tx, filled or user, client, now)
         except UserNotFound:
             # Deleted since its password was checked: as if it never existed.
             raise InvalidCredentials() from None
         log.info("user.signed_in", user_id=str(user.id), session_id=str(tokens.session_id))
-        return SignedIn(user, tokens)
+        return SignedIn(filled or user, tokens)
 
     async def _limit(self, key: str, limit: int) -> None:
         if limit <= 0:
@@ -508,6 +537,8 @@ class AuthService:
             expires_at=claims.expires_at,
             session_expires_at=session.expires_at,
             org_slug=org[1] if org is not None else "",
+            token_org_id=claims.org_id,
+            token_org_role=claims.org_role,
         )
         self._cache.put(digest, info, built_at, (claims.expires_at - now).total_seconds())
         return info

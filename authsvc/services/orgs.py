@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from authsvc.domain import etags
 from authsvc.domain.events import claims_changed
 from authsvc.domain.models import Cursor, Member, Org, OrgRole
 from authsvc.domain.ports import Clock, Database, Transaction
@@ -23,6 +24,7 @@ from authsvc.errors import (
     InvalidArgument,
     LastOwner,
     MemberNotFound,
+    OrgHasMembers,
     OrgMismatch,
     OrgNotFound,
     PermissionDenied,
@@ -64,6 +66,10 @@ REQUIRED_ROLE: Mapping[OrgAction, OrgRole] = MappingProxyType(
 )
 
 _ORG_FIELDS = frozenset({"name", "slug"})
+
+
+def _org_cursor(row: tuple[Org, Member]) -> Cursor:
+    return Cursor(row[0].created_at, row[0].id)
 
 
 def allowed(role: OrgRole, action: OrgAction) -> bool:
@@ -136,6 +142,40 @@ class OrgService:
             raise OrgMismatch()
         return _Scope(org, me.role)
 
+    async def _gone(
+        self, tx: Transaction, principal: Principal, ref: uuid.UUID | str, action: OrgAction
+    ) -> bool:
+        """Whether a delete with ``allow_missing`` whose org did not resolve
+        may succeed: what it deletes is gone, and the caller may be told so.
+
+        An admin or a service sees every org: it did not resolve, so it is
+        gone, and every membership in it. A user's call named an org other
+        than their session's active one (or their session has none), and the
+        answer must not tell whether an org they cannot see exists: the call
+        succeeds only for the org their access token itself names, with a
+        role there that may take ``action`` (the token is our signed word
+        that they were in that org, in that role, when it was minted). That
+        is the retry whose first attempt took the org off the caller's
+        session (the owner's DeleteOrg; a member's leave; any delete in an
+        org deleted since), with the same token. It then succeeds if the org
+        is gone; for a leave (``action`` LEAVE), if the caller's own
+        membership is. So a user learns at most that an org they were in, as
+        their token says, is gone, or that they left it. A request by slug is
+        not matched (tokens name the org by id): it fails as without
+        ``allow_missing``.
+        """
+        if principal.is_admin:
+            return True  # _scope raised OrgNotFound: there is no such org
+        session = principal.session
+        assert session is not None
+        role = session.token_org_role
+        if ref != session.token_org_id or role is None or not allowed(role, action):
+            return False
+        assert isinstance(ref, uuid.UUID)
+        if action is OrgAction.LEAVE:
+            return await tx.memberships.get(ref, session.user_id) is None
+        return await tx.orgs.get(ref) is None
+
     # -- orgs -----------------------------------------------------------------------
 
     async def create(
@@ -183,10 +223,16 @@ class OrgService:
         paths: Sequence[str],
         name: str,
         slug: str,
+        etag: str = "",
     ) -> Org:
-        """Raises: InvalidArgument, OrgMismatch, PermissionDenied, OrgNotFound,
-        OrgSlugConflict."""
+        """Changes the fields in ``paths``; with ``etag``, only if it is the
+        org's current one (checked under the org row's lock). A change that
+        leaves every field as it is writes nothing and keeps the etag.
+
+        Raises: InvalidArgument, OrgMismatch, PermissionDenied, OrgNotFound,
+        OrgSlugConflict, EtagMismatch."""
         ref = validation.org_ref(org_id, org_slug)
+        expected = validation.etag(etag, "values.etag")
         if not paths:
             raise InvalidArgument.field("update_mask", "required")
         unknown = set(paths) - _ORG_FIELDS
@@ -194,37 +240,69 @@ class OrgService:
             raise InvalidArgument.field("update_mask", f"unknown path {sorted(unknown)[0]!r}")
         changes: dict[str, object] = {}
         if "name" in paths:
-            changes["name"] = validation.org_name(name, "org.name")
+            changes["name"] = validation.org_name(name, "values.name")
         if "slug" in paths:
-            changes["slug"] = validation.slug(slug, "org.slug")
+            changes["slug"] = validation.slug(slug, "values.slug")
         async for attempt in self._db.attempts():
             async with attempt as tx:
                 scope = await self._scope(tx, principal, ref, lock=True)
                 scope.require(OrgAction.UPDATE_ORG)
-                now = self._clock.now()
-                org = await tx.orgs.update(scope.org.id, changes, now)
-                if org is not None and org.slug != scope.org.slug:
-                    # The slug is a claim (`org_slug`): tokens of the sessions
-                    # acting in this org are stale now, and Authenticate's
-                    # cached view of them must go.
-                    bumped = await tx.sessions.bump_org_claims(org.id, now)
-                    await tx.events.add(*claims_changed([], bumped))
+                etags.require(expected, etags.org(scope.org))
+                org: Org | None = scope.org
+                if any(getattr(scope.org, field) != value for field, value in changes.items()):
+                    now = self._clock.now()
+                    org = await tx.orgs.update(scope.org.id, changes, now)
+                    if org is not None and org.slug != scope.org.slug:
+                        # The slug is a claim (`org_slug`): tokens of the
+                        # sessions acting in this org are stale now, and
+                        # Authenticate's cached view of them must go.
+                        bumped = await tx.sessions.bump_org_claims(org.id, now)
+                        await tx.events.add(*claims_changed([], bumped))
         if org is None:
             raise OrgNotFound()
         return org
 
-    async def delete(self, principal: Principal, *, org_id: str, org_slug: str) -> None:
-        """Deletes the org and its memberships; sessions in it lose their org.
+    async def delete(
+        self,
+        principal: Principal,
+        *,
+        org_id: str,
+        org_slug: str,
+        etag: str = "",
+        force: bool = False,
+        allow_missing: bool = False,
+    ) -> None:
+        """Deletes the org and its memberships; sessions in it lose their org
+        (AIP-135).
 
-        Raises: InvalidArgument, OrgMismatch, PermissionDenied, OrgNotFound.
+        An org with members other than the caller (for an admin or a service:
+        any member) needs ``force``. With ``allow_missing``, an org that does
+        not exist is no error, for whoever may be told so (``_gone``).
+
+        Raises: InvalidArgument, OrgMismatch, PermissionDenied, OrgNotFound,
+        OrgHasMembers, EtagMismatch.
         """
         ref = validation.org_ref(org_id, org_slug)
+        expected = validation.etag(etag)
         now = self._clock.now()
         async for attempt in self._db.attempts():
             async with attempt as tx:
-                scope = await self._scope(tx, principal, ref, lock=True)
+                try:
+                    scope = await self._scope(tx, principal, ref, lock=True)
+                except (OrgNotFound, OrgMismatch):
+                    if allow_missing and await self._gone(tx, principal, ref, OrgAction.DELETE_ORG):
+                        return
+                    raise
                 scope.require(OrgAction.DELETE_ORG)
+                etags.require(expected, etags.org(scope.org))
                 members = await tx.memberships.user_ids(scope.org.id)
+                # A user acting in the org counts others; for an admin or a
+                # service (no role in the scope), every member is another.
+                me = None
+                if scope.role is not None and principal.session is not None:
+                    me = principal.session.user_id
+                if not force and any(m != me for m in members):
+                    raise OrgHasMembers()
                 await tx.sessions.clear_org(scope.org.id, None)
                 await tx.orgs.delete(scope.org.id)  # memberships go with it (ON DELETE CASCADE)
                 bumped = await tx.sessions.bump_claims(members, now)
@@ -232,8 +310,10 @@ class OrgService:
 
     async def list_orgs(
         self, principal: Principal, *, user_id: str, page_size: int, page_token: str
-    ) -> tuple[list[Org], str]:
-        """Orgs oldest first: a user's own, or (admin, service) anyone's or all.
+    ) -> tuple[list[Org], list[Member], str]:
+        """Orgs oldest first: a user's own, or (admin, service) anyone's or
+        all; with one user's orgs, that user's membership in each (in the
+        same order; empty when listing all), read in the same query.
 
         Raises: InvalidArgument, InvalidPageToken, PermissionDenied.
         """
@@ -250,11 +330,17 @@ class OrgService:
         filters = fingerprint(target)
         now = self._clock.now()
         after = self._pages.decode(page_token, "orgs", filters, now) if page_token else None
+        if target is None:
+            async with self._db.reader() as tx:
+                every = await tx.orgs.list(after, size + 1)
+            page, token = self._pages.page(
+                "orgs", filters, every, size, now, lambda o: Cursor(o.created_at, o.id)
+            )
+            return page, [], token
         async with self._db.reader() as tx:
-            rows = await tx.orgs.list(target, after, size + 1)
-        return self._pages.page(
-            "orgs", filters, rows, size, now, lambda o: Cursor(o.created_at, o.id)
-        )
+            rows = await tx.orgs.list_of_user(target, after, size + 1)
+        pairs, token = self._pages.page("orgs", filters, rows, size, now, _org_cursor)
+        return [org for org, _ in pairs], [member for _, member in pairs], token
 
     # -- memberships --------------------------------------------------------------
 
@@ -279,12 +365,20 @@ class OrgService:
         return member
 
     async def update_member(
-        self, principal: Principal, *, org_id: str, org_slug: str, user_id: str, role: OrgRole
+        self,
+        principal: Principal,
+        *,
+        org_id: str,
+        org_slug: str,
+        user_id: str,
+        role: OrgRole,
+        etag: str = "",
     ) -> Member:
         """Raises: InvalidArgument, OrgMismatch, PermissionDenied, OrgNotFound,
-        MemberNotFound, LastOwner."""
+        MemberNotFound, LastOwner, EtagMismatch."""
         ref = validation.org_ref(org_id, org_slug)
         uid = validation.user_id(user_id)
+        expected = validation.etag(etag)
         now = self._clock.now()
         async for attempt in self._db.attempts():
             async with attempt as tx:
@@ -293,6 +387,8 @@ class OrgService:
                 current = await tx.memberships.get(scope.org.id, uid)
                 if current is None:
                     raise MemberNotFound()
+                # Under the org row's lock, which every membership change takes.
+                etags.require(expected, etags.member(current))
                 if OrgRole.OWNER in (current.role, role):
                     scope.require(OrgAction.MANAGE_OWNERS)
                 if current.role is role:
@@ -307,21 +403,45 @@ class OrgService:
         return member
 
     async def remove_member(
-        self, principal: Principal, *, org_id: str, org_slug: str, user_id: str
+        self,
+        principal: Principal,
+        *,
+        org_id: str,
+        org_slug: str,
+        user_id: str,
+        etag: str = "",
+        allow_missing: bool = False,
     ) -> None:
-        """Raises: InvalidArgument, OrgMismatch, PermissionDenied, OrgNotFound,
-        MemberNotFound, LastOwner."""
+        """Removes a membership (AIP-135). With ``allow_missing``, one that
+        does not exist is no error; the org must still resolve, except for a
+        member retrying their own leave (``_gone``).
+
+        Raises: InvalidArgument, OrgMismatch, PermissionDenied, OrgNotFound,
+        MemberNotFound, LastOwner, EtagMismatch."""
         ref = validation.org_ref(org_id, org_slug)
         uid = validation.user_id(user_id)
+        expected = validation.etag(etag)
         leaving = principal.session is not None and principal.session.user_id == uid
+        action = OrgAction.LEAVE if leaving else OrgAction.REMOVE_MEMBER
         now = self._clock.now()
         async for attempt in self._db.attempts():
             async with attempt as tx:
-                scope = await self._scope(tx, principal, ref, lock=True)
-                scope.require(OrgAction.LEAVE if leaving else OrgAction.REMOVE_MEMBER)
+                try:
+                    scope = await self._scope(tx, principal, ref, lock=True)
+                except (OrgNotFound, OrgMismatch):
+                    # A leave takes the org off the leaver's sessions, and a
+                    # deleted org off everyone's: their retry comes from a
+                    # session without it.
+                    if allow_missing and await self._gone(tx, principal, ref, action):
+                        return
+                    raise
+                scope.require(action)
                 current = await tx.memberships.get(scope.org.id, uid)
                 if current is None:
+                    if allow_missing:
+                        return
                     raise MemberNotFound()
+                etags.require(expected, etags.member(current))
                 if current.role is OrgRole.OWNER:
                     if not leaving:
                         scope.require(OrgAction.REMOVE_OWNER)

@@ -8,6 +8,7 @@ import uuid
 
 from email_validator import EmailNotValidError, validate_email
 
+from authsvc.domain import etags
 from authsvc.domain.models import MAX_SLUG
 from authsvc.errors import InvalidArgument, WeakPassword
 
@@ -57,12 +58,30 @@ def password(value: str, min_length: int, max_length: int, field: str = "passwor
         raise WeakPassword(f"password must be {min_length} to {max_length} characters")
 
 
-def display_name(value: str, field: str = "display_name") -> str:
+def profile_name(value: str, field: str) -> str:
+    """A display, given or family name: optional, at most 200 characters, one
+    line of printable text (no control characters, C0, DEL or C1, and no line
+    or paragraph separators); surrounding spaces are dropped. Format
+    characters (a zero-width joiner, in scripts and emoji that need one) are
+    text, not controls."""
     if len(value) > MAX_DISPLAY_NAME:
         raise InvalidArgument.field(field, f"at most {MAX_DISPLAY_NAME} characters")
-    if any(ord(ch) < 32 for ch in value):
+    if any(unicodedata.category(ch) in _NOT_IN_A_NAME for ch in value):
         raise InvalidArgument.field(field, "control characters are not allowed")
     return value.strip()
+
+
+# Cc: controls (C0, DEL, C1); Zl, Zp: line and paragraph separators.
+_NOT_IN_A_NAME = frozenset({"Cc", "Zl", "Zp"})
+
+
+def etag(value: str, field: str = "etag") -> str:
+    """An etag from a request: "" (no check) or one to compare. Ours are
+    short; anything longer than ``etags.MAX_LENGTH`` is bad input, not a
+    mismatch."""
+    if len(value) > etags.MAX_LENGTH:
+        raise InvalidArgument.field(field, f"at most {etags.MAX_LENGTH} characters")
+    return value
 
 
 def user_id(value: str, field: str = "user_id") -> uuid.UUID:
@@ -110,12 +129,12 @@ def org_name(value: str, field: str = "name") -> str:
 
 
 def org_ref(org_id: str, org_slug: str) -> uuid.UUID | str:
-    """The org a request names: its id, or its slug. Exactly one is given."""
-    if org_id and org_slug:
-        raise InvalidArgument.field("org_slug", "give org_id or org_slug, not both")
+    """The org a request names in its ``org`` oneof: its id, or its slug (a
+    oneof holds at most one of them; an empty one is as good as unset)."""
+    assert not (org_id and org_slug), "the org oneof holds one field"
     if org_id:
         return uuid_field(org_id, "org_id")
     if org_slug:
         # Any string that cannot be a slug names no org; say so as bad input.
         return slug(org_slug, "org_slug")
-    raise InvalidArgument.field("org_id", "org_id or org_slug is required")
+    raise InvalidArgument.field("org", "required: org_id or org_slug")

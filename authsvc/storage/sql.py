@@ -12,7 +12,19 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, exists, func, insert, select, text, tuple_, update
+from sqlalchemy import (
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -54,6 +66,8 @@ _USER_COLUMNS = (
     users.c.email_verified,
     users.c.created_at,
     users.c.updated_at,
+    users.c.given_name,
+    users.c.family_name,
 )
 _SESSION_COLUMNS = (
     sessions.c.id,
@@ -89,11 +103,17 @@ def _user(row: Sequence[Any], offset: int = 0) -> User:
         email_verified=r[4],
         created_at=r[5],
         updated_at=r[6],
+        given_name=r[7],
+        family_name=r[8],
     )
 
 
 def _session(row: Sequence[Any]) -> Session:
     return Session(*row[: len(_SESSION_COLUMNS)])
+
+
+def _org(row: Sequence[Any]) -> Org:
+    return Org(*row[: len(_ORG_COLUMNS)])
 
 
 def _member(row: Sequence[Any]) -> Member:
@@ -131,6 +151,8 @@ class SqlUserRepository:
                     email_key=email_key,
                     password_hash=password_hash,
                     display_name=user.display_name,
+                    given_name=user.given_name,
+                    family_name=user.family_name,
                     role=user.role.value,
                     email_verified=user.email_verified,
                     created_at=user.created_at,
@@ -142,10 +164,14 @@ class SqlUserRepository:
                 raise EmailAlreadyExists() from None
             raise
 
-    async def get(self, user_id: uuid.UUID) -> User | None:
-        row = (
-            await self._conn.execute(select(*_USER_COLUMNS).where(users.c.id == user_id))
-        ).first()
+    async def get(self, user_id: uuid.UUID, *, for_update: bool = False) -> User | None:
+        stmt = select(*_USER_COLUMNS).where(users.c.id == user_id)
+        if for_update:
+            # Holds off every other change of the user until the transaction
+            # ends, so a check of what was read (an etag) still holds when
+            # the write lands; SQLite's write lock does it there.
+            stmt = stmt.with_for_update()
+        row = (await self._conn.execute(stmt)).first()
         return _user(row) if row else None
 
     async def get_credentials(self, email_key: str) -> tuple[User, str] | None:
@@ -172,6 +198,26 @@ class SqlUserRepository:
                 raise EmailAlreadyExists() from None
             raise
         return await self.get(user_id) if result.rowcount else None
+
+    async def fill_names(
+        self, user_id: uuid.UUID, names: Mapping[str, str], now: datetime
+    ) -> User | None:
+        """Sets each of ``names`` (given_name, family_name) that is still
+        empty, in one statement: a name written meanwhile is never overwritten.
+        Returns the user when a name was set, None when none was."""
+        columns = {name: users.c[name] for name in names}
+        values: dict[str, Any] = {
+            name: case((column == "", names[name]), else_=column)
+            for name, column in columns.items()
+        }
+        stmt = (
+            update(users)
+            .where(users.c.id == user_id, or_(*(column == "" for column in columns.values())))
+            .values(**values, updated_at=now)
+            .returning(*_USER_COLUMNS)
+        )
+        row = (await self._conn.execute(stmt)).first()
+        return _user(row) if row else None
 
     async def delete(self, user_id: uuid.UUID) -> bool:
         result = await self._conn.execute(delete(users).where(users.c.id == user_id))
@@ -391,7 +437,7 @@ class SqlOrgRepository:
             # rule reads, then writes); SQLite's write lock does it there.
             stmt = stmt.with_for_update()
         row = (await self._conn.execute(stmt)).first()
-        return Org(*row) if row else None
+        return _org(row) if row else None
 
     async def get(self, org_id: uuid.UUID, *, for_update: bool = False) -> Org | None:
         return await self._one(orgs.c.id == org_id, for_update)
@@ -423,17 +469,32 @@ class SqlOrgRepository:
         result = await self._conn.execute(delete(orgs).where(orgs.c.id == org_id))
         return bool(result.rowcount)
 
-    async def list(self, user_id: uuid.UUID | None, after: Cursor | None, limit: int) -> list[Org]:
-        stmt = select(*_ORG_COLUMNS).order_by(orgs.c.created_at, orgs.c.id).limit(limit)
-        if user_id is not None:
-            stmt = stmt.join(memberships, memberships.c.org_id == orgs.c.id).where(
-                memberships.c.user_id == user_id
-            )
+    @staticmethod
+    def _page(stmt: Any, after: Cursor | None, limit: int) -> Any:
+        stmt = stmt.order_by(orgs.c.created_at, orgs.c.id).limit(limit)
         if after is not None:
             stmt = stmt.where(
                 tuple_(orgs.c.created_at, orgs.c.id) > tuple_(after.created_at, after.id)
             )
-        return [Org(*row) for row in await self._conn.execute(stmt)]
+        return stmt
+
+    async def list_of_user(
+        self, user_id: uuid.UUID, after: Cursor | None, limit: int
+    ) -> list[tuple[Org, Member]]:
+        stmt = self._page(
+            select(*_ORG_COLUMNS, *_MEMBER_COLUMNS)
+            .join(memberships, memberships.c.org_id == orgs.c.id)
+            .join(users, users.c.id == memberships.c.user_id)
+            .where(memberships.c.user_id == user_id),
+            after,
+            limit,
+        )
+        width = len(_ORG_COLUMNS)
+        return [(_org(row), _member(row[width:])) for row in await self._conn.execute(stmt)]
+
+    async def list(self, after: Cursor | None, limit: int) -> list[Org]:
+        stmt = self._page(select(*_ORG_COLUMNS), after, limit)
+        return [_org(row) for row in await self._conn.execute(stmt)]
 
 
 class SqlMembershipRepository:

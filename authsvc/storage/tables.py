@@ -73,6 +73,8 @@ users = Table(
     Column("email_key", String(1024), nullable=False, unique=True),
     Column("password_hash", String(255), nullable=False),
     Column("display_name", String(200), nullable=False),
+    Column("given_name", String(200), nullable=False, server_default=""),
+    Column("family_name", String(200), nullable=False, server_default=""),
     Column("role", String(16), nullable=False),
     Column("email_verified", Boolean, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),

@@ -61,8 +61,9 @@ class Kind:
     """A kind of credential, as the server must see it.
 
     ``fails_with``: the UNAUTHENTICATED reason every method answers (the
-    credential is checked on every method, public ones included, before the
-    request is read). Otherwise the flags say who the server sees: a user's
+    credential is checked on every method before the request is read; public
+    methods check only an API key and ignore a bearer). Otherwise the flags
+    say who the server sees: a user's
     live access token (``token``), the API key (``service``), the user's live
     platform role (``platform_admin``) and live role in their session's
     active org ``A`` (``org_role``), and whether the request names the

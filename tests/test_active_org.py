@@ -3,12 +3,15 @@
 What this proves, as auth.proto and orgs.proto state it: SetActiveOrg rotates
 the refresh token exactly as RefreshToken does (same reuse detection, same
 grace interval) and returns a pair whose access token carries ``org_id``,
-``org_role`` and ``ver``; it needs a membership (a missing org and a missing
-membership fail alike, MEMBER_NOT_FOUND, and spend nothing); an empty org id
-clears the active org; the active org belongs to the session and survives
-every refresh (seed 000 lost it at the first one). When a membership is
-removed or its role changes, Authenticate shows it at once and the next
-refresh carries it, with a higher ``ver``; so does a platform role change.
+``org_role`` and ``ver``; it names the org by id or by slug; it needs a
+membership (a missing org, an unknown slug and a missing membership fail
+alike, MEMBER_NOT_FOUND, with the same statements, and spend nothing); a
+malformed id or slug is INVALID_ARGUMENT naming its field; leaving the org
+unset, or sending an empty id or slug, clears the active org; the active org
+belongs to the session and survives every refresh (seed 000 lost it at the
+first one). When a membership is removed or its role changes, Authenticate
+shows it at once and the next refresh carries it, with a higher ``ver``; so
+does a platform role change.
 
 Access-token claims are read without verifying the signature: what is checked
 here is what the server put in them (signatures are tests/test_bad_input.py's).
@@ -16,13 +19,18 @@ here is what the server put in them (signatures are tests/test_bad_input.py's).
 
 from __future__ import annotations
 
+import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
+from google.rpc import error_details_pb2
+from sqlalchemy import event
 
 from authsvc_client.v1 import auth_pb2, orgs_pb2, resources_pb2, sessions_pb2, users_pb2
 from tests.app import (
@@ -34,6 +42,7 @@ from tests.app import (
     bearer,
     claims,
     failure,
+    new_slug,
     org_member,
     org_with_owner,
     refreshed,
@@ -281,6 +290,194 @@ async def test_a_signed_out_session_cannot_switch(api: Api) -> None:
         ),
         *REVOKED,
     )
+
+
+# -- naming the org: by id or by slug ------------------------------------------------
+
+
+def _switch(refresh_token: str, by: str, org: Any) -> auth_pb2.SetActiveOrgRequest:
+    """SetActiveOrg to ``org`` by its ``org_id`` or its ``org_slug``."""
+    if by == "org_id":
+        return auth_pb2.SetActiveOrgRequest(refresh_token=refresh_token, org_id=org.id)
+    assert by == "org_slug"
+    return auth_pb2.SetActiveOrgRequest(refresh_token=refresh_token, org_slug=org.slug)
+
+
+async def _switched(api: Api, request: auth_pb2.SetActiveOrgRequest) -> Any:
+    response = await api.auth.SetActiveOrg(request)
+    remember(response.tokens.access_token, response.tokens.refresh_token)
+    return response.tokens
+
+
+@pytest.mark.parametrize("by", ["org_id", "org_slug"])
+async def test_switch_by_id_or_by_slug(api: Api, by: str) -> None:
+    created = await api.sign_up()
+    first = await _create_org(api, created.tokens.access_token)
+    second = await _create_org(api, created.tokens.access_token)
+
+    pair = await _switched(api, _switch(created.tokens.refresh_token, by, first))
+    assert pair.session_id == created.tokens.session_id
+    _assert_in_org(pair.access_token, first.id, OWNER)
+    assert await _session_org(api, pair.access_token) == (first.id, OWNER)
+    old_ver = _ver(pair.access_token)
+
+    pair = await _switched(api, _switch(pair.refresh_token, by, second))
+    _assert_in_org(pair.access_token, second.id, OWNER)
+    assert await _session_org(api, pair.access_token) == (second.id, OWNER)
+    assert _ver(pair.access_token) > old_ver
+    # It stays: a refresh keeps the org switched to.
+    _assert_in_org((await refreshed(api, pair.refresh_token)).access_token, second.id, OWNER)
+
+
+@pytest.mark.parametrize("how", ["unset", "empty_org_id", "empty_org_slug"])
+async def test_clearing_the_active_org(api: Api, how: str) -> None:
+    org, owner = await org_with_owner(api)
+    request = auth_pb2.SetActiveOrgRequest(refresh_token=owner.tokens.refresh_token)
+    if how == "empty_org_id":
+        request.org_id = ""
+    elif how == "empty_org_slug":
+        request.org_slug = ""
+    # What is sent is what the case says: the oneof's case travels on the
+    # wire even with an empty value.
+    case = {"unset": None, "empty_org_id": "org_id", "empty_org_slug": "org_slug"}[how]
+    wire = auth_pb2.SetActiveOrgRequest.FromString(request.SerializeToString())
+    assert wire.WhichOneof("org") == request.WhichOneof("org") == case
+
+    pair = await _switched(api, request)
+
+    assert pair.session_id == owner.tokens.session_id
+    _assert_no_org(pair.access_token)
+    assert _ver(pair.access_token) > _ver(owner.token)
+    assert await _session_org(api, pair.access_token) == ("", NO_ROLE)
+    assert await _session_org(api, owner.token) == ("", NO_ROLE)
+    _assert_no_org((await refreshed(api, pair.refresh_token)).access_token)
+    assert org.id
+
+
+@pytest.mark.parametrize("slug_of", ["unknown", "not_a_member"])
+async def test_a_slug_the_user_cannot_switch_to_is_member_not_found(api: Api, slug_of: str) -> None:
+    org, _ = await org_with_owner(api)
+    outsider = await api.sign_up()
+    slug = org.slug if slug_of == "not_a_member" else new_slug("nobody")
+    request = auth_pb2.SetActiveOrgRequest(
+        refresh_token=outsider.tokens.refresh_token, org_slug=slug
+    )
+    await refused(api, partial(api.auth.SetActiveOrg, request), *MEMBER_NOT_FOUND)
+    # Nothing was spent: the refresh token still works, and carries no org.
+    _assert_no_org((await refreshed(api, outsider.tokens.refresh_token)).access_token)
+
+
+@contextmanager
+def _statements(api: Api) -> Iterator[list[str]]:
+    """The SQL statements (text, not parameters) the server runs meanwhile on
+    the tables of users, sessions and orgs (not the event relay's)."""
+    seen: list[str] = []
+
+    def record(*args: Any) -> None:
+        statement = str(args[2])
+        if not re.search(r"\b(events|event_log_head|signing_keys)\b", statement):
+            seen.append(statement)
+
+    engine = api.server.core.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+async def test_an_unknown_slug_fails_like_an_org_the_user_is_not_in(api: Api) -> None:
+    """The same answer after the same work: the same statements, in the same
+    order (so the same round trips and lock waits), whether the slug names an
+    org or not; only their parameters differ."""
+    org, _ = await org_with_owner(api)
+    outsider = await api.sign_up()
+    answers: dict[str, tuple[Any, ...]] = {}
+    traces: dict[str, list[str]] = {}
+    for name, slug in (("not_a_member", org.slug), ("unknown", new_slug("nobody"))) * 2:
+        with _statements(api) as seen:
+            error = await failure(
+                api.auth.SetActiveOrg(
+                    auth_pb2.SetActiveOrgRequest(
+                        refresh_token=outsider.tokens.refresh_token, org_slug=slug
+                    )
+                )
+            )
+        answers[name] = (error.code, error.reason, error.message)
+        traces[name] = seen
+    assert answers["unknown"] == answers["not_a_member"]
+    assert answers["unknown"][:2] == MEMBER_NOT_FOUND
+    assert traces["unknown"] == traces["not_a_member"]
+    # The trace does see the work: the org lookups and the membership check.
+    assert sum("orgs" in s for s in traces["unknown"]) >= 2
+    assert any("memberships" in s for s in traces["unknown"])
+
+
+async def test_a_slug_names_the_org_that_has_it_now(api: Api) -> None:
+    org, owner = await org_with_owner(api)
+    member = await org_member(api, org.id, MEMBER)
+    cleared = await set_active_org(api, member.tokens.refresh_token, "")
+    old_slug, slug = org.slug, new_slug("renamed")
+    await api.orgs.UpdateOrg(
+        orgs_pb2.UpdateOrgRequest(
+            org_id=org.id,
+            values=resources_pb2.Org(slug=slug),
+            update_mask=FieldMask(paths=["slug"]),
+        ),
+        metadata=service(),
+    )
+    await refused(
+        api,
+        partial(
+            api.auth.SetActiveOrg,
+            auth_pb2.SetActiveOrgRequest(refresh_token=cleared.refresh_token, org_slug=old_slug),
+        ),
+        *MEMBER_NOT_FOUND,
+    )
+    pair = await _switched(
+        api, auth_pb2.SetActiveOrgRequest(refresh_token=cleared.refresh_token, org_slug=slug)
+    )
+    _assert_in_org(pair.access_token, org.id, MEMBER)
+    assert owner.id
+
+
+BAD_SLUGS = {
+    "uppercase": "Acme",
+    "too-short": "ab",
+    "too-long": "a" * 64,
+    "space": "acme corp",
+    "underscore": "acme_corp",
+    "unicode": "\u00e4cme",
+    "newline": "acme\n",
+    "huge": "a" * 100_000,
+}
+BAD_IDS = {
+    "not-a-uuid": "acme",
+    "no-hyphens": uuid.uuid4().hex,
+    "braces": "{" + str(uuid.uuid4()) + "}",
+}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [pytest.param("org_slug", v, id=f"slug-{k}") for k, v in BAD_SLUGS.items()]
+    + [pytest.param("org_id", v, id=f"id-{k}") for k, v in BAD_IDS.items()],
+)
+async def test_a_malformed_org_is_invalid_argument(api: Api, field: str, value: str) -> None:
+    created = await api.sign_up()
+    request = auth_pb2.SetActiveOrgRequest(refresh_token=created.tokens.refresh_token)
+    setattr(request, field, value)
+    error = await refused(
+        api,
+        partial(api.auth.SetActiveOrg, request),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    bad_request = error.detail(error_details_pb2.BadRequest)
+    assert bad_request is not None, "no google.rpc.BadRequest detail"
+    assert [v.field for v in bad_request.field_violations] == [field]
+    # Refused before the refresh token was looked at: it still works.
+    _assert_no_org((await refreshed(api, created.tokens.refresh_token)).access_token)
 
 
 # -- membership changes reach the session --------------------------------------------

@@ -73,7 +73,7 @@ async def sign_in(api: Api, email: str) -> Any:
         auth_pb2.SignInWithPasswordRequest(email=email, password=PASSWORD)
     )
     remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
-    return signed
+    return signed.result
 
 
 async def authenticates(api: Api, token: str) -> str:

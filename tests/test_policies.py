@@ -57,7 +57,7 @@ async def _sign_in(api: Api, email: str, password: str = PASSWORD) -> Any:
         auth_pb2.SignInWithPasswordRequest(email=email, password=password)
     )
     remember(signed.result.tokens.access_token, signed.result.tokens.refresh_token)
-    return signed
+    return signed.result
 
 
 async def _password_hash(api: Api, email: str) -> str:

@@ -98,12 +98,13 @@ def _sign_up(api: Api, email: str, metadata: Any = None, **fields: Any) -> Any:
 
 
 async def _outcome(call: Awaitable[Any]) -> tuple[Any, AuthsvcError | None]:
+    """The SignInResult of a sign-up or sign-in, or its error."""
     try:
         response = await call
     except grpc.aio.AioRpcError as error:
         return None, from_rpc_error(error)
-    remember(response.tokens.access_token, response.tokens.refresh_token)
-    return response, None
+    remember(response.result.tokens.access_token, response.result.tokens.refresh_token)
+    return response.result, None
 
 
 async def _reason(call: Awaitable[Any]) -> str:

@@ -10,6 +10,7 @@ postgres backend an event made on one replica reaches watchers of another.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from sqlalchemy import update
 
 from authsvc.storage import event_log
 from authsvc.storage.tables import event_log_head
-from authsvc_client.v1 import auth_pb2, orgs_pb2, resources_pb2, sessions_pb2
+from authsvc_client.v1 import auth_pb2, orgs_pb2, resources_pb2, sessions_pb2, users_pb2
 from tests.app import (
     PASSWORD,
     Api,
@@ -176,6 +177,106 @@ async def test_a_membership_change_makes_older_tokens_stale(
 
 def _claims(token: str) -> dict[str, Any]:
     return jwt.decode(token, options={"verify_signature": False})
+
+
+KNOWN_KINDS = {auth_pb2.REVOCATION_KIND_SESSION_REVOKED, auth_pb2.REVOCATION_KIND_CLAIMS_CHANGED}
+
+
+async def _collect(
+    stream: Stream, first: auth_pb2.WatchRevocationsResponse, count: int
+) -> list[Any]:
+    """The events of ``first`` and of the responses after it, until ``count``."""
+    events = list(first.revocations)
+    while len(events) < count:
+        events += (await _next_events(stream)).revocations
+    return events
+
+
+async def test_each_event_says_what_happened_and_none_is_unspecified(api: Api) -> None:
+    """A revocation is SESSION_REVOKED (no version), a claims change
+    CLAIMS_CHANGED with the session's new claims version; over a mix of every
+    change that makes events, live and in a replay, no event is
+    REVOCATION_KIND_UNSPECIFIED (which a verifier would have to treat as a gap)."""
+    live = _watch(api)
+    await _next(live)
+    revoked, changed = (
+        auth_pb2.REVOCATION_KIND_SESSION_REVOKED,
+        auth_pb2.REVOCATION_KIND_CLAIMS_CHANGED,
+    )
+    expected: list[tuple[str, int, int]] = []  # (session, kind, stale_below_version)
+
+    owner_token, owner_session = await _signed_in(api)
+    org = (
+        await api.orgs.CreateOrg(
+            orgs_pb2.CreateOrgRequest(slug="kinds", name="Kinds"), metadata=bearer(owner_token)
+        )
+    ).org
+    member = await api.sign_up()
+    sid = member.tokens.session_id
+    await api.orgs.AddMember(
+        orgs_pb2.AddMemberRequest(org_id=org.id, user_id=member.user.id), metadata=service()
+    )
+    # A switch of the active org.
+    switched = await api.auth.SetActiveOrg(
+        auth_pb2.SetActiveOrgRequest(refresh_token=member.tokens.refresh_token, org_slug="kinds")
+    )
+    remember(switched.tokens.access_token, switched.tokens.refresh_token)
+    expected.append((sid, changed, _claims(switched.tokens.access_token)["ver"]))
+    refresh_token = switched.tokens.refresh_token
+
+    async def new_version() -> int:
+        nonlocal refresh_token
+        pair = await api.auth.RefreshToken(
+            auth_pb2.RefreshTokenRequest(refresh_token=refresh_token)
+        )
+        remember(pair.tokens.access_token, pair.tokens.refresh_token)
+        refresh_token = pair.tokens.refresh_token
+        return int(_claims(pair.tokens.access_token)["ver"])
+
+    # An org role change, a platform role change, a removal from the org.
+    await api.orgs.UpdateMember(
+        orgs_pb2.UpdateMemberRequest(
+            org_id=org.id, user_id=member.user.id, role=resources_pb2.ORG_ROLE_ADMIN
+        ),
+        metadata=service(),
+    )
+    expected.append((sid, changed, await new_version()))
+    await api.users.SetUserRole(
+        users_pb2.SetUserRoleRequest(user_id=member.user.id, role=resources_pb2.ROLE_ADMIN),
+        metadata=service(),
+    )
+    expected.append((sid, changed, await new_version()))
+    await api.orgs.RemoveMember(
+        orgs_pb2.RemoveMemberRequest(org_id=org.id, user_id=member.user.id), metadata=service()
+    )
+    expected.append((sid, changed, await new_version()))
+    # A revocation by an admin, and a sign-out.
+    await api.sessions.RevokeSession(
+        sessions_pb2.RevokeSessionRequest(session_id=sid), metadata=service()
+    )
+    expected.append((sid, revoked, 0))
+    await api.auth.SignOut(auth_pb2.SignOutRequest(), metadata=bearer(owner_token))
+    expected.append((owner_session, revoked, 0))
+    versions = [v for _, kind, v in expected if kind == changed]
+    # Each change raised the version: strictly increasing.
+    assert all(a < b for a, b in itertools.pairwise(versions)), versions
+
+    try:
+        seen_live = await _collect(live, auth_pb2.WatchRevocationsResponse(), len(expected))
+    finally:
+        live.cancel()
+    await logged(api)
+    replay = _watch(api, after="0-0")
+    try:
+        first = await _next(replay)
+        assert not first.gap
+        replayed = await _collect(replay, first, len(expected))
+    finally:
+        replay.cancel()
+
+    for events in (seen_live, replayed):
+        assert all(e.kind in KNOWN_KINDS for e in events), [e.kind for e in events]
+        assert [(e.session_id, e.kind, e.stale_below_version) for e in events] == expected
 
 
 async def test_a_reconnect_replays_what_it_missed_and_nothing_else(api: Api) -> None:

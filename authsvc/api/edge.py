@@ -5,6 +5,13 @@ method's declared access before the handler runs, maps domain errors to
 statuses (``authsvc.api.status``), turns anything unexpected into a generic
 INTERNAL, and logs one line per call. Servicers therefore hold no try/except
 and no status codes.
+
+On ACCESS_PUBLIC methods an ``authorization`` header is not read at all: their
+credential, if they need one, is in the request (a refresh token, the access
+token to resolve, a password), so a channel that attaches the user's access
+token to every call can still refresh once that token has expired. An
+``x-api-key`` is still checked there, since it is what lets a gateway pass
+ClientInfo.
 """
 
 from __future__ import annotations
@@ -160,13 +167,12 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         deserialize: Callable[[bytes], Any] | None,
     ) -> Any:
         """Checks the credential, then parses the request."""
-        if access is not None:
-            if access == acc.PUBLIC and bearer is None and api_key is None:
-                # What _resolve gives a public call without credentials
-                # (Authenticate's usual case), without a coroutine for it.
-                _principal.set(ANONYMOUS)
-            else:
-                _principal.set(await self._resolve(access, bearer, api_key))
+        if access == acc.PUBLIC:
+            # The bearer is ignored, not verified: no lookup, no error for a
+            # malformed, expired, revoked or forged one (see the module doc).
+            _principal.set(self._public(api_key))
+        elif access is not None:
+            _principal.set(await self._resolve(access, bearer, api_key))
         try:
             return deserialize(body) if deserialize is not None else body
         except DecodeError:
@@ -278,27 +284,40 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
 
         return serve
 
+    def _service_name(self, api_key: Any) -> str | None:
+        """The service an ``x-api-key`` names; None when none was sent.
+
+        Raises:
+            ApiKeyInvalid: sent twice, or not a key this server knows.
+        """
+        if api_key is None:
+            return None
+        if api_key is _TWICE:
+            raise ApiKeyInvalid("only one x-api-key header may be sent")
+        service_name = self._api_keys.lookup(str(api_key))
+        if service_name is None:
+            raise ApiKeyInvalid()
+        return service_name
+
+    def _public(self, api_key: Any) -> Principal:
+        """The caller of an ACCESS_PUBLIC method: a service, or anonymous."""
+        service_name = self._service_name(api_key)
+        if service_name is None:
+            return ANONYMOUS
+        return Principal(PrincipalKind.SERVICE, None, service_name)
+
     async def _resolve(self, access: int, bearer: Any, api_key: Any) -> Principal:
-        service_name = None
         if api_key is _TWICE:
             raise ApiKeyInvalid("only one x-api-key header may be sent")
         if bearer is _TWICE:
             raise TokenInvalid("only one authorization header may be sent")
-        if api_key is not None:
-            service_name = self._api_keys.lookup(str(api_key))
-            if service_name is None:
-                raise ApiKeyInvalid()
+        service_name = self._service_name(api_key)
         session = None
         if bearer is not None:
             scheme, _, token = str(bearer).partition(" ")
             if scheme.lower() != "bearer" or not token:
                 raise TokenInvalid("authorization must be 'Bearer <access token>'")
             session = await self._authenticate(token.strip())
-        if access == acc.PUBLIC:
-            kind = PrincipalKind.SERVICE if service_name else PrincipalKind.USER
-            if service_name is None and session is None:
-                return ANONYMOUS
-            return Principal(kind, session, service_name)
         if access == acc.USER:
             if session is None:
                 raise NotAuthenticated()

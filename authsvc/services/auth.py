@@ -48,6 +48,16 @@ class _Keep:
 
 KEEP_ORG = _Keep()
 
+#: What a switch to a slug no org has resolves to: the nil UUID, which no org
+#: has (their ids are random), so the switch then fails where a switch to an
+#: org the user is not in fails, after the same statements.
+_NO_ORG = uuid.UUID(int=0)
+
+#: The longest pending token CompleteSignIn looks at. Far above any this
+#: server will issue (like refresh tokens: a prefix and 43 characters), so an
+#: oversized one is refused before any work, as an unknown one.
+MAX_PENDING_TOKEN = 128
+
 
 @dataclass(frozen=True, slots=True)
 class AuthPolicy:
@@ -323,35 +333,40 @@ class AuthService:
         """Switches (or, with an empty ``org_id`` and ``org_slug``, clears) the
         session's active org, rotating its refresh token as a refresh does.
 
+        The org is named by its id or by its slug. An unknown org (id or
+        slug) and an org the user is not in fail alike, with the same work
+        (see ``_lock_org``), so neither says whether the org exists.
+
         Raises:
             InvalidArgument, TokenInvalid, SessionRevoked, SessionExpired,
             RefreshTokenReused, MemberNotFound.
         """
-        target: uuid.UUID | None = None
+        target: uuid.UUID | str | None = None
         if org_id:
             target = validation.uuid_field(org_id, "org_id")
         elif org_slug:
-            slug = validation.slug(org_slug, "org_slug")
-            async with self._db.reader() as tx:
-                found = await tx.orgs.get_by_slug(slug)
-            # An unknown slug fails like an org the user is not in.
-            target = found.id if found is not None else uuid.UUID(int=0)
+            # A string that cannot be a slug names no org: bad input, said so.
+            target = validation.slug(org_slug, "org_slug")
         return await self._rotate(refresh_token, client, target)
 
     async def complete_sign_in(self, *, pending_token: str, client: ClientMeta) -> SignedIn:
         """Completes a sign-in that answered a challenge.
 
-        No sign-in answers a challenge yet, so no pending token is valid.
+        No sign-in answers a challenge yet, so no pending token is valid. The
+        token is a credential: it is never logged nor put in an error.
 
         Raises:
             InvalidArgument, PendingTokenInvalid.
         """
         if not pending_token:
             raise InvalidArgument.field("pending_token", "required")
+        if len(pending_token) > MAX_PENDING_TOKEN:
+            # Refused unread: no token this long is ever issued.
+            raise PendingTokenInvalid()
         raise PendingTokenInvalid()
 
     async def _rotate(
-        self, refresh_token: str, client: ClientMeta, org: uuid.UUID | _Keep | None
+        self, refresh_token: str, client: ClientMeta, org: uuid.UUID | str | _Keep | None
     ) -> IssuedTokens:
         """Rotation, under a lock on the session row.
 
@@ -360,7 +375,8 @@ class AuthService:
         same successor (derived, not stored) instead of minting another one.
         The access token's org claims come from the session's active org and
         the user's live membership there, so they survive every refresh and
-        follow every membership change.
+        follow every membership change. ``org`` is what a switch names (an id,
+        or a slug resolved in this transaction), or KEEP_ORG for a refresh.
         """
         if not refresh_token or len(refresh_token) > REFRESH_MAX_LENGTH:
             raise TokenInvalid()
@@ -368,12 +384,9 @@ class AuthService:
         reused_session: uuid.UUID | None = None
         async for attempt in self._db.attempts():
             async with attempt as tx:
-                if isinstance(org, uuid.UUID):
-                    # A switch reads the membership and then writes the session:
-                    # hold off a concurrent removal of that membership (which
-                    # locks the org first too, so the lock order is the same),
-                    # or the session could enter an org its user just left.
-                    await tx.orgs.lock_shared(org)
+                switch_to = (
+                    await self._lock_org(tx, org) if isinstance(org, uuid.UUID | str) else org
+                )
                 record = await tx.refresh_tokens.get_by_hash(token_hash)
                 if record is None:
                     raise TokenInvalid()
@@ -404,7 +417,7 @@ class AuthService:
                         await tx.refresh_tokens.count_grace_use(record.id)
                 if successor is not None:
                     before = session
-                    session, org_claim = await self._org_claims(tx, session, org)
+                    session, org_claim = await self._org_claims(tx, session, switch_to)
                     await tx.sessions.touch(session.id, now, client.ip_address, client.user_agent)
                     issued = self._tokens(session, user.role, org_claim, successor, now)
                     if session.claims_version != before.claims_version:
@@ -430,6 +443,32 @@ class AuthService:
             return issued
         log.warning("session.refresh_token_reused", session_id=str(reused_session))
         raise RefreshTokenReused()
+
+    async def _lock_org(self, tx: Transaction, org: uuid.UUID | str) -> uuid.UUID:
+        """The id of the org a switch names, share-locked until the end of ``tx``.
+
+        A switch reads the membership and then writes the session: the lock
+        holds off a concurrent removal of that membership (which locks the org
+        first too, so the lock order is the same), or the session could enter
+        an org its user just left. A slug is resolved here, in the rotation's
+        own transaction, and checked again once the lock is held: a rename
+        (which locks the org for update) cannot move the slug to another org
+        between the lookup and the switch.
+
+        A slug no org has resolves to ``_NO_ORG`` through the very statements
+        a known one takes; the membership lookup then fails it with
+        MemberNotFound, as it fails an org the user is not in.
+        """
+        if isinstance(org, uuid.UUID):
+            await tx.orgs.lock_shared(org)
+            return org
+        found = await tx.orgs.get_by_slug(org)
+        target = found.id if found is not None else _NO_ORG
+        await tx.orgs.lock_shared(target)
+        locked = await tx.orgs.get(target)
+        if locked is None or locked.slug != org:
+            return _NO_ORG  # renamed or deleted meanwhile: the slug names no org now
+        return target
 
     async def _org_claims(
         self, tx: Transaction, session: Session, org: uuid.UUID | _Keep | None

@@ -20,7 +20,6 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
 from pytest_redis import factories as redis_factories
 from pytest_redis.executor import RedisExecutor
 
@@ -179,11 +178,8 @@ async def test_role_change_on_one_replica_shows_on_the_other(
         assert who.session.role == resources_pb2.ROLE_USER
     assert _cached(b, token)
 
-    await a.users.UpdateUser(
-        users_pb2.UpdateUserRequest(
-            user=resources_pb2.User(id=created.user.id, role=resources_pb2.ROLE_ADMIN),
-            update_mask=field_mask_pb2.FieldMask(paths=["role"]),
-        ),
+    await a.users.SetUserRole(
+        users_pb2.SetUserRoleRequest(user_id=created.user.id, role=resources_pb2.ROLE_ADMIN),
         metadata=bearer(admin),
         timeout=5,
     )
@@ -197,7 +193,7 @@ async def test_role_change_on_one_replica_shows_on_the_other(
         assert who.session.role == resources_pb2.ROLE_USER
         stale += 1
         assert time.perf_counter() - returned < DEADLINE, (
-            f"B still reports the old role {DEADLINE}s after UpdateUser returned"
+            f"B still reports the old role {DEADLINE}s after SetUserRole returned"
         )
         await asyncio.sleep(POLL)
     assert (await _authenticate(a, token)).session.role == resources_pb2.ROLE_ADMIN

@@ -488,7 +488,23 @@ async def test_a_protected_service_calls_downstream_as_its_caller(api: Api, note
         error = from_rpc_error(raised.value)
         assert isinstance(error, OrgMismatch)
         assert error.metadata["origin"] == "client"  # refused in the front, not downstream
-        assert counts(notes, org_x.id, org_y.id) == [1, 0]
+
+        # By slug: checked against the slug the caller's token carries, as the
+        # sidecar in front hands it on.
+        body = await call(
+            notes_pb2.CreateNoteRequest(title="by slug", **by(org_x)).SerializeToString(),
+            metadata=alice.md,
+        )
+        assert notes_pb2.CreateNoteResponse.FromString(body).note.org_id == org_x.id
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call(
+                notes_pb2.CreateNoteRequest(title="x", **by(org_y)).SerializeToString(),
+                metadata=alice.md,
+            )
+        error = from_rpc_error(raised.value)
+        assert (error.reason, error.metadata["origin"]) == ("ORG_MISMATCH", "client")
+        assert error.metadata["field"] == "notes.v1.CreateNoteRequest.org_slug"
+        assert counts(notes, org_x.id, org_y.id) == [2, 0]
     finally:
         await channel.close()
         await front.stop(0)

@@ -562,6 +562,10 @@ def _forgeries(api: Api, token: str) -> dict[str, str]:
         "an unknown role": _mint(api, changed(role="superuser")),
         "a subject that is no uuid": _mint(api, changed(sub="alice")),
         "an org without its role": _mint(api, changed(org_id=str(uuid.uuid4()))),
+        "an org slug without its org": _mint(api, changed(org_slug="acme")),
+        "an org slug that is no string": _mint(
+            api, changed(org_id=str(uuid.uuid4()), org_role="member", org_slug=7)
+        ),
         "issued in the future": _mint(api, changed(iat=now + 3600, exp=now + 7200)),
         "an unknown kid": _mint(api, good, kid=uuid.uuid4().hex),
         "a foreign signature": jwt.encode(good, stranger, algorithm="EdDSA", headers={"kid": kid}),

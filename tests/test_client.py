@@ -2,7 +2,14 @@
 
 Every method of the client is called here over a real channel; every failure
 is checked as the typed exception of its reason, chained to the
-``grpc.aio.AioRpcError`` it came from.
+``grpc.aio.AioRpcError`` it came from. How the client reads a sign-in that
+answers a challenge (which this server never does yet) is checked against a
+small AuthService of the test's own, over a real channel too.
+
+The tests marked ``NEEDS_SERVER`` check the client against server behaviour
+that is being built on another branch (etags, ``force``, ``allow_missing``,
+given and family names, the memberships of ListOrgs): they are expected to
+fail here, strictly, so that the merge removes the mark.
 """
 
 from __future__ import annotations
@@ -22,14 +29,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 
 from authsvc_client import errors
-from authsvc_client.client import AuthResult, AuthsvcClient, CursorResult
+from authsvc_client.client import (
+    AuthsvcClient,
+    CursorResult,
+    OrgMembership,
+    SignedIn,
+    SignInChallenge,
+    SignInOutcome,
+)
 from authsvc_client.errors import (
     REASONS,
     AuthsvcError,
     EmailAlreadyExists,
+    EtagMismatch,
     InvalidArgument,
     InvalidCredentials,
     InvalidPageToken,
@@ -37,9 +53,11 @@ from authsvc_client.errors import (
     MemberAlreadyExists,
     MemberNotFound,
     NotAuthenticated,
+    OrgHasMembers,
     OrgMismatch,
     OrgNotFound,
     OrgSlugConflict,
+    PendingTokenInvalid,
     PermissionDenied,
     RefreshTokenReused,
     SessionNotFound,
@@ -50,7 +68,7 @@ from authsvc_client.errors import (
     from_rpc_error,
     status_metadata,
 )
-from authsvc_client.v1 import resources_pb2
+from authsvc_client.v1 import auth_pb2, resources_pb2
 from tests.app import (
     API_KEY,
     NO_GRACE,
@@ -65,14 +83,30 @@ from tests.app import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: A test of the client against server behaviour built on the users/orgs
+#: branch (etag checks, force, allow_missing, names, ListOrgs memberships).
+NEEDS_SERVER = pytest.mark.xfail(
+    strict=True,
+    reason="the server side (etags, force, allow_missing, names, memberships) is on "
+    "another branch; remove this mark once it is merged",
+)
+
 
 def _email() -> str:
     return f"client-{uuid.uuid4().hex[:12]}@example.com"
 
 
-def _remember(result: AuthResult | Any) -> None:
-    tokens = result.tokens if isinstance(result, AuthResult) else result
+def _remember(result: SignedIn | Any) -> None:
+    tokens = result.tokens if isinstance(result, SignedIn) else result
     remember(tokens.access_token, tokens.refresh_token)
+
+
+def signed_in(outcome: SignInOutcome) -> SignedIn:
+    """The tokens of a sign-in that must not answer a challenge (this server
+    issues none yet); remembered as secrets."""
+    assert isinstance(outcome, SignedIn), f"a challenge: {outcome}"
+    _remember(outcome)
+    return outcome
 
 
 @pytest.fixture
@@ -89,10 +123,8 @@ async def service(api: Api) -> AsyncIterator[AuthsvcClient]:
         yield made
 
 
-async def _user(client: AuthsvcClient, **fields: Any) -> AuthResult:
-    result = await client.sign_up(email=_email(), password=PASSWORD, **fields)
-    _remember(result)
-    return result
+async def _user(client: AuthsvcClient, **fields: Any) -> SignedIn:
+    return signed_in(await client.sign_up(email=_email(), password=PASSWORD, **fields))
 
 
 # -- the error classes ----------------------------------------------------------
@@ -174,8 +206,7 @@ async def test_sign_up_sign_in_refresh_authenticate_and_sign_out(
     api: Api, client: AuthsvcClient
 ) -> None:
     email = _email()
-    up = await client.sign_up(email=email, password=PASSWORD, display_name="Ada")
-    _remember(up)
+    up = signed_in(await client.sign_up(email=email, password=PASSWORD, display_name="Ada"))
     assert (up.user.email, up.user.display_name, up.user.role) == (
         email,
         "Ada",
@@ -183,8 +214,7 @@ async def test_sign_up_sign_in_refresh_authenticate_and_sign_out(
     )
     assert up.tokens.token_type == "Bearer"
 
-    signed = await client.sign_in_with_password(email.upper(), PASSWORD)
-    _remember(signed)
+    signed = signed_in(await client.sign_in_with_password(email.upper(), PASSWORD))
     assert signed.user.id == up.user.id
     assert signed.tokens.session_id != up.tokens.session_id
 
@@ -208,12 +238,57 @@ async def test_sign_up_sign_in_refresh_authenticate_and_sign_out(
     assert (await client.authenticate(up.tokens.access_token)).session_id == up.tokens.session_id
 
 
+@NEEDS_SERVER
+async def test_names_at_sign_up_and_sign_in(api: Api, client: AuthsvcClient) -> None:
+    up = await _user(client, given_name="Ada", family_name="Lovelace")
+    assert (up.user.given_name, up.user.family_name) == ("Ada", "Lovelace")
+    # At sign-in, names fill in only what is still empty.
+    bare = await _user(client)
+    signed = signed_in(
+        await client.sign_in_with_password(
+            bare.user.email, PASSWORD, given_name="Grace", family_name="Hopper"
+        )
+    )
+    assert (signed.user.given_name, signed.user.family_name) == ("Grace", "Hopper")
+    again = signed_in(
+        await client.sign_in_with_password(up.user.email, PASSWORD, given_name="Augusta")
+    )
+    assert (again.user.given_name, again.user.family_name) == ("Ada", "Lovelace")
+
+
+async def test_sign_in_sends_the_api_key_and_never_the_token(api: Api) -> None:
+    """Sign-ups and sign-ins carry their credential in the request: the client
+    sends the API key (which lets a gateway pass ClientInfo), not its token."""
+    async with AuthsvcClient(api.target, api_key=API_KEY) as bootstrap:
+        holder = await _user(bootstrap)
+    async with AuthsvcClient(
+        api.target, api_key=API_KEY, access_token=holder.tokens.access_token
+    ) as gateway:
+        up = await _user(gateway, user_agent="gateway-ua/0")
+        sessions = await gateway.list_sessions(user_id=up.user.id, access_token="")
+        # Honoured: the call carried the API key, not the default token.
+        assert [s.user_agent for s in sessions] == ["gateway-ua/0"]
+
+
+async def test_complete_sign_in_with_a_pending_token_this_server_never_issued(
+    api: Api, client: AuthsvcClient
+) -> None:
+    # No sign-in answers a challenge yet: every pending token is refused.
+    for proof in ({}, {"new_password": PASSWORD + "!"}):
+        with pytest.raises(PendingTokenInvalid) as raised:
+            await client.complete_sign_in("pt_" + "x" * 40, **proof)
+        assert raised.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(InvalidArgument):
+        await client.complete_sign_in("")
+
+
 async def test_gateway_sign_in_with_client_info(api: Api, service: AuthsvcClient) -> None:
     up = await _user(service, user_agent="gateway-ua/1", ip_address="203.0.113.7")
-    signed = await service.sign_in_with_password(
-        up.user.email, PASSWORD, user_agent="gateway-ua/2", ip_address="203.0.113.8"
+    signed = signed_in(
+        await service.sign_in_with_password(
+            up.user.email, PASSWORD, user_agent="gateway-ua/2", ip_address="203.0.113.8"
+        )
     )
-    _remember(signed)
     sessions = {s.id: s for s in await service.list_sessions(user_id=up.user.id)}
     assert (
         sessions[up.tokens.session_id].user_agent,
@@ -283,6 +358,117 @@ async def test_get_jwks_has_the_key_of_every_token(api: Api, client: AuthsvcClie
     assert claims["sub"] == up.user.id
 
 
+# -- sign-in outcomes: a server that answers challenges ---------------------------
+
+PENDING = "pt_test_pending_token_0123456789abcdef"
+#: A SignInRequirement newer than this client.
+NEWER_REQUIREMENT = resources_pb2.SignInRequirement.ValueType(99)
+CHALLENGED = "challenged@example.com"
+
+
+class _Challenging:
+    """An AuthService that answers the shapes this authsvc does not yet: a
+    challenge to one email, tokens once it is completed with a new password,
+    and (to another) an outcome of a kind newer than the client."""
+
+    def __init__(self) -> None:
+        self.completions: list[auth_pb2.CompleteSignInRequest] = []
+
+    @staticmethod
+    def _result(email: str) -> resources_pb2.SignInResult:
+        if email == CHALLENGED:
+            return resources_pb2.SignInResult(
+                challenge=resources_pb2.SignInChallenge(
+                    pending_token=PENDING,
+                    requirements=[
+                        resources_pb2.SIGN_IN_REQUIREMENT_PASSWORD_CHANGE,
+                        NEWER_REQUIREMENT,
+                    ],
+                    expire_time=Timestamp(seconds=2_000_000_000),
+                )
+            )
+        if email == "newer@example.com":
+            return resources_pb2.SignInResult()  # neither outcome this client knows
+        return resources_pb2.SignInResult(
+            user=resources_pb2.User(id=str(uuid.UUID(int=1)), email=email),
+            tokens=resources_pb2.TokenPair(access_token="at", session_id="s1"),
+        )
+
+    async def SignUp(self, request: Any, context: Any) -> auth_pb2.SignUpResponse:
+        return auth_pb2.SignUpResponse(result=self._result(request.email))
+
+    async def SignInWithPassword(
+        self, request: Any, context: Any
+    ) -> auth_pb2.SignInWithPasswordResponse:
+        return auth_pb2.SignInWithPasswordResponse(result=self._result(request.email))
+
+    async def CompleteSignIn(self, request: Any, context: Any) -> auth_pb2.CompleteSignInResponse:
+        self.completions.append(request)
+        return auth_pb2.CompleteSignInResponse(result=self._result("done@example.com"))
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The three sign-in methods of authsvc.v1.AuthService."""
+        methods: dict[str, tuple[Any, Any]] = {
+            "SignUp": (self.SignUp, auth_pb2.SignUpRequest),
+            "SignInWithPassword": (self.SignInWithPassword, auth_pb2.SignInWithPasswordRequest),
+            "CompleteSignIn": (self.CompleteSignIn, auth_pb2.CompleteSignInRequest),
+        }
+        return grpc.method_handlers_generic_handler(
+            "authsvc.v1.AuthService",
+            {
+                name: grpc.unary_unary_rpc_method_handler(
+                    method,
+                    request_deserializer=request.FromString,
+                    response_serializer=lambda response: response.SerializeToString(),
+                )
+                for name, (method, request) in methods.items()
+            },
+        )
+
+
+async def test_a_challenge_is_its_own_outcome_and_complete_sign_in_finishes_it() -> None:
+    servicer = _Challenging()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((servicer.handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with AuthsvcClient(f"127.0.0.1:{port}") as client:
+            for outcome in (
+                await client.sign_in_with_password(CHALLENGED, PASSWORD),
+                await client.sign_up(email=CHALLENGED, password=PASSWORD),
+            ):
+                assert isinstance(outcome, SignInChallenge)
+                assert not hasattr(outcome, "tokens")  # nothing to sign in half-way with
+                assert outcome.pending_token == PENDING
+                # Known and unknown requirements alike, by value.
+                assert outcome.requirements == (
+                    resources_pb2.SIGN_IN_REQUIREMENT_PASSWORD_CHANGE,
+                    NEWER_REQUIREMENT,
+                )
+                assert outcome.expire_time == dt.datetime.fromtimestamp(2_000_000_000, dt.UTC)
+
+            done = await client.complete_sign_in(PENDING, new_password="a new password 1")
+            assert isinstance(done, SignedIn)
+            assert done.tokens.session_id == "s1"
+            [sent] = servicer.completions
+            assert (sent.pending_token, sent.WhichOneof("proof"), sent.new_password) == (
+                PENDING,
+                "new_password",
+                "a new password 1",
+            )
+            plain = await client.sign_in_with_password("someone@example.com", PASSWORD)
+            assert isinstance(plain, SignedIn)
+            assert plain.user.email == "someone@example.com"
+
+            # An outcome newer than the client: an error, never a silent sign-in.
+            with pytest.raises(AuthsvcError) as raised:
+                await client.sign_in_with_password("newer@example.com", PASSWORD)
+            assert (raised.value.code, raised.value.reason) == (grpc.StatusCode.UNKNOWN, "")
+    finally:
+        await server.stop(0)
+
+
 # -- users ----------------------------------------------------------------------
 
 
@@ -313,8 +499,10 @@ async def test_users_with_the_api_key(api: Api, service: AuthsvcClient) -> None:
     with pytest.raises(InvalidPageToken):
         await service.list_users_by_cursor(after="garbage")
 
-    updated = await service.update_user(user_id=ids[0], display_name="Grace", role="admin")
-    assert (updated.display_name, updated.role) == ("Grace", resources_pb2.ROLE_ADMIN)
+    updated = await service.update_user(user_id=ids[0], display_name="Grace")
+    assert updated.display_name == "Grace"
+    promoted = await service.set_user_role(ids[0], "admin")
+    assert (promoted.display_name, promoted.role) == ("Grace", resources_pb2.ROLE_ADMIN)
     assert [u.id for u in await service.list_users(role="admin")] == [ids[0]]
     assert [u.id async for u in service.iter_users(role=resources_pb2.ROLE_ADMIN)] == [ids[0]]
     assert await service.count_users() == 5
@@ -323,17 +511,52 @@ async def test_users_with_the_api_key(api: Api, service: AuthsvcClient) -> None:
     prefix = made[2].user.email[:14]
     assert [u.id for u in await service.list_users(email_prefix=prefix)] == [ids[2]]
     email = _email()
-    assert (await service.update_user(user_id=ids[1], email=email)).email == email
+    assert (await service.set_user_email(ids[1], email)).email == email
     with pytest.raises(EmailAlreadyExists):
-        await service.update_user(user_id=ids[2], email=email)
+        await service.set_user_email(uuid.UUID(ids[2]), email)
+    with pytest.raises(UserNotFound):
+        await service.set_user_email(uuid.uuid4(), _email())
+    with pytest.raises(UserNotFound):
+        await service.set_user_role(uuid.uuid4(), "user")
     with pytest.raises(UserNotFound):
         await service.update_user(user_id=uuid.uuid4(), display_name="x")
     with pytest.raises(InvalidArgument):
         await service.update_user(user_id=ids[1])  # nothing to change: an empty mask
 
-    assert await service.delete_user(ids[4]) is True
-    assert await service.delete_user(ids[4]) is False
+    await service.delete_user(ids[4])
+    with pytest.raises(UserNotFound):
+        await service.delete_user(ids[4])
     assert await service.count_users() == 4
+
+
+@NEEDS_SERVER
+async def test_user_names_etags_and_allow_missing(api: Api, service: AuthsvcClient) -> None:
+    user = (await _user(service)).user
+    named = await service.update_user(user_id=user.id, given_name="Ada", family_name="Lovelace")
+    assert (named.given_name, named.family_name) == ("Ada", "Lovelace")
+    assert named.etag
+    assert named.etag != user.etag
+    # A stale etag: the change is refused, and nothing changes.
+    for stale_call in (
+        service.update_user(user_id=user.id, display_name="x", etag=user.etag),
+        service.set_user_role(user.id, "admin", etag=user.etag),
+        service.set_user_email(user.id, _email(), etag=user.etag),
+        service.delete_user(user.id, etag=user.etag),
+    ):
+        with pytest.raises(EtagMismatch) as raised:
+            await stale_call
+        assert raised.value.code == grpc.StatusCode.ABORTED
+    assert (await service.get_user(user.id)).etag == named.etag
+    # The current etag: each change goes through and yields a new etag.
+    renamed = await service.update_user(user_id=user.id, display_name="Ada L.", etag=named.etag)
+    promoted = await service.set_user_role(user.id, "admin", etag=renamed.etag)
+    moved = await service.set_user_email(user.id, _email(), etag=promoted.etag)
+    assert len({named.etag, renamed.etag, promoted.etag, moved.etag}) == 4
+    await service.delete_user(user.id, etag=moved.etag)
+    # A retried delete with allow_missing is not an error; without, it is.
+    await service.delete_user(user.id, allow_missing=True)
+    with pytest.raises(UserNotFound):
+        await service.delete_user(user.id)
 
 
 async def test_users_with_a_users_token(api: Api, client: AuthsvcClient) -> None:
@@ -344,9 +567,9 @@ async def test_users_with_a_users_token(api: Api, client: AuthsvcClient) -> None
     with pytest.raises(PermissionDenied):
         await as_alice.get_user(bob.user.id)
     assert (await as_alice.update_user(user_id=alice.user.id, display_name="A")).display_name == "A"
-    with pytest.raises(PermissionDenied):
-        await as_alice.update_user(user_id=alice.user.id, role="admin")
     for admin_only in (
+        as_alice.set_user_role(alice.user.id, "admin"),
+        as_alice.set_user_email(alice.user.id, _email()),
         as_alice.list_users(),
         as_alice.count_users(),
         as_alice.delete_user(bob.user.id),
@@ -363,9 +586,9 @@ async def test_users_with_a_users_token(api: Api, client: AuthsvcClient) -> None
 
 async def test_sessions(api: Api, client: AuthsvcClient, service: AuthsvcClient) -> None:
     up = await _user(client)
-    signed = [await client.sign_in_with_password(up.user.email, PASSWORD) for _ in range(4)]
-    for s in signed:
-        _remember(s)
+    signed = [
+        signed_in(await client.sign_in_with_password(up.user.email, PASSWORD)) for _ in range(4)
+    ]
     newest_first = [s.tokens.session_id for s in reversed(signed)] + [up.tokens.session_id]
     token = signed[-1].tokens.access_token
     as_user = client.with_token(token)
@@ -398,7 +621,7 @@ async def test_sessions(api: Api, client: AuthsvcClient, service: AuthsvcClient)
         await as_user.list_sessions()
 
     other = await _user(client)
-    _remember(await client.sign_in_with_password(other.user.email, PASSWORD))
+    signed_in(await client.sign_in_with_password(other.user.email, PASSWORD))
     assert await service.sign_out_all(other.user.id) == 2
     with pytest.raises(UserNotFound):
         await service.sign_out_all(uuid.uuid4())
@@ -424,27 +647,47 @@ async def test_orgs_as_their_owner(api: Api, client: AuthsvcClient) -> None:
     assert org.slug == slug
     owner = client.with_token(tokens.access_token)
     claims = jwt.decode(tokens.access_token, options={"verify_signature": False})
-    assert (claims["org_id"], claims["org_role"]) == (org.id, "owner")
+    assert (claims["org_id"], claims["org_slug"], claims["org_role"]) == (org.id, slug, "owner")
 
     assert (await owner.get_org(org_id=org.id)).slug == slug
     assert (await owner.get_org(org_id=uuid.UUID(org.id))).id == org.id
     assert (await owner.get_org(slug=slug)).id == org.id
+    # Exactly one of org_id and slug: refused before anything is sent.
+    for neither_or_both in ({}, {"org_id": org.id, "slug": slug}):
+        for call in (
+            owner.get_org,
+            owner.update_org,
+            owner.delete_org,
+            owner.list_org_members,
+            owner.list_org_members_by_cursor,
+            owner.iter_org_members,
+        ):
+            with pytest.raises(ValueError, match="exactly one"):
+                await _awaited(call(**neither_or_both))
+        for member_call in (
+            owner.add_org_member,
+            owner.get_org_member,
+            owner.remove_org_member,
+        ):
+            with pytest.raises(ValueError, match="exactly one"):
+                await member_call(user_id=uuid.uuid4(), **neither_or_both)
     with pytest.raises(InvalidArgument):
-        await owner.get_org()
-    with pytest.raises(InvalidArgument):
-        await owner.get_org(org_id=org.id, slug=slug)
+        await owner.get_org(org_id="")  # named, but empty: the server's to refuse
 
     renamed = await owner.update_org(org_id=org.id, name="Acme Two")
     assert (renamed.name, renamed.slug) == ("Acme Two", slug)
     new = new_slug()
-    moved = await owner.update_org(org_slug=slug, slug=new)
+    moved = await owner.update_org(slug=slug, new_slug=new)
     assert (moved.name, moved.slug) == ("Acme Two", new)
-    both = await owner.update_org(org_id=org.id, name="Acme Three", slug=slug)
+    # The token still carries the old slug: refresh for the new one (the
+    # rename is a claims change); by id, nothing changed.
+    assert (await owner.get_org(org_id=org.id)).slug == new
+    both = await owner.update_org(org_id=org.id, name="Acme Three", new_slug=slug)
     assert (both.name, both.slug) == ("Acme Three", slug)
 
     other, _ = await _owner_of_new_org(client)
     with pytest.raises(OrgSlugConflict):
-        await owner.update_org(org_id=org.id, slug=other.slug)
+        await owner.update_org(org_id=org.id, new_slug=other.slug)
     with pytest.raises(OrgSlugConflict):
         await client.create_org(name="x", slug=other.slug, access_token=tokens.access_token)
     with pytest.raises(OrgMismatch):
@@ -454,9 +697,16 @@ async def test_orgs_as_their_owner(api: Api, client: AuthsvcClient) -> None:
     with pytest.raises(OrgMismatch):
         await owner.delete_org(org_id=uuid.uuid4())  # a user's token: no probing for ids
 
-    assert await owner.delete_org(org_id=org.id) is True
+    await owner.delete_org(org_id=org.id)
     who = await client.authenticate(tokens.access_token)
     assert who.org_id == ""  # the deleted org is no session's active org any more
+
+
+async def _awaited(result: Any) -> Any:
+    """Awaits a coroutine; drains an async iterator (``iter_org_members``)."""
+    if hasattr(result, "__aiter__"):
+        return [item async for item in result]
+    return await result
 
 
 async def test_orgs_with_the_api_key(
@@ -472,27 +722,105 @@ async def test_orgs_with_the_api_key(
         for i in range(5)
     ]
     ids = [o.id for o in made]
-    assert [o.id async for o in service.iter_orgs(user_id=up.user.id, page_size=2)] == ids
-    assert [o.id for o in await service.list_orgs(user_id=uuid.UUID(up.user.id))] == ids
-    assert [o.id for o in await service.list_orgs(limit=2)] == ids[:2]
+    listed = [o async for o in service.iter_orgs(user_id=up.user.id, page_size=2)]
+    assert all(isinstance(o, OrgMembership) for o in listed)
+    assert [o.org.id for o in listed] == ids
+    assert [org.id for org, _ in await service.list_orgs(user_id=uuid.UUID(up.user.id))] == ids
+    # Every org, listed with an admin credential: no memberships.
+    every = await service.list_orgs(limit=2)
+    assert [o.org.id for o in every] == ids[:2]
+    assert [o.member for o in every] == [None, None]
     first = await service.list_orgs_by_cursor(user_id=up.user.id, limit=3)
     rest = await service.list_orgs_by_cursor(user_id=up.user.id, limit=3, after=first.next_cursor)
-    assert ([o.id for o in first.items + rest.items], rest.next_cursor) == (ids, None)
+    assert ([o.org.id for o in first.items + rest.items], rest.next_cursor) == (ids, None)
     # The user lists their own.
     as_user = client.with_token(up.tokens.access_token)
-    assert [o.id async for o in as_user.iter_orgs(page_size=4)] == ids
-    assert [o.id for o in await as_user.list_orgs()] == ids
+    assert [o.org.id async for o in as_user.iter_orgs(page_size=4)] == ids
+    assert [o.org.id for o in await as_user.list_orgs()] == ids
 
     assert (await service.get_org(slug=made[1].slug)).id == ids[1]
     assert (await service.update_org(org_id=ids[1], name="Renamed")).name == "Renamed"
     with pytest.raises(OrgNotFound):
         await service.get_org(org_id=uuid.uuid4())
     with pytest.raises(OrgNotFound):
-        await service.update_org(org_slug=new_slug(), name="x")
-    assert await service.delete_org(slug=made[0].slug) is True
-    assert await service.delete_org(org_id=ids[0]) is False
-    assert await service.delete_org(slug=made[0].slug) is False
-    assert [o.id for o in await service.list_orgs(user_id=up.user.id)] == ids[1:]
+        await service.update_org(slug=new_slug(), name="x")
+    await service.delete_org(slug=made[0].slug)
+    with pytest.raises(OrgNotFound):
+        await service.delete_org(org_id=ids[0])
+    with pytest.raises(OrgNotFound):
+        await service.delete_org(slug=made[0].slug)
+    assert [o.org.id for o in await service.list_orgs(user_id=up.user.id)] == ids[1:]
+
+
+@NEEDS_SERVER
+async def test_list_orgs_carries_each_membership(
+    api: Api, client: AuthsvcClient, service: AuthsvcClient
+) -> None:
+    up = await _user(client)
+    owned = await client.create_org(
+        name="Mine", slug=new_slug(), access_token=up.tokens.access_token
+    )
+    other = await service.create_org(name="Theirs", slug=new_slug(), creator_id=up.user.id)
+    guest = await _user(client)
+    await service.add_org_member(org_id=owned.id, user_id=guest.user.id, role="admin")
+    await service.add_org_member(slug=other.slug, user_id=guest.user.id)
+    as_guest = client.with_token(guest.tokens.access_token)
+    roles = [
+        (org.id, member.role if member else None) for org, member in await as_guest.list_orgs()
+    ]
+    assert roles == [
+        (owned.id, resources_pb2.ORG_ROLE_ADMIN),
+        (other.id, resources_pb2.ORG_ROLE_MEMBER),
+    ]
+    mine = await service.list_orgs(user_id=up.user.id)
+    assert [(o.org.id, o.member and o.member.user_id) for o in mine] == [
+        (owned.id, up.user.id),
+        (other.id, up.user.id),
+    ]
+
+
+@NEEDS_SERVER
+async def test_org_etags_force_and_allow_missing(api: Api, client: AuthsvcClient) -> None:
+    org, tokens = await _owner_of_new_org(client)
+    owner = client.with_token(tokens.access_token)
+    assert org.etag
+    renamed = await owner.update_org(org_id=org.id, name="Acme Two", etag=org.etag)
+    assert renamed.etag
+    assert renamed.etag != org.etag
+    with pytest.raises(EtagMismatch):
+        await owner.update_org(slug=org.slug, name="Stale", etag=org.etag)
+    with pytest.raises(EtagMismatch):
+        await owner.delete_org(org_id=org.id, etag=org.etag)
+
+    guest = await _user(client)
+    added = await owner.add_org_member(org_id=org.id, user_id=guest.user.id)
+    assert added.etag
+    changed = await owner.update_org_member(
+        org_id=org.id, user_id=guest.user.id, role="admin", etag=added.etag
+    )
+    assert changed.etag != added.etag
+    with pytest.raises(EtagMismatch):
+        await owner.update_org_member(
+            org_id=org.id, user_id=guest.user.id, role="member", etag=added.etag
+        )
+    with pytest.raises(EtagMismatch):
+        await owner.remove_org_member(org_id=org.id, user_id=guest.user.id, etag=added.etag)
+
+    # Another member: deleting needs force.
+    with pytest.raises(OrgHasMembers) as raised:
+        await owner.delete_org(org_id=org.id)
+    assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    await owner.remove_org_member(org_id=org.id, user_id=guest.user.id, etag=changed.etag)
+    await owner.remove_org_member(org_id=org.id, user_id=guest.user.id, allow_missing=True)
+    with pytest.raises(MemberNotFound):
+        await owner.remove_org_member(org_id=org.id, user_id=guest.user.id)
+    await owner.add_org_member(org_id=org.id, user_id=guest.user.id)
+    await owner.delete_org(org_id=org.id, force=True)
+
+    async with AuthsvcClient(api.target, api_key=API_KEY) as service:
+        await service.delete_org(org_id=org.id, allow_missing=True)
+        with pytest.raises(OrgNotFound):
+            await service.delete_org(org_id=org.id)
 
 
 async def test_members(api: Api, client: AuthsvcClient, service: AuthsvcClient) -> None:
@@ -525,7 +853,7 @@ async def test_members(api: Api, client: AuthsvcClient, service: AuthsvcClient) 
     assert [m.user_id async for m in service.iter_org_members(slug=org.slug, page_size=3)] == every
     assert [m.user_id for m in await owner.list_org_members(slug=org.slug, limit=2)] == every[:2]
     page = await owner.list_org_members_by_cursor(org_id=org.id, limit=3)
-    rest = await owner.list_org_members_by_cursor(org_id=org.id, limit=3, after=page.next_cursor)
+    rest = await owner.list_org_members_by_cursor(slug=org.slug, limit=3, after=page.next_cursor)
     assert ([m.user_id for m in page.items + rest.items], rest.next_cursor) == (every, None)
 
     got = await owner.get_org_member(org_id=org.id, user_id=ids[1])
@@ -538,6 +866,8 @@ async def test_members(api: Api, client: AuthsvcClient, service: AuthsvcClient) 
 
     changed = await owner.update_org_member(org_id=org.id, user_id=ids[0], role="admin")
     assert changed.role == resources_pb2.ORG_ROLE_ADMIN
+    by_slug = await owner.update_org_member(slug=org.slug, user_id=ids[0], role="member")
+    assert by_slug.role == resources_pb2.ORG_ROLE_MEMBER
     with pytest.raises(MemberNotFound):
         await owner.update_org_member(org_id=org.id, user_id=uuid.uuid4(), role="member")
     with pytest.raises(InvalidArgument):
@@ -547,21 +877,24 @@ async def test_members(api: Api, client: AuthsvcClient, service: AuthsvcClient) 
 
     # A member (not admin) may read but not add.
     member_tokens = await client.set_active_org(
-        refresh_token=people[3].tokens.refresh_token, org_id=org.id
+        refresh_token=people[3].tokens.refresh_token, slug=org.slug
     )
     _remember(member_tokens)
     member = client.with_token(member_tokens.access_token)
     assert (await member.get_org(org_id=org.id)).id == org.id
+    assert (await member.get_org(slug=org.slug)).id == org.id
     with pytest.raises(PermissionDenied):
         await member.add_org_member(org_id=org.id, user_id=owner_id)
 
-    assert await owner.remove_org_member(org_id=org.id, user_id=ids[0]) is True
-    assert await owner.remove_org_member(org_id=org.id, user_id=ids[0]) is False
-    assert await service.remove_org_member(org_id=uuid.uuid4(), user_id=ids[0]) is False
+    await owner.remove_org_member(org_id=org.id, user_id=ids[0])
+    with pytest.raises(MemberNotFound):
+        await owner.remove_org_member(org_id=org.id, user_id=ids[0])
+    with pytest.raises(OrgNotFound):
+        await service.remove_org_member(org_id=uuid.uuid4(), user_id=ids[0])
     # Leaving: a member removes themselves.
-    assert await member.remove_org_member(org_id=org.id, user_id=ids[3]) is True
+    await member.remove_org_member(slug=org.slug, user_id=ids[3])
     # The last owner stays.
-    assert await owner.remove_org_member(slug=org.slug, user_id=ids[2]) is True
+    await owner.remove_org_member(slug=org.slug, user_id=ids[2])
     with pytest.raises(LastOwner):
         await owner.remove_org_member(org_id=org.id, user_id=owner_id)
     with pytest.raises(LastOwner):
@@ -572,11 +905,15 @@ async def test_members(api: Api, client: AuthsvcClient, service: AuthsvcClient) 
 async def test_set_active_org_switches_and_clears(api: Api, client: AuthsvcClient) -> None:
     org_a, _ = await _owner_of_new_org(client)
     up = await _user(client)
-    with pytest.raises(MemberNotFound):
-        await client.set_active_org(refresh_token=up.tokens.refresh_token, org_id=org_a.id)
+    for named in ({"org_id": org_a.id}, {"slug": org_a.slug}):
+        with pytest.raises(MemberNotFound):
+            await client.set_active_org(refresh_token=up.tokens.refresh_token, **named)
+    with pytest.raises(ValueError, match="exactly one"):
+        await client.set_active_org(
+            refresh_token=up.tokens.refresh_token, org_id=org_a.id, slug=org_a.slug
+        )
     # Each exchange spends the refresh token: keep the latest.
-    up = await client.sign_in_with_password(up.user.email, PASSWORD)
-    _remember(up)
+    up = signed_in(await client.sign_in_with_password(up.user.email, PASSWORD))
     mine = await client.create_org(
         name="Mine", slug=new_slug(), access_token=up.tokens.access_token
     )
@@ -584,11 +921,20 @@ async def test_set_active_org_switches_and_clears(api: Api, client: AuthsvcClien
         refresh_token=up.tokens.refresh_token, org_id=uuid.UUID(mine.id)
     )
     _remember(switched)
-    assert (await client.authenticate(switched.access_token)).org_id == mine.id
+    who = await client.authenticate(switched.access_token)
+    assert (who.org_id, who.org_slug) == (mine.id, mine.slug)
     cleared = await client.set_active_org(refresh_token=switched.refresh_token, org_id=None)
     _remember(cleared)
     who = await client.authenticate(cleared.access_token)
-    assert (who.org_id, who.org_role) == ("", resources_pb2.ORG_ROLE_UNSPECIFIED)
+    assert (who.org_id, who.org_slug, who.org_role) == ("", "", resources_pb2.ORG_ROLE_UNSPECIFIED)
+    # By slug, as from a URL; then cleared by naming nothing.
+    by_slug = await client.set_active_org(refresh_token=cleared.refresh_token, slug=mine.slug)
+    _remember(by_slug)
+    who = await client.authenticate(by_slug.access_token)
+    assert (who.org_id, who.org_role) == (mine.id, resources_pb2.ORG_ROLE_OWNER)
+    none = await client.set_active_org(refresh_token=by_slug.refresh_token)
+    _remember(none)
+    assert (await client.authenticate(none.access_token)).org_id == ""
 
 
 async def test_set_active_org_with_a_spent_token_is_reuse(
@@ -606,7 +952,7 @@ async def test_set_active_org_with_a_spent_token_is_reuse(
         )
         _remember(switched)
         with pytest.raises(RefreshTokenReused):
-            await client.set_active_org(refresh_token=up.tokens.refresh_token, org_id=mine.id)
+            await client.set_active_org(refresh_token=up.tokens.refresh_token, slug=mine.slug)
 
 
 # -- channels -------------------------------------------------------------------

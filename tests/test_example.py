@@ -1,10 +1,11 @@
 """The notes example (clients/examples/notes) end to end: a real authsvc, the
 sidecar in each mode, the notes server, real channels.
 
-A member of org X cannot read or write org Y's notes by any route, and a
-revoked session is refused within the configured time. Callers here use
-plain channels with their own ``authorization`` metadata (an attacker does not
-use our client interceptor): the server's own checks are what is tested.
+A member of org X cannot read or write org Y's notes by any route (naming Y
+by id or by slug), and a revoked session is refused within the configured
+time. Callers here use plain channels with their own ``authorization``
+metadata (an attacker does not use our client interceptor): the server's own
+checks are what is tested.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
 
 from authsvc_client.errors import AuthsvcError, OrgMismatch, from_rpc_error
 from authsvc_client.scoping import aio_interceptors
 from authsvc_client.sidecar import AuthInterceptor, Sidecar
 from authsvc_client.v1 import auth_pb2, orgs_pb2, resources_pb2
-from examples.notes import notes_pb2, notes_pb2_grpc
+from examples.notes import demo, notes_pb2, notes_pb2_grpc
 from examples.notes.service import NoteStore, build_server
 from tests.app import (
     API_KEY,
@@ -36,6 +38,7 @@ from tests.app import (
     OrgUser,
     bearer,
     bounded_teardown,
+    new_slug,
     org_member,
     org_with_owner,
     refreshed,
@@ -105,18 +108,27 @@ async def refused(call: Any) -> AuthsvcError:
     raise AssertionError("the call succeeded")
 
 
-async def create(notes: Notes, who: OrgUser, org_id: str, title: str = "t") -> Any:
+def by(org: Any) -> dict[str, Any]:
+    """The request's ``org`` oneof naming ``org`` (an Org) by slug rather than by id."""
+    return {"org_slug": org.slug}
+
+
+async def create(notes: Notes, who: OrgUser, org_id: str = "", title: str = "t", **org: str) -> Any:
+    named = org or {"org_id": org_id}
     response = await notes.stub.CreateNote(
-        notes_pb2.CreateNoteRequest(org_id=org_id, title=title, body="b"), metadata=who.md
+        notes_pb2.CreateNoteRequest(title=title, body="b", **named), metadata=who.md
     )
     return response.note
 
 
-async def titles(notes: Notes, who: OrgUser, org_id: str, page_size: int = 0) -> list[str]:
+async def titles(
+    notes: Notes, who: OrgUser, org_id: str = "", page_size: int = 0, **org: str
+) -> list[str]:
+    named = org or {"org_id": org_id}
     out, token = [], ""
     while True:
         page = await notes.stub.ListNotes(
-            notes_pb2.ListNotesRequest(org_id=org_id, page_size=page_size, page_token=token),
+            notes_pb2.ListNotesRequest(page_size=page_size, page_token=token, **named),
             metadata=who.md,
         )
         out += [n.title for n in page.notes]
@@ -160,7 +172,41 @@ async def test_members_read_and_write_their_orgs_notes(api: Api, notes: Notes) -
     assert await titles(notes, other, org.id) == ["n3", "n4"]
 
 
+async def test_the_org_may_be_named_by_its_slug(api: Api, notes: Notes) -> None:
+    """Every request names the org by id or by slug (its `org` oneof): the
+    same notes either way, the slug checked against the token's."""
+    org, owner = await org_with_owner(api)
+    member = await org_member(api, org.id)
+    note = await create(notes, member, title="by slug", **by(org))
+    assert (note.org_id, note.author_user_id) == (org.id, member.id)
+    await create(notes, owner, org.id, "by id")
+    assert await titles(notes, owner, **by(org)) == ["by slug", "by id"]
+    assert await titles(notes, member, org.id, page_size=1) == ["by slug", "by id"]
+    got = await notes.stub.GetNote(
+        notes_pb2.GetNoteRequest(note_id=note.id, **by(org)), metadata=owner.md
+    )
+    assert got.note == note
+    await notes.stub.DeleteNote(
+        notes_pb2.DeleteNoteRequest(note_id=note.id, **by(org)), metadata=member.md
+    )
+    assert await titles(notes, owner, **by(org)) == ["by id"]
+    # A slug is compared exactly: another spelling is no org of the session's.
+    error = await refused(
+        notes.stub.ListNotes(
+            notes_pb2.ListNotesRequest(org_slug=org.slug.upper()), metadata=owner.md
+        )
+    )
+    assert isinstance(error, OrgMismatch)
+
+
 # -- isolation ------------------------------------------------------------------
+
+
+def _x_then_y(org_x: Any, org_y: Any) -> notes_pb2.ListNotesRequest:
+    request = notes_pb2.ListNotesRequest(org_id=org_x.id)
+    request.org_slug = org_y.slug  # the oneof now names Y, by slug; org_id is cleared
+    assert request.WhichOneof("org") == "org_slug"
+    return request
 
 
 async def test_a_member_of_x_cannot_reach_y_by_any_route(api: Api, notes: Notes) -> None:
@@ -180,7 +226,18 @@ async def test_a_member_of_x_cannot_reach_y_by_any_route(api: Api, notes: Notes)
         stub.DeleteNote(
             notes_pb2.DeleteNoteRequest(org_id=org_y.id, note_id=y_note.id), metadata=md
         ),
-        # No org named at all.
+        # Y named by its slug.
+        stub.CreateNote(notes_pb2.CreateNoteRequest(title="x", **by(org_y)), metadata=md),
+        stub.ListNotes(notes_pb2.ListNotesRequest(**by(org_y)), metadata=md),
+        stub.GetNote(notes_pb2.GetNoteRequest(note_id=y_note.id, **by(org_y)), metadata=md),
+        stub.DeleteNote(notes_pb2.DeleteNoteRequest(note_id=y_note.id, **by(org_y)), metadata=md),
+        # The oneof holds one org: naming Y's slug after X's id names Y.
+        stub.ListNotes(_x_then_y(org_x, org_y), metadata=md),
+        # X's slug where an id goes, X's id where a slug goes.
+        stub.ListNotes(notes_pb2.ListNotesRequest(org_id=org_x.slug), metadata=md),
+        stub.ListNotes(notes_pb2.ListNotesRequest(org_slug=org_x.id), metadata=md),
+        # No org named at all, or an empty one.
+        stub.ListNotes(notes_pb2.ListNotesRequest(org_slug=""), metadata=md),
         stub.GetNote(notes_pb2.GetNoteRequest(note_id=y_note.id), metadata=md),
         stub.ListNotes(notes_pb2.ListNotesRequest(), metadata=md),
         stub.CreateNote(notes_pb2.CreateNoteRequest(title="x"), metadata=md),
@@ -192,6 +249,7 @@ async def test_a_member_of_x_cannot_reach_y_by_any_route(api: Api, notes: Notes)
     # X named, with Y's note id: not found, like an id that never existed.
     for call in (
         stub.GetNote(notes_pb2.GetNoteRequest(org_id=org_x.id, note_id=y_note.id), metadata=md),
+        stub.GetNote(notes_pb2.GetNoteRequest(note_id=y_note.id, **by(org_x)), metadata=md),
         stub.DeleteNote(
             notes_pb2.DeleteNoteRequest(org_id=org_x.id, note_id=y_note.id), metadata=md
         ),
@@ -308,6 +366,42 @@ async def test_a_forged_org_claim_is_refused(api: Api, notes: Notes) -> None:
     assert (error.code, error.reason) == (grpc.StatusCode.UNAUTHENTICATED, "NOT_AUTHENTICATED")
 
 
+async def test_a_slug_change_reaches_the_service(api: Api, notes: Notes) -> None:
+    """UpdateOrg gives the org a new slug. The owner's older token carries the
+    old one: in watch mode it is stale at once (the rename is a claims
+    change), so it must be refreshed; online, the sidecar sees the live
+    session and its new slug. The refreshed token acts by the new slug and no
+    longer by the old one, in both modes."""
+    org, owner = await org_with_owner(api)
+    await create(notes, owner, title="t", **by(org))
+    renamed = new_slug()
+    await api.orgs.UpdateOrg(
+        orgs_pb2.UpdateOrgRequest(
+            org_id=org.id,
+            values=resources_pb2.Org(slug=renamed),
+            update_mask=FieldMask(paths=["slug"]),
+        ),
+        metadata=service(),
+    )
+    old_slug: dict[str, Any] = {"org_slug": org.slug}
+    _, error = await _until_refused(notes, lambda: titles(notes, owner, **old_slug), notes.bound)
+    expected = {
+        "watch": (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_STALE"),
+        "online": (PD, "ORG_MISMATCH"),
+    }[notes.mode]
+    assert (error.code, error.reason) == expected
+    if notes.mode == "online":
+        assert await titles(notes, owner, org_slug=renamed) == ["t"]  # the live slug
+
+    fresh = OrgUser(owner.user, await refreshed(api, owner.tokens.refresh_token))
+    assert await titles(notes, fresh, org_slug=renamed) == ["t"]
+    assert await titles(notes, fresh, org.id) == ["t"]
+    error = await refused(
+        notes.stub.ListNotes(notes_pb2.ListNotesRequest(**old_slug), metadata=fresh.md)
+    )
+    assert isinstance(error, OrgMismatch)
+
+
 # -- revocation -----------------------------------------------------------------
 
 
@@ -394,11 +488,41 @@ async def test_a_protected_service_calls_downstream_as_its_caller(api: Api, note
         error = from_rpc_error(raised.value)
         assert isinstance(error, OrgMismatch)
         assert error.metadata["origin"] == "client"  # refused in the front, not downstream
-        assert counts(notes, org_x.id, org_y.id) == [1, 0]
+
+        # By slug: checked against the slug the caller's token carries, as the
+        # sidecar in front hands it on.
+        body = await call(
+            notes_pb2.CreateNoteRequest(title="by slug", **by(org_x)).SerializeToString(),
+            metadata=alice.md,
+        )
+        assert notes_pb2.CreateNoteResponse.FromString(body).note.org_id == org_x.id
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call(
+                notes_pb2.CreateNoteRequest(title="x", **by(org_y)).SerializeToString(),
+                metadata=alice.md,
+            )
+        error = from_rpc_error(raised.value)
+        assert (error.reason, error.metadata["origin"]) == ("ORG_MISMATCH", "client")
+        assert error.metadata["field"] == "notes.v1.CreateNoteRequest.org_slug"
+        assert counts(notes, org_x.id, org_y.id) == [2, 0]
     finally:
         await channel.close()
         await front.stop(0)
         await downstream.close()
+
+
+async def test_the_demo_walks_through(
+    api: Api, notes: Notes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await demo.run(api.target, notes.target)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].split(" ")[0] for line in lines] == ["ada", "bob"] + ["ada"] * 4
+    assert lines[3] == "ada lists ['hello'] (naming her org by slug)"
+    for what, line in zip(("by id", "by slug"), lines[4:], strict=True):
+        assert line == (
+            f"ada listing bob's org {what}: refused before sending: "
+            "PERMISSION_DENIED / ORG_MISMATCH"
+        )
 
 
 def test_the_generated_notes_code_is_current() -> None:

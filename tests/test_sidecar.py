@@ -6,7 +6,10 @@ server behind ``AuthInterceptor``, or on a classic threaded server behind
 ``SyncAuthInterceptor``; its sidecar talks to a real authsvc over real
 channels. Where a test must know how often the sidecar called authsvc, the
 sidecar is given a channel that counts its calls; where authsvc must become
-unreachable or silent, a TCP proxy sits between them.
+unreachable or silent, a TCP proxy sits between them; where the revocation
+stream must carry an event authsvc does not send (a kind of a newer server), a
+relay of the test's own serves WatchRevocations and hands GetJwks and
+Authenticate on to the real authsvc.
 
 The sign-out latency test prints the time from SignOut returning to the
 sidecar's first refusal (run with ``-s`` to see it).
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import statistics
 import time
@@ -54,6 +58,7 @@ from tests.app import (
     bearer,
     bounded_teardown,
     failure,
+    find_leaks,
     org_member,
     org_with_owner,
     refreshed,
@@ -514,7 +519,12 @@ async def test_the_active_org_and_its_role_reach_the_handler(api: Api, edges: Ma
         (admin, "ORG_ROLE_ADMIN"),
     ):
         session = await edge.session(user.token)
-        assert (session["userId"], session["orgId"], session["orgRole"]) == (user.id, org.id, role)
+        assert (session["userId"], session["orgId"], session["orgSlug"], session["orgRole"]) == (
+            user.id,
+            org.id,
+            org.slug,
+            role,
+        )
         assert "email" not in session  # not a claim
 
     # Clearing the active org: the next token carries none.
@@ -524,6 +534,7 @@ async def test_the_active_org_and_its_role_reach_the_handler(api: Api, edges: Ma
     remember(cleared.tokens.access_token, cleared.tokens.refresh_token)
     session = await edge.session(cleared.tokens.access_token)
     assert "orgId" not in session
+    assert "orgSlug" not in session
     assert "orgRole" not in session
 
 
@@ -551,6 +562,10 @@ def _forgeries(api: Api, token: str) -> dict[str, str]:
         "an unknown role": _mint(api, changed(role="superuser")),
         "a subject that is no uuid": _mint(api, changed(sub="alice")),
         "an org without its role": _mint(api, changed(org_id=str(uuid.uuid4()))),
+        "an org slug without its org": _mint(api, changed(org_slug="acme")),
+        "an org slug that is no string": _mint(
+            api, changed(org_id=str(uuid.uuid4()), org_role="member", org_slug=7)
+        ),
         "issued in the future": _mint(api, changed(iat=now + 3600, exp=now + 7200)),
         "an unknown kid": _mint(api, good, kid=uuid.uuid4().hex),
         "a foreign signature": jwt.encode(good, stranger, algorithm="EdDSA", headers={"kid": kid}),
@@ -764,6 +779,169 @@ async def _revoked_before_start(api: Api, edges: Make, counted: Counted, young: 
         # The token's own claims: no email, and no call.
         assert "email" not in session
         assert counter.calls[AUTHENTICATE] == 0, counter.calls
+
+
+# --------------------------------------------------------------------------- event kinds
+
+
+class Relay:
+    """An AuthService in front of the real authsvc: it serves WatchRevocations
+    itself (its own events only, after a first answer without a gap), and
+    hands GetJwks and Authenticate on to authsvc, counting the Authenticate
+    calls. So the sidecar behind it learns of a revocation only by asking."""
+
+    def __init__(self, api: Api) -> None:
+        self._api = api
+        self._events: asyncio.Queue[list[auth_pb2.Revocation]] = asyncio.Queue()
+        self.authenticate_calls = 0
+        self.target = ""
+        self._server: grpc.aio.Server | None = None
+
+    def send(self, *events: auth_pb2.Revocation) -> None:
+        """Sends ``events`` in one response to every open stream's next read."""
+        self._events.put_nowait(list(events))
+
+    async def _watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        n = 0
+        yield auth_pb2.WatchRevocationsResponse(position="relay-0", retention_seconds=960)
+        while True:
+            try:
+                events = await asyncio.wait_for(self._events.get(), 1.0)
+            except TimeoutError:
+                yield auth_pb2.WatchRevocationsResponse(position=f"relay-{n}")  # a heartbeat
+                continue
+            n += 1
+            yield auth_pb2.WatchRevocationsResponse(revocations=events, position=f"relay-{n}")
+
+    async def _authenticate(self, request: Any, context: Any) -> Any:
+        self.authenticate_calls += 1
+        try:
+            return await self._api.auth.Authenticate(request)
+        except grpc.aio.AioRpcError as error:
+            # authsvc's refusal as it is: code, message and ErrorInfo.
+            trailers = tuple(error.trailing_metadata() or ())
+            await context.abort(error.code(), error.details() or "", trailers)
+
+    async def _jwks(self, request: Any, context: Any) -> Any:
+        return await self._api.auth.GetJwks(request)
+
+    async def start(self) -> None:
+        def unary(function: Any, request: Any) -> Any:
+            return grpc.unary_unary_rpc_method_handler(
+                function,
+                request_deserializer=request.FromString,
+                response_serializer=lambda response: response.SerializeToString(),
+            )
+
+        handlers = {
+            "Authenticate": unary(self._authenticate, auth_pb2.AuthenticateRequest),
+            "GetJwks": unary(self._jwks, auth_pb2.GetJwksRequest),
+            "WatchRevocations": grpc.unary_stream_rpc_method_handler(
+                self._watch,
+                request_deserializer=auth_pb2.WatchRevocationsRequest.FromString,
+                response_serializer=lambda response: response.SerializeToString(),
+            ),
+        }
+        self._server = grpc.aio.server()
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("authsvc.v1.AuthService", handlers),)
+        )
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        self.target = f"127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await bounded_teardown(self._server.stop(0), "stopping the relay")
+
+
+@pytest.fixture
+async def relay(api: Api) -> AsyncIterator[Relay]:
+    """A started Relay (ask for it before ``edges``: it must outlive the sidecar)."""
+    made = Relay(api)
+    await made.start()
+    yield made
+    await made.stop()
+
+
+#: Events the sidecar cannot apply: (what, the event, the log line's name).
+_UNREADABLE = [
+    (
+        "a kind newer than the sidecar",
+        {"kind": 99},
+        "authsvc.sidecar.revocation_kind_unknown",
+    ),
+    (
+        "an unspecified kind",
+        {"kind": auth_pb2.REVOCATION_KIND_UNSPECIFIED},
+        "authsvc.sidecar.revocation_kind_unknown",
+    ),
+    (
+        "a claims change without a version",
+        {"kind": auth_pb2.REVOCATION_KIND_CLAIMS_CHANGED, "stale_below_version": 0},
+        "authsvc.sidecar.revocation_malformed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "fields", "logged"), _UNREADABLE, ids=[u[0] for u in _UNREADABLE])
+async def test_an_event_of_an_unknown_kind_is_a_gap_never_nothing(
+    api: Api,
+    relay: Relay,
+    edges: Make,
+    caplog: pytest.LogCaptureFixture,
+    what: str,
+    fields: dict[str, Any],
+    logged: str,
+) -> None:
+    """A newer server must not make an older sidecar fail open: an event the
+    sidecar cannot read says that some tokens no longer stand, and it cannot
+    tell which, so from then on it checks every token minted before the event
+    online (Authenticate), exactly as after a gap, until they have expired."""
+    ttl = 2.0
+    edge = await edges(relay.target, online_cache_ttl=ttl, gap_margin=0.0)
+    before, other = await api.sign_up(), await api.sign_up()
+    for created in (before, other, before):  # local: the token's claims, no call
+        session = await edge.session(created.tokens.access_token)
+        assert (session["sessionId"], "email" in session) == (created.tokens.session_id, False)
+    assert relay.authenticate_calls == 0
+
+    caplog.set_level(logging.WARNING, logger="authsvc_client.sidecar")
+    now = Timestamp()
+    now.GetCurrentTime()
+    # Twice, for another session of nobody here: the same kind is logged once.
+    relay.send(
+        *(auth_pb2.Revocation(session_id=str(uuid.uuid4()), time=now, **fields) for _ in range(2))
+    )
+    deadline = time.monotonic() + 5.0
+    while "email" not in await edge.session(before.tokens.access_token):
+        assert time.monotonic() < deadline, f"{what}: still checked locally only"
+        await asyncio.sleep(0.01)
+    # Asked once, then answered from the online cache.
+    for _ in range(5):
+        assert (await edge.session(before.tokens.access_token))["email"] == before.user.email
+    assert relay.authenticate_calls == 1
+    assert (await edge.session(other.tokens.access_token))["email"] == other.user.email
+    assert relay.authenticate_calls == 2
+
+    # A token minted after the event is covered by the stream: local again.
+    await until_tokens_are_covered(edge.sidecar)
+    later = await api.sign_up()
+    assert "email" not in await edge.session(later.tokens.access_token)
+    assert relay.authenticate_calls == 2
+
+    # Revoked at authsvc (whose own stream this sidecar does not hear): the
+    # online check refuses it once the cached answer is older than the TTL.
+    await _sign_out(api, before.tokens.access_token)
+    error, _ = await edge.refused_within(before.tokens.access_token, ttl + 3.0)
+    assert (error.code, error.reason) == REVOKED
+    assert relay.authenticate_calls >= 3
+    assert (await edge.session(other.tokens.access_token))["sessionId"] == other.tokens.session_id
+
+    records = [r for r in caplog.records if r.getMessage() == logged]
+    assert len(records) == 1, [r.getMessage() for r in caplog.records]
+    assert getattr(records[0], "kind", None) == fields["kind"]
+    assert find_leaks(str(records[0].__dict__)) == []
 
 
 # --------------------------------------------------------------------------- reconnects

@@ -9,6 +9,16 @@ replays what was missed) and notices a silent stream by its missing
 heartbeats. It also tracks the *gap*: a window in which events may have been
 lost, so tokens minted before it must be checked online.
 
+Event kinds: ``REVOCATION_KIND_SESSION_REVOKED`` and
+``REVOCATION_KIND_CLAIMS_CHANGED`` go into the deny set. Any other kind (one a
+newer server added, or ``UNSPECIFIED``), and a known kind the deny set cannot
+apply (no session id; a claims change without a version), is treated exactly
+like a ``gap`` response: every token minted before now is checked online until
+it has expired. An event always means that some tokens no longer stand, so
+one this code cannot read must make it check more, never less: a newer server
+must not make an older sidecar fail open. Each such kind is logged once (its
+number only).
+
 Threading: everything here is mutated on the sidecar's event loop only. The
 hot path (possibly on other threads, for the sync interceptor) only reads:
 dict lookups and attribute reads, which are atomic, and pruning replaces a
@@ -70,19 +80,32 @@ class DenySet:
         until = time.monotonic() + keep
         self.revoked[session_id] = max(until, self.revoked.get(session_id, 0.0))
 
-    def apply(self, revocations: Iterable[Any], keep: float) -> None:
-        """Adds the events of one response (``Revocation`` messages)."""
+    def apply(self, revocations: Iterable[Any], keep: float) -> list[tuple[int, bool]]:
+        """Adds the events of one response (``Revocation`` messages).
+
+        Returns:
+            ``(kind, known)`` of each event that could not be applied: a kind
+            this code does not know (``known`` False), or a known kind without
+            what it needs (``known`` True). The caller must treat each as a
+            gap.
+        """
         until = time.monotonic() + keep
+        unapplied: list[tuple[int, bool]] = []
         for event in revocations:
-            session_id = str(event.session_id)
-            if not session_id:
-                continue
-            if event.kind == auth_pb2.REVOCATION_KIND_SESSION_REVOKED:
+            kind, session_id = int(event.kind), str(event.session_id)
+            if kind == auth_pb2.REVOCATION_KIND_SESSION_REVOKED and session_id:
                 self.revoked[session_id] = until
-            elif event.stale_below_version > 0:
+            elif kind == auth_pb2.REVOCATION_KIND_CLAIMS_CHANGED and session_id:
+                version = int(event.stale_below_version)
+                if version <= 0:
+                    unapplied.append((kind, True))
+                    continue
                 # Versions only grow; a later event covers an earlier one.
                 before = self.stale.get(session_id, (0, 0.0))[0]
-                self.stale[session_id] = (max(before, int(event.stale_below_version)), until)
+                self.stale[session_id] = (max(before, version), until)
+            else:
+                unapplied.append((kind, kind in _KNOWN_KINDS))
+        return unapplied
 
     def prune(self) -> None:
         """Drops entries whose retention has passed (every token they covered expired)."""
@@ -91,6 +114,11 @@ class DenySet:
             self.revoked = {k: u for k, u in self.revoked.items() if u > now}
         if any(until <= now for _, until in self.stale.values()):
             self.stale = {k: v for k, v in self.stale.items() if v[1] > now}
+
+
+_KNOWN_KINDS = frozenset(
+    {auth_pb2.REVOCATION_KIND_SESSION_REVOKED, auth_pb2.REVOCATION_KIND_CLAIMS_CHANGED}
+)
 
 
 class StreamCall(Protocol):
@@ -154,6 +182,9 @@ class Watcher:
         self.gap_until = math.inf
         #: Streams opened so far (the first included).
         self.connects = 0
+        #: Event kinds that could not be applied, logged once each:
+        #: (kind, known) as ``DenySet.apply`` returns them.
+        self.unapplied_kinds: set[tuple[int, bool]] = set()
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # A refusal nobody waits for any more is not an unretrieved error.
         self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -200,6 +231,14 @@ class Watcher:
             await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 (jitter)
             delay = min(delay * 2, self._max_backoff)
 
+    def _open_gap(self) -> None:
+        """Tokens minted until now (plus the margin) are checked online until
+        every one of them has expired (the retention, from now)."""
+        cutoff = time.time() + self._gap_margin
+        self.gap_cutoff = cutoff if math.isinf(self.gap_cutoff) else max(self.gap_cutoff, cutoff)
+        until = time.monotonic() + self.retention
+        self.gap_until = until if math.isinf(self.gap_until) else max(self.gap_until, until)
+
     def _failed(self, error: AuthsvcError, delay: float) -> float:
         if error.code == grpc.StatusCode.INVALID_ARGUMENT:
             # The server does not take our position: replay its whole log;
@@ -221,18 +260,25 @@ class Watcher:
         if first and response.gap:
             # Events before this stream may be lost: check tokens minted until
             # now online until every one of them has expired.
-            self.gap_cutoff = (
-                time.time() + self._gap_margin
-                if math.isinf(self.gap_cutoff)
-                else max(self.gap_cutoff, time.time() + self._gap_margin)
-            )
-            until = time.monotonic() + self.retention
-            self.gap_until = until if math.isinf(self.gap_until) else max(self.gap_until, until)
+            self._open_gap()
             log.warning("authsvc.sidecar.watch_gap")
         elif first and self.gap_until == math.inf:
             # The first replay covered everything: no token needs a check.
             self.gap_cutoff = self.gap_until = -math.inf
-        self._deny.apply(response.revocations, self.retention)
+        unapplied = self._deny.apply(response.revocations, self.retention)
+        if unapplied:
+            # An event we cannot read still says that some tokens no longer
+            # stand, and we cannot tell which: the same as a lost event.
+            self._open_gap()
+            for kind, known in unapplied:
+                if (kind, known) not in self.unapplied_kinds:
+                    self.unapplied_kinds.add((kind, known))
+                    name = (
+                        "authsvc.sidecar.revocation_malformed"
+                        if known
+                        else "authsvc.sidecar.revocation_kind_unknown"
+                    )
+                    log.warning(name, extra={"kind": kind})
         if response.position:
             self.position = response.position
         if not self._ready.done():

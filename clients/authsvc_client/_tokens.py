@@ -137,13 +137,17 @@ def _from_claims(claims: dict[str, Any], clock_skew: float) -> Verified:
     role = _ROLES.get(role_name) if isinstance(role_name, str) else None
     org_id = claims.get("org_id", "")
     org_role_name = claims.get("org_role", "")
+    org_slug = claims.get("org_slug", "")
     if not (_is_uuid(sub) and _is_uuid(sid)) or role is None:
         raise Invalid()
-    if not isinstance(org_id, str) or not isinstance(org_role_name, str):
+    if not all(isinstance(v, str) for v in (org_id, org_role_name, org_slug)):
         raise Invalid()
     org_role = resources_pb2.ORG_ROLE_UNSPECIFIED
-    if org_id or org_role_name:
-        # An org claim comes with its role, and names a real org id.
+    if org_id or org_role_name or org_slug:
+        # An org claim comes with its role, and names a real org id. The slug
+        # may be missing (a token of a server from before the claim): then
+        # the session has no slug, and a request naming its org by slug is
+        # refused by the tenant-scoping interceptor rather than let through.
         if not _is_uuid(org_id) or org_role_name not in _ORG_ROLES:
             raise Invalid()
         org_role = _ORG_ROLES[org_role_name]
@@ -152,6 +156,7 @@ def _from_claims(claims: dict[str, Any], clock_skew: float) -> Verified:
         user_id=sub,
         role=role,
         org_id=org_id,
+        org_slug=org_slug,
         org_role=org_role,
         expire_time=Timestamp(seconds=exp),
     )

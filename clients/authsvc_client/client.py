@@ -2,10 +2,24 @@
 
 ::
 
+    from authsvc_client.client import AuthsvcClient, SignedIn, SignInChallenge
+    from authsvc_client.v1.resources_pb2 import SIGN_IN_REQUIREMENT_PASSWORD_CHANGE
+
+    async def sign_in(auth: AuthsvcClient, email: str, password: str) -> SignedIn:
+        outcome = await auth.sign_in_with_password(email, password)
+        while True:
+            match outcome:
+                case SignedIn():
+                    return outcome
+                case SignInChallenge(pending_token=pending, requirements=needs):
+                    if set(needs) != {SIGN_IN_REQUIREMENT_PASSWORD_CHANGE}:
+                        raise CannotSignIn(needs)  # say what is needed; do not retry
+                    outcome = await auth.complete_sign_in(pending, new_password=ask())
+
     async with AuthsvcClient("127.0.0.1:50051", api_key=KEY) as auth:
-        result = await auth.sign_up(email="a@example.com", password="...")
-        org = await auth.create_org(name="Acme", slug="acme", creator_id=result.user.id)
-        async for member in auth.iter_org_members(org_id=org.id):
+        signed = await sign_in(auth, "a@example.com", password)
+        org = await auth.create_org(name="Acme", slug="acme", creator_id=signed.user.id)
+        async for member in auth.iter_org_members(slug="acme"):
             ...
 
 Thin by design: each method builds one request, makes one call (the list
@@ -13,16 +27,52 @@ helpers one per page) and returns the response's payload, a generated
 message (``resources_pb2.User``, ``resources_pb2.Org`` ...). The server decides
 everything else. A failed call raises the typed exception of its reason
 (``authsvc_client.errors``: ``InvalidCredentials``, ``OrgNotFound``,
-``LastOwner`` ...), chained to the ``grpc.aio.AioRpcError``.
+``LastOwner``, ``EtagMismatch`` ...), chained to the ``grpc.aio.AioRpcError``.
+
+Signing in: ``sign_up``, ``sign_in_with_password`` and ``complete_sign_in``
+return a ``SignInOutcome``, which is ``SignedIn | SignInChallenge``: the user
+and the new session's tokens, or what the sign-in still needs before it yields
+tokens (a short-lived ``pending_token`` for ``complete_sign_in``, the
+``requirements``, an ``expire_time``). There is no ``.tokens`` on a challenge,
+so a type checker refuses code that reads the tokens without handling the
+challenge first, and such code fails loudly at run time rather than signing in
+half-way. Today's server always answers tokens; a sign-in may answer a
+challenge once accounts have second factors or confirmation rules, without any
+change to the request. A requirement this client does not know (a newer
+server's) is still in ``requirements``, as its number: say so to the user
+rather than retry. An answer with neither outcome (a kind newer than this
+client) raises ``AuthsvcError`` (code UNKNOWN, reason empty).
+
+Organizations: every org method names the org by ``org_id=`` or by ``slug=``,
+exactly one (``ValueError`` otherwise, before anything is sent), which fill the
+request's ``org`` oneof. ``set_active_org`` takes either as well, or neither to
+clear the active org. ``update_org`` takes the new slug as ``new_slug=``, since
+``slug=`` names the org to change. ``list_orgs`` (and ``iter_orgs``,
+``list_orgs_by_cursor``) yield ``OrgMembership(org, member)`` pairs: the user's
+membership in each org (``member.role``), so a picker can show "Acme (admin)"
+without switching orgs; ``member`` is ``None`` where the server lists every
+org (an admin credential without ``user_id``).
+
+Concurrency (AIP-154): ``User``, ``Org`` and ``Member`` carry an ``etag``. Pass
+the etag you read to ``update_user``, ``set_user_role``, ``set_user_email``,
+``delete_user``, ``update_org``, ``delete_org``, ``update_org_member`` or
+``remove_org_member`` (``etag=``) to make the change only if nobody changed the
+resource since; a stale one raises ``EtagMismatch`` (ABORTED). ``None`` (the
+default) checks nothing. Deletes (AIP-135) return ``None``: a missing resource
+raises its not-found error unless ``allow_missing=True``, which makes a retried
+delete succeed; ``delete_org`` of an org with other members needs ``force=True``
+(else ``OrgHasMembers``).
 
 Credentials: each call sends exactly one, the first of: the call's
 ``access_token=`` argument, the client's ``access_token``, the client's
 ``api_key`` (an empty ``access_token=""`` means "no token": the API key, if
-any, is sent). Calls whose credential is in the request (RefreshToken,
-SetActiveOrg, Authenticate) and GetJwks send no token. (Sending a token and
-a key together would make the server treat the call as the service's, not
-the user's.) ``AuthsvcClient.with_token`` returns a client for one user on
-the same channel.
+any, is sent). Calls whose credential is in the request (SignUp,
+SignInWithPassword, CompleteSignIn, RefreshToken, SetActiveOrg, Authenticate)
+and GetJwks send no token, only the API key if the client has one (it is what
+lets a gateway pass ``user_agent``/``ip_address``). (Sending a token and a key
+together would make the server treat the call as the service's, not the
+user's.) ``AuthsvcClient.with_token`` returns a client for one user on the
+same channel.
 
 Lists: ``list_x(limit=None)`` returns every item (or the first ``limit``),
 following the cursor; ``iter_x()`` yields them page by page as they arrive;
@@ -33,27 +83,24 @@ the seed's ``offset=`` arguments have no counterpart.
 Where the seed differs from authsvc's API, the client follows the API:
 ``authenticate`` takes the token and raises the typed refusal rather than
 returning ``None``; ``set_active_org`` names the session by its refresh token;
-``sign_out_all`` returns how many sessions it revoked.
+``sign_out_all`` returns how many sessions it revoked; the platform role and
+the email have their own methods (``set_user_role``, ``set_user_email``), not
+``update_user`` fields.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, NamedTuple, TypeAlias, TypeVar, cast
 
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 
-from authsvc_client.errors import (
-    AuthsvcError,
-    MemberNotFound,
-    OrgNotFound,
-    UserNotFound,
-    from_rpc_error,
-)
+from authsvc_client.errors import AuthsvcError, from_rpc_error
 from authsvc_client.v1 import (
     auth_pb2,
     auth_pb2_grpc,
@@ -66,10 +113,18 @@ from authsvc_client.v1 import (
     users_pb2_grpc,
 )
 
-__all__ = ["AuthResult", "AuthsvcClient", "CursorResult"]
+__all__ = [
+    "AuthsvcClient",
+    "CursorResult",
+    "OrgMembership",
+    "SignInChallenge",
+    "SignInOutcome",
+    "SignedIn",
+]
 
 T = TypeVar("T")
 Id = str | uuid.UUID
+Requirement: TypeAlias = resources_pb2.SignInRequirement.ValueType
 _ROLES = {"user": resources_pb2.ROLE_USER, "admin": resources_pb2.ROLE_ADMIN}
 _ORG_ROLES = {
     "owner": resources_pb2.ORG_ROLE_OWNER,
@@ -79,11 +134,41 @@ _ORG_ROLES = {
 
 
 @dataclass(frozen=True)
-class AuthResult:
-    """A signed-up or signed-in user and the tokens of the new session."""
+class SignedIn:
+    """A sign-in that yielded tokens: the user and the new session's token pair."""
 
     user: resources_pb2.User
     tokens: resources_pb2.TokenPair
+
+
+@dataclass(frozen=True)
+class SignInChallenge:
+    """A sign-in that proved its first credential and needs more before it
+    yields tokens; finish it with ``AuthsvcClient.complete_sign_in``.
+
+    Attributes:
+        pending_token: opaque and short-lived; send it to ``complete_sign_in``
+            with the proof. Keep it like a password.
+        requirements: what is still needed (``resources_pb2.SignInRequirement``
+            values; a value this client does not know is kept as its number).
+        expire_time: when ``pending_token`` stops working (UTC).
+    """
+
+    pending_token: str
+    requirements: tuple[Requirement, ...]
+    expire_time: dt.datetime
+
+
+#: What every sign-in answers: handle both.
+SignInOutcome: TypeAlias = SignedIn | SignInChallenge
+
+
+class OrgMembership(NamedTuple):
+    """One org of a list of orgs, and the listed user's membership in it
+    (``None`` when the server listed every org, not one user's)."""
+
+    org: resources_pb2.Org
+    member: resources_pb2.Member | None
 
 
 @dataclass(frozen=True)
@@ -96,6 +181,17 @@ class CursorResult(Generic[T]):
 
 def _id(value: Id | None) -> str:
     return "" if value is None else str(value)
+
+
+def _org(org_id: Id | None, slug: str | None) -> dict[str, str]:
+    """The ``org`` oneof of a request: exactly one of ``org_id`` and ``slug``.
+
+    Raises:
+        ValueError: both or neither.
+    """
+    if (org_id is None) == (slug is None):
+        raise ValueError("name the org by org_id= or by slug=, exactly one")
+    return {"org_id": str(org_id)} if org_id is not None else {"org_slug": cast(str, slug)}
 
 
 def _role(value: str | int | None) -> resources_pb2.Role.ValueType:
@@ -118,6 +214,36 @@ def _client_info(user_agent: str | None, ip_address: str | None) -> resources_pb
     if user_agent is None and ip_address is None:
         return None
     return resources_pb2.ClientInfo(user_agent=user_agent or "", ip_address=ip_address or "")
+
+
+def _outcome(result: resources_pb2.SignInResult) -> SignInOutcome:
+    """The SignInResult of a sign-in as a ``SignedIn`` or a ``SignInChallenge``.
+
+    Raises:
+        AuthsvcError: neither outcome is set (a kind newer than this client).
+    """
+    which = result.WhichOneof("outcome")
+    if which == "tokens":
+        return SignedIn(result.user, result.tokens)
+    if which == "challenge":
+        challenge = result.challenge
+        return SignInChallenge(
+            pending_token=challenge.pending_token,
+            requirements=tuple(challenge.requirements),
+            expire_time=challenge.expire_time.ToDatetime(tzinfo=dt.UTC),
+        )
+    raise AuthsvcError(
+        grpc.StatusCode.UNKNOWN,
+        "",
+        "the sign-in answered neither tokens nor a challenge (a server newer than this client?)",
+    )
+
+
+def _memberships(page: orgs_pb2.ListOrgsResponse) -> list[OrgMembership]:
+    # Paired by org id rather than by position: an org without a membership
+    # in the answer gets None, never another org's role.
+    by_org = {m.org_id: m for m in page.memberships}
+    return [OrgMembership(org, by_org.get(org.id)) for org in page.orgs]
 
 
 class AuthsvcClient:
@@ -215,20 +341,18 @@ class AuthsvcClient:
             raise from_rpc_error(error) from error
 
     @staticmethod
-    async def _absent_is_false(call: Awaitable[Any], *absent: type[AuthsvcError]) -> bool:
-        try:
-            await call
-        except absent:
-            return False
-        return True
+    def _items(page: Any, field: str | Callable[[Any], Iterable[Any]]) -> Iterable[Any]:
+        return field(page) if callable(field) else getattr(page, field)
 
     async def _pages(
-        self, fetch: Callable[[str], Awaitable[Any]], field: str
+        self,
+        fetch: Callable[[str], Awaitable[Any]],
+        field: str | Callable[[Any], Iterable[Any]],
     ) -> AsyncIterator[Any]:
         token = ""
         while True:
             page = await fetch(token)
-            for item in getattr(page, field):
+            for item in self._items(page, field):
                 yield item
             token = page.next_page_token
             if not token:
@@ -250,9 +374,9 @@ class AuthsvcClient:
             if close is not None:
                 await close()
 
-    @staticmethod
-    def _cursor(page: Any, field: str) -> CursorResult[Any]:
-        return CursorResult(list(getattr(page, field)), page.next_page_token or None)
+    @classmethod
+    def _cursor(cls, page: Any, field: str | Callable[[Any], Iterable[Any]]) -> CursorResult[Any]:
+        return CursorResult(list(cls._items(page, field)), page.next_page_token or None)
 
     # ------------------------------------------------------------------ sign-up / sign-in
 
@@ -262,11 +386,12 @@ class AuthsvcClient:
         email: str,
         password: str,
         display_name: str | None = None,
+        given_name: str | None = None,
+        family_name: str | None = None,
         user_agent: str | None = None,
         ip_address: str | None = None,
-        access_token: str | None = None,
-    ) -> AuthResult:
-        """Registers a user and signs them in.
+    ) -> SignInOutcome:
+        """Registers a user and signs them in: ``SignedIn``, or a ``SignInChallenge``.
 
         ``user_agent`` / ``ip_address`` are honoured on calls with the API key
         (a gateway signing up on a user's behalf).
@@ -278,30 +403,67 @@ class AuthsvcClient:
             email=email,
             password=password,
             display_name=display_name or "",
+            given_name=given_name or "",
+            family_name=family_name or "",
             client_info=_client_info(user_agent, ip_address),
         )
-        response = await self._call(self._auth.SignUp, request, access_token)
-        return AuthResult(response.user, response.tokens)
+        response = await self._call(self._auth.SignUp, request, "")
+        return _outcome(response.result)
 
     async def sign_in_with_password(
         self,
         email: str,
         password: str,
         *,
+        given_name: str | None = None,
+        family_name: str | None = None,
         user_agent: str | None = None,
         ip_address: str | None = None,
-        access_token: str | None = None,
-    ) -> AuthResult:
-        """Signs in with email and password, starting a new session.
+    ) -> SignInOutcome:
+        """Signs in with email and password, starting a new session: ``SignedIn``,
+        or a ``SignInChallenge``.
+
+        ``given_name`` / ``family_name`` fill in the user's names that are
+        still empty; they never overwrite one.
 
         Raises:
             InvalidCredentials, InvalidArgument, RateLimited.
         """
         request = auth_pb2.SignInWithPasswordRequest(
-            email=email, password=password, client_info=_client_info(user_agent, ip_address)
+            email=email,
+            password=password,
+            given_name=given_name or "",
+            family_name=family_name or "",
+            client_info=_client_info(user_agent, ip_address),
         )
-        response = await self._call(self._auth.SignInWithPassword, request, access_token)
-        return AuthResult(response.user, response.tokens)
+        response = await self._call(self._auth.SignInWithPassword, request, "")
+        return _outcome(response.result)
+
+    async def complete_sign_in(
+        self,
+        pending_token: str,
+        *,
+        new_password: str | None = None,
+        user_agent: str | None = None,
+        ip_address: str | None = None,
+    ) -> SignInOutcome:
+        """Completes a ``SignInChallenge`` with the proof of one requirement:
+        ``SignedIn`` once none is left, else a new ``SignInChallenge``.
+
+        Args:
+            pending_token: the challenge's; each works once.
+            new_password: for SIGN_IN_REQUIREMENT_PASSWORD_CHANGE.
+
+        Raises:
+            PendingTokenInvalid, WeakPassword, InvalidArgument.
+        """
+        request = auth_pb2.CompleteSignInRequest(
+            pending_token=pending_token, client_info=_client_info(user_agent, ip_address)
+        )
+        if new_password is not None:
+            request.new_password = new_password
+        response = await self._call(self._auth.CompleteSignIn, request, "")
+        return _outcome(response.result)
 
     async def refresh_token(
         self,
@@ -325,22 +487,27 @@ class AuthsvcClient:
         self,
         *,
         refresh_token: str,
-        org_id: Id | None,
+        org_id: Id | None = None,
+        slug: str | None = None,
         user_agent: str | None = None,
         ip_address: str | None = None,
     ) -> resources_pb2.TokenPair:
-        """Switches the session of ``refresh_token`` to ``org_id`` (``None``: no org).
+        """Switches the session of ``refresh_token`` to the org ``org_id`` or
+        ``slug``; with neither, clears the session's active org.
 
         The seed names the session by id; authsvc by its refresh token, which
-        it rotates as RefreshToken does.
+        it rotates as RefreshToken does. The new access token carries the org
+        (``org_id``, ``org_slug``, ``org_role`` claims).
 
         Raises:
+            ValueError: both ``org_id`` and ``slug``.
             MemberNotFound, TokenInvalid, RefreshTokenReused, SessionRevoked, SessionExpired.
         """
+        org = _org(org_id, slug) if org_id is not None or slug is not None else {}
         request = auth_pb2.SetActiveOrgRequest(
             refresh_token=refresh_token,
-            org_id=_id(org_id),
             client_info=_client_info(user_agent, ip_address),
+            **org,
         )
         response = await self._call(self._auth.SetActiveOrg, request, "")
         return cast(resources_pb2.TokenPair, response.tokens)
@@ -456,33 +623,93 @@ class AuthsvcClient:
         self,
         *,
         user_id: Id,
-        email: str | None = None,
         display_name: str | None = None,
-        role: str | int | None = None,
+        given_name: str | None = None,
+        family_name: str | None = None,
+        etag: str | None = None,
         access_token: str | None = None,
     ) -> resources_pb2.User:
-        """Changes the fields given (not ``None``).
+        """Changes the profile fields given (not ``None``); with ``etag``, only
+        if it is the user's current one.
+
+        The role and the email have their own methods (``set_user_role``,
+        ``set_user_email``).
 
         Raises:
-            UserNotFound, PermissionDenied, EmailAlreadyExists, InvalidArgument.
+            UserNotFound, PermissionDenied, EtagMismatch, InvalidArgument (nothing to change).
         """
-        user = resources_pb2.User(id=_id(user_id))
+        user = resources_pb2.User(id=_id(user_id), etag=etag or "")
         paths: list[str] = []
-        if email is not None:
-            user.email, paths = email, [*paths, "email"]
-        if display_name is not None:
-            user.display_name, paths = display_name, [*paths, "display_name"]
-        if role is not None:
-            user.role, paths = _role(role), [*paths, "role"]
+        for path, value in (
+            ("display_name", display_name),
+            ("given_name", given_name),
+            ("family_name", family_name),
+        ):
+            if value is not None:
+                setattr(user, path, value)
+                paths.append(path)
         request = users_pb2.UpdateUserRequest(user=user, update_mask=FieldMask(paths=paths))
         response = await self._call(self._users.UpdateUser, request, access_token)
         return cast(resources_pb2.User, response.user)
 
-    async def delete_user(self, user_id: Id, *, access_token: str | None = None) -> bool:
-        """Deletes a user and revokes their sessions; ``False`` if there was none."""
-        request = users_pb2.DeleteUserRequest(user_id=_id(user_id))
-        call = self._call(self._users.DeleteUser, request, access_token)
-        return await self._absent_is_false(call, UserNotFound)
+    async def set_user_role(
+        self,
+        user_id: Id,
+        role: str | int,
+        *,
+        etag: str | None = None,
+        access_token: str | None = None,
+    ) -> resources_pb2.User:
+        """Sets a user's platform role (``"user"``, ``"admin"`` or a ``Role``); with
+        ``etag``, only if it is the user's current one. Takes effect at the
+        user's next Authenticate.
+
+        Raises:
+            UserNotFound, PermissionDenied, EtagMismatch, InvalidArgument.
+        """
+        request = users_pb2.SetUserRoleRequest(
+            user_id=_id(user_id), role=_role(role), etag=etag or ""
+        )
+        response = await self._call(self._users.SetUserRole, request, access_token)
+        return cast(resources_pb2.User, response.user)
+
+    async def set_user_email(
+        self,
+        user_id: Id,
+        email: str,
+        *,
+        etag: str | None = None,
+        access_token: str | None = None,
+    ) -> resources_pb2.User:
+        """Sets a user's email directly, without a confirmation (an admin's or
+        service's call); with ``etag``, only if it is the user's current one.
+
+        Raises:
+            UserNotFound, EmailAlreadyExists, PermissionDenied, EtagMismatch, InvalidArgument.
+        """
+        request = users_pb2.SetUserEmailRequest(user_id=_id(user_id), email=email, etag=etag or "")
+        response = await self._call(self._users.SetUserEmail, request, access_token)
+        return cast(resources_pb2.User, response.user)
+
+    async def delete_user(
+        self,
+        user_id: Id,
+        *,
+        etag: str | None = None,
+        allow_missing: bool = False,
+        access_token: str | None = None,
+    ) -> None:
+        """Deletes a user and revokes their sessions; with ``etag``, only if it is
+        the user's current one. With ``allow_missing``, a user that does not
+        exist is not an error (a retried delete succeeds).
+
+        Raises:
+            UserNotFound (unless ``allow_missing``), PermissionDenied, EtagMismatch.
+        """
+        request = users_pb2.DeleteUserRequest(
+            user_id=_id(user_id), etag=etag or "", allow_missing=allow_missing
+        )
+        await self._call(self._users.DeleteUser, request, access_token)
 
     async def count_users(
         self, *, role: str | int | None = None, access_token: str | None = None
@@ -583,9 +810,9 @@ class AuthsvcClient:
     ) -> resources_pb2.Org:
         """An org by id or by slug (exactly one).
 
-        Raises: OrgNotFound, OrgMismatch, PermissionDenied, InvalidArgument.
+        Raises: ValueError (both or neither), OrgNotFound, OrgMismatch, PermissionDenied.
         """
-        request = orgs_pb2.GetOrgRequest(org_id=_id(org_id), org_slug=slug or "")
+        request = orgs_pb2.GetOrgRequest(**_org(org_id, slug))
         response = await self._call(self._orgs.GetOrg, request, access_token)
         return cast(resources_pb2.Org, response.org)
 
@@ -593,24 +820,27 @@ class AuthsvcClient:
         self,
         *,
         org_id: Id | None = None,
-        org_slug: str | None = None,
-        name: str | None = None,
         slug: str | None = None,
+        name: str | None = None,
+        new_slug: str | None = None,
+        etag: str | None = None,
         access_token: str | None = None,
     ) -> resources_pb2.Org:
-        """Changes an org's ``name`` and/or ``slug`` (the fields given).
+        """Changes an org's ``name`` and/or slug (``new_slug``): the fields given.
 
-        The org is named by ``org_id`` or ``org_slug``; ``slug`` is the new slug.
+        The org is named by ``org_id`` or ``slug`` (exactly one). With ``etag``,
+        the change is made only if it is the org's current one. A new slug is a
+        claims change for the sessions acting in the org: their tokens carry
+        the old ``org_slug`` until refreshed.
 
-        Raises: OrgNotFound, OrgSlugConflict, OrgMismatch, PermissionDenied, InvalidArgument.
+        Raises:
+            ValueError (both or neither), OrgNotFound, OrgSlugConflict, OrgMismatch,
+            PermissionDenied, EtagMismatch, InvalidArgument.
         """
-        org = resources_pb2.Org(name=name or "", slug=slug or "")
-        paths = [p for p, v in (("name", name), ("slug", slug)) if v is not None]
+        values = resources_pb2.Org(name=name or "", slug=new_slug or "", etag=etag or "")
+        paths = [p for p, v in (("name", name), ("slug", new_slug)) if v is not None]
         request = orgs_pb2.UpdateOrgRequest(
-            org_id=_id(org_id),
-            org_slug=org_slug or "",
-            values=org,
-            update_mask=FieldMask(paths=paths),
+            values=values, update_mask=FieldMask(paths=paths), **_org(org_id, slug)
         )
         response = await self._call(self._orgs.UpdateOrg, request, access_token)
         return cast(resources_pb2.Org, response.org)
@@ -620,16 +850,27 @@ class AuthsvcClient:
         *,
         org_id: Id | None = None,
         slug: str | None = None,
+        etag: str | None = None,
+        force: bool = False,
+        allow_missing: bool = False,
         access_token: str | None = None,
-    ) -> bool:
-        """Deletes an org and its memberships; ``False`` if there was none.
+    ) -> None:
+        """Deletes an org and its memberships.
 
-        (A user's token names only its active org, so for it a missing org
-        is an ``OrgMismatch``, raised.)
+        An org with members other than the caller (for an admin token or the
+        API key: any member) needs ``force``. With ``etag``, the org is deleted
+        only if it is its current one; with ``allow_missing``, an org that does
+        not exist is not an error. (A user's token names only its active org,
+        so for it a missing org is an ``OrgMismatch``.)
+
+        Raises:
+            ValueError (both or neither), OrgNotFound (unless ``allow_missing``),
+            OrgHasMembers, OrgMismatch, PermissionDenied, EtagMismatch.
         """
-        request = orgs_pb2.DeleteOrgRequest(org_id=_id(org_id), org_slug=slug or "")
-        call = self._call(self._orgs.DeleteOrg, request, access_token)
-        return await self._absent_is_false(call, OrgNotFound)
+        request = orgs_pb2.DeleteOrgRequest(
+            etag=etag or "", force=force, allow_missing=allow_missing, **_org(org_id, slug)
+        )
+        await self._call(self._orgs.DeleteOrg, request, access_token)
 
     async def list_orgs_by_cursor(
         self,
@@ -638,14 +879,15 @@ class AuthsvcClient:
         limit: int = 10,
         after: str | None = None,
         access_token: str | None = None,
-    ) -> CursorResult[resources_pb2.Org]:
-        """One page of orgs, oldest first: the user's (``None``: the calling
-        user's, or with an admin credential every org)."""
+    ) -> CursorResult[OrgMembership]:
+        """One page of orgs, oldest first, each with the user's membership: the
+        user's (``None``: the calling user's, or with an admin credential every
+        org, with no memberships)."""
         request = orgs_pb2.ListOrgsRequest(
             user_id=_id(user_id), page_size=limit, page_token=after or ""
         )
         page = await self._call(self._orgs.ListOrgs, request, access_token)
-        return self._cursor(page, "orgs")
+        return self._cursor(page, _memberships)
 
     def iter_orgs(
         self,
@@ -653,8 +895,8 @@ class AuthsvcClient:
         user_id: Id | None = None,
         page_size: int = 0,
         access_token: str | None = None,
-    ) -> AsyncIterator[resources_pb2.Org]:
-        """Every org (see ``list_orgs_by_cursor``), a page at a time."""
+    ) -> AsyncIterator[OrgMembership]:
+        """Every org with the membership (see ``list_orgs_by_cursor``), a page at a time."""
 
         def fetch(token: str) -> Awaitable[Any]:
             request = orgs_pb2.ListOrgsRequest(
@@ -662,7 +904,7 @@ class AuthsvcClient:
             )
             return self._call(self._orgs.ListOrgs, request, access_token)
 
-        return self._pages(fetch, "orgs")
+        return self._pages(fetch, _memberships)
 
     async def list_orgs(
         self,
@@ -670,8 +912,11 @@ class AuthsvcClient:
         user_id: Id | None = None,
         limit: int | None = None,
         access_token: str | None = None,
-    ) -> list[resources_pb2.Org]:
-        """Every org (the first ``limit``; see ``list_orgs_by_cursor``)."""
+    ) -> list[OrgMembership]:
+        """Every org with the membership (the first ``limit``; see ``list_orgs_by_cursor``).
+
+        ``for org, member in await auth.list_orgs(access_token=token): ...``
+        """
         items = self.iter_orgs(
             user_id=user_id, page_size=min(limit, 500) if limit else 0, access_token=access_token
         )
@@ -688,12 +933,13 @@ class AuthsvcClient:
         role: str | int = "member",
         access_token: str | None = None,
     ) -> resources_pb2.Member:
-        """Adds a user to an org.
+        """Adds a user to an org (named by ``org_id`` or ``slug``).
 
-        Raises: OrgNotFound, UserNotFound, MemberAlreadyExists, OrgMismatch, PermissionDenied.
+        Raises: ValueError (both or neither), OrgNotFound, UserNotFound,
+        MemberAlreadyExists, OrgMismatch, PermissionDenied.
         """
         request = orgs_pb2.AddMemberRequest(
-            org_id=_id(org_id), org_slug=slug or "", user_id=_id(user_id), role=_org_role(role)
+            user_id=_id(user_id), role=_org_role(role), **_org(org_id, slug)
         )
         response = await self._call(self._orgs.AddMember, request, access_token)
         return cast(resources_pb2.Member, response.member)
@@ -705,14 +951,17 @@ class AuthsvcClient:
         slug: str | None = None,
         user_id: Id,
         role: str | int,
+        etag: str | None = None,
         access_token: str | None = None,
     ) -> resources_pb2.Member:
-        """Changes a member's role.
+        """Changes a member's role; with ``etag``, only if it is the membership's
+        current one.
 
-        Raises: OrgNotFound, MemberNotFound, LastOwner, OrgMismatch, PermissionDenied.
+        Raises: ValueError (both or neither), OrgNotFound, MemberNotFound,
+        LastOwner, OrgMismatch, PermissionDenied, EtagMismatch.
         """
         request = orgs_pb2.UpdateMemberRequest(
-            org_id=_id(org_id), org_slug=slug or "", user_id=_id(user_id), role=_org_role(role)
+            user_id=_id(user_id), role=_org_role(role), etag=etag or "", **_org(org_id, slug)
         )
         response = await self._call(self._orgs.UpdateMember, request, access_token)
         return cast(resources_pb2.Member, response.member)
@@ -723,17 +972,26 @@ class AuthsvcClient:
         org_id: Id | None = None,
         slug: str | None = None,
         user_id: Id,
+        etag: str | None = None,
+        allow_missing: bool = False,
         access_token: str | None = None,
-    ) -> bool:
-        """Removes a user from an org; ``False`` if the org or the membership does not exist.
+    ) -> None:
+        """Removes a user from an org (a member may remove themselves).
 
-        Raises: LastOwner, OrgMismatch, PermissionDenied.
+        With ``etag``, only if it is the membership's current one; with
+        ``allow_missing``, a membership that does not exist is not an error.
+
+        Raises: ValueError (both or neither), OrgNotFound, MemberNotFound
+        (unless ``allow_missing``), LastOwner, OrgMismatch, PermissionDenied,
+        EtagMismatch.
         """
         request = orgs_pb2.RemoveMemberRequest(
-            org_id=_id(org_id), org_slug=slug or "", user_id=_id(user_id)
+            user_id=_id(user_id),
+            etag=etag or "",
+            allow_missing=allow_missing,
+            **_org(org_id, slug),
         )
-        call = self._call(self._orgs.RemoveMember, request, access_token)
-        return await self._absent_is_false(call, OrgNotFound, MemberNotFound)
+        await self._call(self._orgs.RemoveMember, request, access_token)
 
     async def get_org_member(
         self,
@@ -743,10 +1001,9 @@ class AuthsvcClient:
         user_id: Id,
         access_token: str | None = None,
     ) -> resources_pb2.Member:
-        """One membership. Raises: OrgNotFound, MemberNotFound, OrgMismatch, PermissionDenied."""
-        request = orgs_pb2.GetMemberRequest(
-            org_id=_id(org_id), org_slug=slug or "", user_id=_id(user_id)
-        )
+        """One membership. Raises: ValueError (both or neither), OrgNotFound,
+        MemberNotFound, OrgMismatch, PermissionDenied."""
+        request = orgs_pb2.GetMemberRequest(user_id=_id(user_id), **_org(org_id, slug))
         response = await self._call(self._orgs.GetMember, request, access_token)
         return cast(resources_pb2.Member, response.member)
 
@@ -761,7 +1018,7 @@ class AuthsvcClient:
     ) -> CursorResult[resources_pb2.Member]:
         """One page of an org's members, oldest membership first."""
         request = orgs_pb2.ListMembersRequest(
-            org_id=_id(org_id), org_slug=slug or "", page_size=limit, page_token=after or ""
+            page_size=limit, page_token=after or "", **_org(org_id, slug)
         )
         page = await self._call(self._orgs.ListMembers, request, access_token)
         return self._cursor(page, "members")
@@ -774,12 +1031,14 @@ class AuthsvcClient:
         page_size: int = 0,
         access_token: str | None = None,
     ) -> AsyncIterator[resources_pb2.Member]:
-        """Every member of an org, oldest membership first, a page at a time."""
+        """Every member of an org, oldest membership first, a page at a time.
+
+        Raises: ValueError (both or neither org keys), at once.
+        """
+        org = _org(org_id, slug)
 
         def fetch(token: str) -> Awaitable[Any]:
-            request = orgs_pb2.ListMembersRequest(
-                org_id=_id(org_id), org_slug=slug or "", page_size=page_size, page_token=token
-            )
+            request = orgs_pb2.ListMembersRequest(page_size=page_size, page_token=token, **org)
             return self._call(self._orgs.ListMembers, request, access_token)
 
         return self._pages(fetch, "members")
@@ -794,7 +1053,7 @@ class AuthsvcClient:
     ) -> list[resources_pb2.Member]:
         """Every member of an org (the first ``limit``), oldest membership first.
 
-        Raises: OrgNotFound, OrgMismatch, PermissionDenied.
+        Raises: ValueError (both or neither), OrgNotFound, OrgMismatch, PermissionDenied.
         """
         items = self.iter_org_members(
             org_id=org_id,

@@ -248,6 +248,27 @@ class TokenStale(AuthsvcError):
     REASON, CODE = "TOKEN_STALE", _C.UNAUTHENTICATED
 
 
+class EtagMismatch(AuthsvcError):
+    """The request's ``etag`` is not the resource's current one: someone changed
+    it since it was read. Read it again, and redo the change if it still applies."""
+
+    REASON, CODE = "ETAG_MISMATCH", _C.ABORTED
+
+
+class OrgHasMembers(AuthsvcError):
+    """The organization has members other than the caller (for an admin token
+    or API key: any member); delete it with ``force`` to remove them too."""
+
+    REASON, CODE = "ORG_HAS_MEMBERS", _C.FAILED_PRECONDITION
+
+
+class PendingTokenInvalid(AuthsvcError):
+    """The pending token of a sign-in challenge is malformed, unknown, already
+    used or expired; sign in again."""
+
+    REASON, CODE = "PENDING_TOKEN_INVALID", _C.UNAUTHENTICATED
+
+
 del _C
 
 

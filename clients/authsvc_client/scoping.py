@@ -5,8 +5,9 @@ Two halves:
 * **Helpers** with the meaning of the seed's ``BaseAuthClient`` methods, over
   ``authsvc_client.v1.resources_pb2.SessionInfo`` (what ``Authenticate`` and the
   sidecar's ``current_session()`` hand you): ``is_authorized``,
-  ``is_org_authorized``, ``is_same_org`` and ``assert_same_org``, which raises
-  ``OrgMismatch`` (PERMISSION_DENIED / ORG_MISMATCH).
+  ``is_org_authorized``, ``is_same_org``, ``is_same_org_slug`` and
+  ``assert_same_org`` (by id, or ``slug=``), which raises ``OrgMismatch``
+  (PERMISSION_DENIED / ORG_MISMATCH).
 
 * **Client interceptors** that attach the caller's credentials
   (``authorization: Bearer <token>``) to every outgoing call and refuse,
@@ -18,18 +19,50 @@ Two halves:
       await notes.GetNote(GetNoteRequest(org_id=other_org, ...))
       # -> grpc.aio.AioRpcError PERMISSION_DENIED; from_rpc_error(...) is an OrgMismatch
 
-  A request *names an org* when a string field of it, at any depth of its set
-  message fields (singular, repeated and map values), is a tenant field and is
-  not empty. A tenant field is a string field marked ``[(authsvc.v1.tenant) =
-  true]``, or a string field named ``org_id`` that is not marked
-  ``[(authsvc.v1.tenant) = false]`` (``SetActiveOrgRequest.org_id`` is exempt:
-  it names the org to switch to). Each named org must be the session's
-  active ``org_id``, compared as UUIDs when both are one (canonical 8-4-4-4-12
-  hex digits in any case, optionally in braces: ``{0A...}`` is ``0a...``) and
-  as exact strings otherwise (an id that is not a UUID matches only itself;
-  other spellings ``uuid.UUID()`` takes, such as ``urn:uuid:`` or no hyphens,
-  count as such strings); with no session, or a session without an active
-  org, any named org is refused. ``google.protobuf.Any`` fields are opaque and not inspected.
+  A request *names an org* when a tenant string field of it, at any depth of
+  its set message fields (singular, repeated and map values), is set and not
+  empty (a oneof member other than the chosen one is not set; a field with
+  presence counts only when set, whatever its default). Which fields are tenant
+  fields, and by which key, says the ``(authsvc.v1.tenant)`` field option
+  (``TenantKey``, authsvc/v1/options.proto):
+
+  ============================  ===============================================
+  ``TENANT_KEY_ORG_ID``         an org id
+  ``TENANT_KEY_ORG_SLUG``       an org slug
+  ``TENANT_KEY_NONE``           not a tenant field, whatever its name
+                                (``SetActiveOrgRequest.org_id`` and ``org_slug``
+                                name the org to switch to, not the one acted in)
+  unset or ``UNSPECIFIED``      by name: ``org_id`` is an id, ``org_slug`` a
+                                slug, any other field neither
+  any other value               (a key newer than this client) refused whenever
+                                set: a check this code cannot make fails closed
+  ============================  ===============================================
+
+  Each named org must be the session's active org. An id must be its
+  ``org_id``, compared as UUIDs when both are one (canonical 8-4-4-4-12 hex
+  digits in any case, optionally in braces: ``{0A...}`` is ``0a...``) and as
+  exact strings otherwise (an id that is not a UUID matches only itself; other
+  spellings ``uuid.UUID()`` takes, such as ``urn:uuid:`` or no hyphens, count as
+  such strings). A slug must be its ``org_slug``, exactly (authsvc takes slugs
+  in lowercase only and never folds them). With no session, or a session
+  without an active org, any named org is refused; a session whose token
+  carries no ``org_slug`` claim (one minted by a server older than the claim)
+  refuses every slug. ``google.protobuf.Any`` fields are opaque and not
+  inspected.
+
+  **Slugs are taken from the token.** The session's slug is the ``org_slug``
+  claim (``session_from_token``, ``token_credentials``) or the sidecar's
+  ``SessionInfo.org_slug`` (``inbound_credentials``; the claim too, or
+  Authenticate's live answer while it checks online). The client trusts it and
+  never looks the slug up: it only decides what this side refuses to send, and
+  the receiving server is authoritative. So after the org's slug changes
+  (UpdateOrg), a token minted before carries the old slug until it is
+  refreshed: a request naming the org by its new slug is refused here (a
+  refusal on the safe side), and one naming the old slug is sent, and authsvc,
+  which compares the slug the org has now, refuses it (ORG_MISMATCH, not from
+  the client); a service behind the sidecar refuses such a token TOKEN_STALE,
+  since a slug change is a claims change. Refresh the token, then name the new
+  slug. Naming the org by ``org_id`` is not affected: ids never change.
 
   **How a refusal looks.** Exactly like a refusal by the server: the call
   fails with ``grpc.aio.AioRpcError`` (sync channels: a ``grpc.RpcError`` that
@@ -94,6 +127,7 @@ __all__ = [
     "is_authorized",
     "is_org_authorized",
     "is_same_org",
+    "is_same_org_slug",
     "same_org_id",
     "session_from_token",
     "tenant_fields",
@@ -199,18 +233,38 @@ def is_org_authorized(session: SessionInfo, org_id: str | uuid.UUID, *roles: Rol
     return is_same_org(session, org_id) and session.org_role in allowed
 
 
-def assert_same_org(session: SessionInfo | None, org_id: str | uuid.UUID) -> None:
+def is_same_org_slug(session: SessionInfo, slug: str) -> bool:
+    """True iff the session has an active org and ``slug`` is its slug, exactly.
+
+    The session's slug is the one its token carries (``org_slug``), or
+    Authenticate's; empty never matches.
+    """
+    return bool(session.org_id and session.org_slug and slug == session.org_slug)
+
+
+def assert_same_org(
+    session: SessionInfo | None, org_id: str | uuid.UUID | None = None, *, slug: str | None = None
+) -> None:
     """The one-liner for tenant scoping at the top of a handler.
 
-    ``session = current_session(); assert_same_org(session, note.org_id)``
+    ``session = current_session(); assert_same_org(session, note.org_id)``, or
+    ``assert_same_org(session, slug=request.org_slug)`` for a request that names
+    the org by slug. Give one of ``org_id`` and ``slug``; an empty one (or
+    none) names no org, and is refused.
 
     Raises:
         OrgMismatch: no session, no active org, or another org
             (PERMISSION_DENIED / ORG_MISMATCH).
+        ValueError: both ``org_id`` and ``slug``.
     """
+    if org_id is not None and slug is not None:
+        raise ValueError("give org_id or slug, not both")
     if session is None or not session.org_id:
         raise OrgMismatch(message="the session has no active organization")
-    if not is_same_org(session, org_id):
+    same = (
+        is_same_org_slug(session, slug) if slug is not None else is_same_org(session, org_id or "")
+    )
+    if not same:
         raise OrgMismatch(message="the organization is not the session's active organization")
 
 
@@ -223,8 +277,10 @@ class _Node:
     __slots__ = ("messages", "strings")
 
     def __init__(self) -> None:
-        # (field name, full name, repeated) of its tenant string fields
-        self.strings: tuple[tuple[str, str, bool], ...] = ()
+        # (field name, full name, kind, key) of its tenant string fields; kind
+        # is "many" (repeated), "set" (has presence: counts only when set) or
+        # "one"; key is _ID, _SLUG or _UNKNOWN
+        self.strings: tuple[tuple[str, str, str, str], ...] = ()
         # (field name, kind, node of the field's message type) of the message
         # fields that can hold tenant fields: kind is "one", "many" (repeated)
         # or "map" (map with message values)
@@ -234,13 +290,27 @@ class _Node:
 _EMPTY = _Node()
 
 
-def _is_tenant(field: FieldDescriptor) -> bool:
+# What a tenant field holds.
+_ID, _SLUG, _UNKNOWN = "id", "slug", "unknown"
+_BY_NAME = {"org_id": _ID, "org_slug": _SLUG}
+_BY_KEY = {
+    options_pb2.TENANT_KEY_ORG_ID: _ID,
+    options_pb2.TENANT_KEY_ORG_SLUG: _SLUG,
+    options_pb2.TENANT_KEY_NONE: None,
+}
+
+
+def _tenant_key(field: FieldDescriptor) -> str | None:
+    """``_ID``, ``_SLUG``, ``_UNKNOWN`` (a TenantKey newer than this code), or
+    None for a field that names no tenant."""
     if field.type != FieldDescriptor.TYPE_STRING:
-        return False
+        return None
     options = field.GetOptions()
     if options.HasExtension(options_pb2.tenant):
-        return bool(options.Extensions[options_pb2.tenant])
-    return field.name == "org_id"
+        key = options.Extensions[options_pb2.tenant]
+        if key != options_pb2.TENANT_KEY_UNSPECIFIED:
+            return _BY_KEY.get(key, _UNKNOWN)
+    return _BY_NAME.get(field.name)
 
 
 class _TenantIndex:
@@ -265,7 +335,7 @@ class _TenantIndex:
         recursive types work) and publishes a node for each."""
         known = dict(self._nodes)
         # 1. the reachable types: own tenant strings and message-typed edges
-        strings: dict[str, list[tuple[str, str, bool]]] = {}
+        strings: dict[str, list[tuple[str, str, str, str]]] = {}
         edges: dict[str, list[tuple[str, str, str]]] = {}
         pending = [descriptor]
         while pending:
@@ -276,8 +346,10 @@ class _TenantIndex:
             strings[name], edges[name] = [], []
             for field in current.fields:
                 repeated = _is_repeated(field)
-                if _is_tenant(field):
-                    strings[name].append((field.name, field.full_name, repeated))
+                key = _tenant_key(field)
+                if key is not None:
+                    how = "many" if repeated else "set" if field.has_presence else "one"
+                    strings[name].append((field.name, field.full_name, how, key))
                 elif field.type == FieldDescriptor.TYPE_MESSAGE:
                     sub_type = cast(Descriptor, field.message_type)
                     kind = "many" if repeated else "one"
@@ -336,7 +408,7 @@ def tenant_fields(descriptor: Any) -> list[str]:
         if id(node) in seen:
             return
         seen.add(id(node))
-        out.extend(full for _, full, _ in node.strings)
+        out.extend(full for _, full, _, _ in node.strings)
         for _, _, child in node.messages:
             walk(child)
 
@@ -344,16 +416,18 @@ def tenant_fields(descriptor: Any) -> list[str]:
     return out
 
 
-def _named_orgs(message: Message, node: _Node) -> Iterator[tuple[str, str]]:
-    """(field full name, org) for every non-empty tenant field set in ``message``."""
-    for name, full, repeated in node.strings:
+def _named_orgs(message: Message, node: _Node) -> Iterator[tuple[str, str, str]]:
+    """(field full name, org, key) for every non-empty tenant field set in ``message``."""
+    for name, full, how, key in node.strings:
+        if how == "set" and not message.HasField(name):
+            continue  # a oneof member not chosen, or an optional field not set
         value: Any = getattr(message, name)
-        if repeated:
+        if how == "many":
             for item in value:
                 if item:
-                    yield full, item
+                    yield full, item, key
         elif value:
-            yield full, value
+            yield full, value, key
     for name, kind, child in node.messages:
         if kind == "one":
             if message.HasField(name):
@@ -397,7 +471,8 @@ def _b64url(segment: str) -> bytes:
 
 
 def session_from_token(token: str) -> SessionInfo:
-    """The SessionInfo an access token claims (``email`` is not a claim: left empty).
+    """The SessionInfo an access token claims: session, user, role, org id, slug
+    and role, expiry (``email`` is not a claim: left empty).
 
     NOT a verification: it trusts the token's payload. Use it only to decide
     what to send; the receiver verifies the token.
@@ -425,6 +500,9 @@ def session_from_token(token: str) -> SessionInfo:
         info.org_role = _ORG_ROLES.get(
             str(claims.get("org_role", "")), resources_pb2.ORG_ROLE_UNSPECIFIED
         )
+        slug = claims.get("org_slug")
+        if isinstance(slug, str):
+            info.org_slug = slug
     exp = claims.get("exp")
     if isinstance(exp, int):
         info.expire_time.CopyFrom(Timestamp(seconds=exp))
@@ -493,11 +571,25 @@ class TenantScope:
         node = self._index.node(cast(Descriptor, request.DESCRIPTOR))
         if node is _EMPTY:
             return creds
-        active = creds.session.org_id if creds is not None else ""
-        for field, org in _named_orgs(request, node):
+        session = creds.session if creds is not None else None
+        active = session.org_id if session is not None else ""
+        for field, org, key in _named_orgs(request, node):
             if not active:
                 raise _Refusal(field, f"{field} names an organization and there is no active org")
-            if not same_org_id(org, active):
+            if key == _ID:
+                same = same_org_id(org, active)
+            elif key == _SLUG:
+                assert session is not None
+                if not session.org_slug:
+                    raise _Refusal(
+                        field,
+                        f"{field} names an organization by slug and the session's token "
+                        "carries no org slug",
+                    )
+                same = org == session.org_slug
+            else:
+                raise _Refusal(field, f"{field} has a tenant key this client does not know")
+            if not same:
                 raise _Refusal(field, f"{field} names another organization than the active org")
         return creds
 

@@ -48,9 +48,11 @@ refused, whatever the token says. Its ``iss`` and ``aud`` must be the configured
 than ``clock_skew`` seconds in the future; ``sub``, ``sid`` UUIDs; ``jti``
 present; ``role`` "user" or "admin"; ``ver`` an integer; and, when the session
 has an active org, ``org_id`` a UUID with ``org_role`` "owner", "admin" or
-"member". The handler's ``SessionInfo`` is built from these claims:
-session_id, user_id, role, org_id, org_role and expire_time; ``email`` and
-``session_expire_time`` are empty (they are not in the token). In online mode,
+"member", and ``org_slug`` a string (a token without it, from a server older
+than the claim, is taken with an empty slug). The handler's ``SessionInfo`` is
+built from these claims: session_id, user_id, role, org_id, org_slug, org_role
+and expire_time; ``email`` and ``session_expire_time`` are empty (they are not
+in the token). In online mode,
 and for tokens checked online during a gap (below), it is authsvc's own answer
 instead: the live role and org, with email.
 
@@ -63,7 +65,7 @@ Refusals are ``UNAUTHENTICATED`` with a ``google.rpc.Status`` carrying
   or audience, another algorithm, a ``kid`` authsvc does not publish.
 * ``TOKEN_EXPIRED``: past ``exp``.
 * ``SESSION_REVOKED``: the session was signed out or revoked.
-* ``TOKEN_STALE``: the session's claims (platform role, org, org role) changed
+* ``TOKEN_STALE``: the session's claims (platform role, org, org slug, org role) changed
   after the token was minted: refresh it.
 * ``SESSION_EXPIRED`` and others: whatever authsvc answered an online check.
 * ``UNAVAILABLE`` / ``BACKEND_UNAVAILABLE``: an online check could not reach
@@ -116,6 +118,16 @@ measures it).
   ``online_cache_ttl`` seconds, until the retention has passed and every such
   token has expired. A token minted later needs no check: the stream covers
   it. Online checks follow ``fail_open`` (below).
+* Event kinds: each event has a ``kind``. ``SESSION_REVOKED`` and
+  ``CLAIMS_CHANGED`` go into the deny set as above. An event of any other kind
+  (one added by a server newer than this sidecar, or ``UNSPECIFIED``) is never
+  skipped: it is treated exactly like a gap, from the moment it arrives (every
+  token issued before then is checked online until it has expired), since it
+  says that some tokens no longer stand and the sidecar cannot tell which. A
+  newer server cannot make an older sidecar fail open. Each such kind is logged
+  once (``authsvc.sidecar.revocation_kind_unknown``, with the kind's number and
+  nothing else). So is a known kind that lacks what it needs (a session id, a
+  claims version), which is treated the same way.
 
 Revocation: ``mode="online"``
 -----------------------------

@@ -26,7 +26,7 @@ from authsvc_client.v1 import options_pb2 as authsvc_dot_v1_dot_options__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bnotes.proto\x12\x08notes.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x01\n\x04Note\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x06org_id\x18\x02 \x01(\tB\x04\xb0\xbb\x18\x01\x12\x16\n\x0e\x61uthor_user_id\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0c\n\x04\x62ody\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"F\n\x11\x43reateNoteRequest\x12\x14\n\x06org_id\x18\x01 \x01(\tB\x04\xb0\xbb\x18\x01\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\"2\n\x12\x43reateNoteResponse\x12\x1c\n\x04note\x18\x01 \x01(\x0b\x32\x0e.notes.v1.Note\"O\n\x10ListNotesRequest\x12\x14\n\x06org_id\x18\x01 \x01(\tB\x04\xb0\xbb\x18\x01\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"K\n\x11ListNotesResponse\x12\x1d\n\x05notes\x18\x01 \x03(\x0b\x32\x0e.notes.v1.Note\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x0eGetNoteRequest\x12\x14\n\x06org_id\x18\x01 \x01(\tB\x04\xb0\xbb\x18\x01\x12\x0f\n\x07note_id\x18\x02 \x01(\t\"/\n\x0fGetNoteResponse\x12\x1c\n\x04note\x18\x01 \x01(\x0b\x32\x0e.notes.v1.Note\":\n\x11\x44\x65leteNoteRequest\x12\x14\n\x06org_id\x18\x01 \x01(\tB\x04\xb0\xbb\x18\x01\x12\x0f\n\x07note_id\x18\x02 \x01(\t\"\x14\n\x12\x44\x65leteNoteResponse2\x9f\x02\n\x05Notes\x12G\n\nCreateNote\x12\x1b.notes.v1.CreateNoteRequest\x1a\x1c.notes.v1.CreateNoteResponse\x12\x44\n\tListNotes\x12\x1a.notes.v1.ListNotesRequest\x1a\x1b.notes.v1.ListNotesResponse\x12>\n\x07GetNote\x12\x18.notes.v1.GetNoteRequest\x1a\x19.notes.v1.GetNoteResponse\x12G\n\nDeleteNote\x12\x1b.notes.v1.DeleteNoteRequest\x1a\x1c.notes.v1.DeleteNoteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bnotes.proto\x12\x08notes.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x01\n\x04Note\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x06org_id\x18\x02 \x01(\tB\x04\xb0\xbb\x18\x02\x12\x16\n\x0e\x61uthor_user_id\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0c\n\x04\x62ody\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"i\n\x11\x43reateNoteRequest\x12\x16\n\x06org_id\x18\x01 \x01(\tB\x04\xb0\xbb\x18\x02H\x00\x12\x18\n\x08org_slug\x18\x04 \x01(\tB\x04\xb0\xbb\x18\x03H\x00\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\tB\x05\n\x03org\"2\n\x12\x43reateNoteResponse\x12\x1c\n\x04note\x18\x01 \x01(\x0b\x32\x0e.notes.v1.Note\"r\n\x10ListNotesRequest\x12\x16\n\x06org_id\x18\x01 \x01(\tB\x04\xb0\xbb\x18\x02H\x00\x12\x18\n\x08org_slug\x18\x04 \x01(\tB\x04\xb0\xbb\x18\x03H\x00\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\tB\x05\n\x03org\"K\n\x11ListNotesResponse\x12\x1d\n\x05notes\x18\x01 \x03(\x0b\x32\x0e.notes.v1.Note\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Z\n\x0eGetNoteRequest\x12\x16\n\x06org_id\x18\x01 \x01(\tB\x04\xb0\xbb\x18\x02H\x00\x12\x18\n\x08org_slug\x18\x03 \x01(\tB\x04\xb0\xbb\x18\x03H\x00\x12\x0f\n\x07note_id\x18\x02 \x01(\tB\x05\n\x03org\"/\n\x0fGetNoteResponse\x12\x1c\n\x04note\x18\x01 \x01(\x0b\x32\x0e.notes.v1.Note\"]\n\x11\x44\x65leteNoteRequest\x12\x16\n\x06org_id\x18\x01 \x01(\tB\x04\xb0\xbb\x18\x02H\x00\x12\x18\n\x08org_slug\x18\x03 \x01(\tB\x04\xb0\xbb\x18\x03H\x00\x12\x0f\n\x07note_id\x18\x02 \x01(\tB\x05\n\x03org\"\x14\n\x12\x44\x65leteNoteResponse2\x9f\x02\n\x05Notes\x12G\n\nCreateNote\x12\x1b.notes.v1.CreateNoteRequest\x1a\x1c.notes.v1.CreateNoteResponse\x12\x44\n\tListNotes\x12\x1a.notes.v1.ListNotesRequest\x1a\x1b.notes.v1.ListNotesResponse\x12>\n\x07GetNote\x12\x18.notes.v1.GetNoteRequest\x1a\x19.notes.v1.GetNoteResponse\x12G\n\nDeleteNote\x12\x1b.notes.v1.DeleteNoteRequest\x1a\x1c.notes.v1.DeleteNoteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,41 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'notes_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NOTE'].fields_by_name['org_id']._loaded_options = None
-  _globals['_NOTE'].fields_by_name['org_id']._serialized_options = b'\260\273\030\001'
+  _globals['_NOTE'].fields_by_name['org_id']._serialized_options = b'\260\273\030\002'
   _globals['_CREATENOTEREQUEST'].fields_by_name['org_id']._loaded_options = None
-  _globals['_CREATENOTEREQUEST'].fields_by_name['org_id']._serialized_options = b'\260\273\030\001'
+  _globals['_CREATENOTEREQUEST'].fields_by_name['org_id']._serialized_options = b'\260\273\030\002'
+  _globals['_CREATENOTEREQUEST'].fields_by_name['org_slug']._loaded_options = None
+  _globals['_CREATENOTEREQUEST'].fields_by_name['org_slug']._serialized_options = b'\260\273\030\003'
   _globals['_LISTNOTESREQUEST'].fields_by_name['org_id']._loaded_options = None
-  _globals['_LISTNOTESREQUEST'].fields_by_name['org_id']._serialized_options = b'\260\273\030\001'
+  _globals['_LISTNOTESREQUEST'].fields_by_name['org_id']._serialized_options = b'\260\273\030\002'
+  _globals['_LISTNOTESREQUEST'].fields_by_name['org_slug']._loaded_options = None
+  _globals['_LISTNOTESREQUEST'].fields_by_name['org_slug']._serialized_options = b'\260\273\030\003'
   _globals['_GETNOTEREQUEST'].fields_by_name['org_id']._loaded_options = None
-  _globals['_GETNOTEREQUEST'].fields_by_name['org_id']._serialized_options = b'\260\273\030\001'
+  _globals['_GETNOTEREQUEST'].fields_by_name['org_id']._serialized_options = b'\260\273\030\002'
+  _globals['_GETNOTEREQUEST'].fields_by_name['org_slug']._loaded_options = None
+  _globals['_GETNOTEREQUEST'].fields_by_name['org_slug']._serialized_options = b'\260\273\030\003'
   _globals['_DELETENOTEREQUEST'].fields_by_name['org_id']._loaded_options = None
-  _globals['_DELETENOTEREQUEST'].fields_by_name['org_id']._serialized_options = b'\260\273\030\001'
+  _globals['_DELETENOTEREQUEST'].fields_by_name['org_id']._serialized_options = b'\260\273\030\002'
+  _globals['_DELETENOTEREQUEST'].fields_by_name['org_slug']._loaded_options = None
+  _globals['_DELETENOTEREQUEST'].fields_by_name['org_slug']._serialized_options = b'\260\273\030\003'
   _globals['_NOTE']._serialized_start=85
   _globals['_NOTE']._serialized_end=227
   _globals['_CREATENOTEREQUEST']._serialized_start=229
-  _globals['_CREATENOTEREQUEST']._serialized_end=299
-  _globals['_CREATENOTERESPONSE']._serialized_start=301
-  _globals['_CREATENOTERESPONSE']._serialized_end=351
-  _globals['_LISTNOTESREQUEST']._serialized_start=353
-  _globals['_LISTNOTESREQUEST']._serialized_end=432
-  _globals['_LISTNOTESRESPONSE']._serialized_start=434
-  _globals['_LISTNOTESRESPONSE']._serialized_end=509
-  _globals['_GETNOTEREQUEST']._serialized_start=511
-  _globals['_GETNOTEREQUEST']._serialized_end=566
-  _globals['_GETNOTERESPONSE']._serialized_start=568
-  _globals['_GETNOTERESPONSE']._serialized_end=615
-  _globals['_DELETENOTEREQUEST']._serialized_start=617
-  _globals['_DELETENOTEREQUEST']._serialized_end=675
-  _globals['_DELETENOTERESPONSE']._serialized_start=677
-  _globals['_DELETENOTERESPONSE']._serialized_end=697
-  _globals['_NOTES']._serialized_start=700
-  _globals['_NOTES']._serialized_end=987
+  _globals['_CREATENOTEREQUEST']._serialized_end=334
+  _globals['_CREATENOTERESPONSE']._serialized_start=336
+  _globals['_CREATENOTERESPONSE']._serialized_end=386
+  _globals['_LISTNOTESREQUEST']._serialized_start=388
+  _globals['_LISTNOTESREQUEST']._serialized_end=502
+  _globals['_LISTNOTESRESPONSE']._serialized_start=504
+  _globals['_LISTNOTESRESPONSE']._serialized_end=579
+  _globals['_GETNOTEREQUEST']._serialized_start=581
+  _globals['_GETNOTEREQUEST']._serialized_end=671
+  _globals['_GETNOTERESPONSE']._serialized_start=673
+  _globals['_GETNOTERESPONSE']._serialized_end=720
+  _globals['_DELETENOTEREQUEST']._serialized_start=722
+  _globals['_DELETENOTEREQUEST']._serialized_end=815
+  _globals['_DELETENOTERESPONSE']._serialized_start=817
+  _globals['_DELETENOTERESPONSE']._serialized_end=837
+  _globals['_NOTES']._serialized_start=840
+  _globals['_NOTES']._serialized_end=1127
 # @@protoc_insertion_point(module_scope)

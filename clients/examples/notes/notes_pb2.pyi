@@ -72,10 +72,13 @@ class CreateNoteRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ORG_ID_FIELD_NUMBER: _builtins.int
+    ORG_SLUG_FIELD_NUMBER: _builtins.int
     TITLE_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
-    """The caller's active org."""
+    """The org's id."""
+    org_slug: _builtins.str
+    """The org's slug."""
     title: _builtins.str
     """See Note."""
     body: _builtins.str
@@ -84,14 +87,17 @@ class CreateNoteRequest(_message.Message):
         self,
         *,
         org_id: _builtins.str = ...,
+        org_slug: _builtins.str = ...,
         title: _builtins.str = ...,
         body: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "org_id", b"org_id", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "org", b"org", "org_id", b"org_id", "org_slug", b"org_slug", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_org: _TypeAlias = _typing.Literal["org_id", "org_slug"]  # noqa: Y015
+    _WhichOneofArgType_org: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_org) -> _WhichOneofReturnType_org | None: ...
 
 Global___CreateNoteRequest: _TypeAlias = CreateNoteRequest  # noqa: Y015
 
@@ -126,10 +132,13 @@ class ListNotesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ORG_ID_FIELD_NUMBER: _builtins.int
+    ORG_SLUG_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
-    """The caller's active org."""
+    """The org's id."""
+    org_slug: _builtins.str
+    """The org's slug."""
     page_size: _builtins.int
     """At most this many; 0 means 50, values above 500 are treated as 500."""
     page_token: _builtins.str
@@ -138,14 +147,17 @@ class ListNotesRequest(_message.Message):
         self,
         *,
         org_id: _builtins.str = ...,
+        org_slug: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_id", b"org_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_org: _TypeAlias = _typing.Literal["org_id", "org_slug"]  # noqa: Y015
+    _WhichOneofArgType_org: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_org) -> _WhichOneofReturnType_org | None: ...
 
 Global___ListNotesRequest: _TypeAlias = ListNotesRequest  # noqa: Y015
 
@@ -184,22 +196,28 @@ class GetNoteRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ORG_ID_FIELD_NUMBER: _builtins.int
+    ORG_SLUG_FIELD_NUMBER: _builtins.int
     NOTE_ID_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
-    """The caller's active org."""
+    """The org's id."""
+    org_slug: _builtins.str
+    """The org's slug."""
     note_id: _builtins.str
     """The note."""
     def __init__(
         self,
         *,
         org_id: _builtins.str = ...,
+        org_slug: _builtins.str = ...,
         note_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["note_id", b"note_id", "org_id", b"org_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["note_id", b"note_id", "org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_org: _TypeAlias = _typing.Literal["org_id", "org_slug"]  # noqa: Y015
+    _WhichOneofArgType_org: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_org) -> _WhichOneofReturnType_org | None: ...
 
 Global___GetNoteRequest: _TypeAlias = GetNoteRequest  # noqa: Y015
 
@@ -234,22 +252,28 @@ class DeleteNoteRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ORG_ID_FIELD_NUMBER: _builtins.int
+    ORG_SLUG_FIELD_NUMBER: _builtins.int
     NOTE_ID_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
-    """The caller's active org."""
+    """The org's id."""
+    org_slug: _builtins.str
+    """The org's slug."""
     note_id: _builtins.str
     """The note."""
     def __init__(
         self,
         *,
         org_id: _builtins.str = ...,
+        org_slug: _builtins.str = ...,
         note_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["note_id", b"note_id", "org_id", b"org_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["note_id", b"note_id", "org", b"org", "org_id", b"org_id", "org_slug", b"org_slug"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_org: _TypeAlias = _typing.Literal["org_id", "org_slug"]  # noqa: Y015
+    _WhichOneofArgType_org: _TypeAlias = _typing.Literal["org", b"org"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_org) -> _WhichOneofReturnType_org | None: ...
 
 Global___DeleteNoteRequest: _TypeAlias = DeleteNoteRequest  # noqa: Y015
 

@@ -30,9 +30,15 @@ class NotesStub:
     the authsvc sidecar (see README.md).
 
     Every call needs an authsvc access token whose session has an active org,
-    and names that org in `org_id`: a request naming another org fails with
-    PERMISSION_DENIED / ORG_MISMATCH, whatever else it says. A note of another
-    org is NOT_FOUND, exactly like a note that does not exist.
+    and names that org in its `org` oneof, by id (`org_id`) or by slug
+    (`org_slug`, handy when it comes from a URL): a request naming another org,
+    or none, fails with PERMISSION_DENIED / ORG_MISMATCH, whatever else it says.
+    A note of another org is NOT_FOUND, exactly like a note that does not exist.
+
+    The fields are marked with `(authsvc.v1.tenant)`, so the tenant-scoping
+    client interceptor of `authsvc_client.scoping` refuses such a request before
+    sending it (the field names alone would do, since `org_id` and `org_slug` are
+    the names it knows; the marks say it outright).
     """
 
     def __init__(self, channel):
@@ -68,9 +74,15 @@ class NotesServicer:
     the authsvc sidecar (see README.md).
 
     Every call needs an authsvc access token whose session has an active org,
-    and names that org in `org_id`: a request naming another org fails with
-    PERMISSION_DENIED / ORG_MISMATCH, whatever else it says. A note of another
-    org is NOT_FOUND, exactly like a note that does not exist.
+    and names that org in its `org` oneof, by id (`org_id`) or by slug
+    (`org_slug`, handy when it comes from a URL): a request naming another org,
+    or none, fails with PERMISSION_DENIED / ORG_MISMATCH, whatever else it says.
+    A note of another org is NOT_FOUND, exactly like a note that does not exist.
+
+    The fields are marked with `(authsvc.v1.tenant)`, so the tenant-scoping
+    client interceptor of `authsvc_client.scoping` refuses such a request before
+    sending it (the field names alone would do, since `org_id` and `org_slug` are
+    the names it knows; the marks say it outright).
     """
 
     def CreateNote(self, request, context):
@@ -137,9 +149,15 @@ class Notes:
     the authsvc sidecar (see README.md).
 
     Every call needs an authsvc access token whose session has an active org,
-    and names that org in `org_id`: a request naming another org fails with
-    PERMISSION_DENIED / ORG_MISMATCH, whatever else it says. A note of another
-    org is NOT_FOUND, exactly like a note that does not exist.
+    and names that org in its `org` oneof, by id (`org_id`) or by slug
+    (`org_slug`, handy when it comes from a URL): a request naming another org,
+    or none, fails with PERMISSION_DENIED / ORG_MISMATCH, whatever else it says.
+    A note of another org is NOT_FOUND, exactly like a note that does not exist.
+
+    The fields are marked with `(authsvc.v1.tenant)`, so the tenant-scoping
+    client interceptor of `authsvc_client.scoping` refuses such a request before
+    sending it (the field names alone would do, since `org_id` and `org_slug` are
+    the names it knows; the marks say it outright).
     """
 
     @staticmethod

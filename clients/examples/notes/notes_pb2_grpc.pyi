@@ -31,9 +31,15 @@ class NotesStub:
     the authsvc sidecar (see README.md).
 
     Every call needs an authsvc access token whose session has an active org,
-    and names that org in `org_id`: a request naming another org fails with
-    PERMISSION_DENIED / ORG_MISMATCH, whatever else it says. A note of another
-    org is NOT_FOUND, exactly like a note that does not exist.
+    and names that org in its `org` oneof, by id (`org_id`) or by slug
+    (`org_slug`, handy when it comes from a URL): a request naming another org,
+    or none, fails with PERMISSION_DENIED / ORG_MISMATCH, whatever else it says.
+    A note of another org is NOT_FOUND, exactly like a note that does not exist.
+
+    The fields are marked with `(authsvc.v1.tenant)`, so the tenant-scoping
+    client interceptor of `authsvc_client.scoping` refuses such a request before
+    sending it (the field names alone would do, since `org_id` and `org_slug` are
+    the names it knows; the marks say it outright).
     """
 
     @_typing.overload
@@ -55,9 +61,15 @@ class NotesAsyncStub(NotesStub):
     the authsvc sidecar (see README.md).
 
     Every call needs an authsvc access token whose session has an active org,
-    and names that org in `org_id`: a request naming another org fails with
-    PERMISSION_DENIED / ORG_MISMATCH, whatever else it says. A note of another
-    org is NOT_FOUND, exactly like a note that does not exist.
+    and names that org in its `org` oneof, by id (`org_id`) or by slug
+    (`org_slug`, handy when it comes from a URL): a request naming another org,
+    or none, fails with PERMISSION_DENIED / ORG_MISMATCH, whatever else it says.
+    A note of another org is NOT_FOUND, exactly like a note that does not exist.
+
+    The fields are marked with `(authsvc.v1.tenant)`, so the tenant-scoping
+    client interceptor of `authsvc_client.scoping` refuses such a request before
+    sending it (the field names alone would do, since `org_id` and `org_slug` are
+    the names it knows; the marks say it outright).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -75,9 +87,15 @@ class NotesServicer(metaclass=_abc_1.ABCMeta):
     the authsvc sidecar (see README.md).
 
     Every call needs an authsvc access token whose session has an active org,
-    and names that org in `org_id`: a request naming another org fails with
-    PERMISSION_DENIED / ORG_MISMATCH, whatever else it says. A note of another
-    org is NOT_FOUND, exactly like a note that does not exist.
+    and names that org in its `org` oneof, by id (`org_id`) or by slug
+    (`org_slug`, handy when it comes from a URL): a request naming another org,
+    or none, fails with PERMISSION_DENIED / ORG_MISMATCH, whatever else it says.
+    A note of another org is NOT_FOUND, exactly like a note that does not exist.
+
+    The fields are marked with `(authsvc.v1.tenant)`, so the tenant-scoping
+    client interceptor of `authsvc_client.scoping` refuses such a request before
+    sending it (the field names alone would do, since `org_id` and `org_slug` are
+    the names it knows; the marks say it outright).
     """
 
     @_abc_1.abstractmethod

@@ -2,11 +2,12 @@
 
 Tenancy is enforced twice, on purpose:
 
-* The servicer never trusts the request's ``org_id`` alone. Each handler
-  takes the caller's session from the sidecar (``current_session()``),
-  checks that the request names the session's active org
-  (``assert_same_org``: PERMISSION_DENIED / ORG_MISMATCH otherwise), and
-  then reads and writes the store under the *session's* org.
+* The servicer never trusts the request's org alone. Each handler takes the
+  caller's session from the sidecar (``current_session()``), checks that the
+  request names the session's active org, by id or by slug (``assert_same_org``,
+  against the ``org_id`` / ``org_slug`` the token carries: PERMISSION_DENIED /
+  ORG_MISMATCH otherwise, and for a request naming no org), and then reads and
+  writes the store under the *session's* org id.
 * The store takes the org on every call and keeps each org's notes apart, so
   a note id of another org is simply not found (NOT_FOUND, the same answer
   as for an id that never existed: nothing leaks).
@@ -33,6 +34,12 @@ from . import notes_pb2, notes_pb2_grpc
 Context = grpc.aio.ServicerContext[Any, Any]
 SessionSource = Callable[[], resources_pb2.SessionInfo | None]
 _R = TypeVar("_R")
+_OrgRequest = (
+    notes_pb2.CreateNoteRequest
+    | notes_pb2.GetNoteRequest
+    | notes_pb2.ListNotesRequest
+    | notes_pb2.DeleteNoteRequest
+)
 
 MAX_TITLE = 200
 MAX_BODY = 10_000
@@ -132,14 +139,18 @@ class NotesServicer(notes_pb2_grpc.NotesServicer):
         self._store = store
         self._session = session
 
-    def _tenant(self, org_id: str) -> resources_pb2.SessionInfo:
-        """The caller, once the request's org is checked against their active org.
+    def _tenant(self, request: _OrgRequest) -> resources_pb2.SessionInfo:
+        """The caller, once the org the request names (its ``org`` oneof: an id
+        or a slug) is checked against their active org.
 
         Raises:
-            OrgMismatch: no session, no active org, or another org.
+            OrgMismatch: no session, no active org, no org named, or another org.
         """
         session = self._session()
-        assert_same_org(session, org_id)
+        if request.WhichOneof("org") == "org_slug":
+            assert_same_org(session, slug=request.org_slug)
+        else:
+            assert_same_org(session, request.org_id)  # unset: "" names no org
         assert session is not None
         return session
 
@@ -147,7 +158,7 @@ class NotesServicer(notes_pb2_grpc.NotesServicer):
         self, request: notes_pb2.CreateNoteRequest, context: Context
     ) -> notes_pb2.CreateNoteResponse:
         def work() -> notes_pb2.CreateNoteResponse:
-            session = self._tenant(request.org_id)
+            session = self._tenant(request)
             if not 1 <= len(request.title) <= MAX_TITLE or len(request.body) > MAX_BODY:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "title or body out of bounds")
             note = self._store.add(session.org_id, session.user_id, request.title, request.body)
@@ -159,7 +170,7 @@ class NotesServicer(notes_pb2_grpc.NotesServicer):
         self, request: notes_pb2.GetNoteRequest, context: Context
     ) -> notes_pb2.GetNoteResponse:
         def work() -> notes_pb2.GetNoteResponse:
-            session = self._tenant(request.org_id)
+            session = self._tenant(request)
             note = self._store.get(session.org_id, request.note_id)
             if note is None:
                 raise _Abort(grpc.StatusCode.NOT_FOUND, "no such note")
@@ -171,7 +182,7 @@ class NotesServicer(notes_pb2_grpc.NotesServicer):
         self, request: notes_pb2.ListNotesRequest, context: Context
     ) -> notes_pb2.ListNotesResponse:
         def work() -> notes_pb2.ListNotesResponse:
-            session = self._tenant(request.org_id)
+            session = self._tenant(request)
             if request.page_size < 0:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "page_size must not be negative")
             size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
@@ -189,7 +200,7 @@ class NotesServicer(notes_pb2_grpc.NotesServicer):
         self, request: notes_pb2.DeleteNoteRequest, context: Context
     ) -> notes_pb2.DeleteNoteResponse:
         def work() -> notes_pb2.DeleteNoteResponse:
-            session = self._tenant(request.org_id)
+            session = self._tenant(request)
             note = self._store.get(session.org_id, request.note_id)
             if note is None:
                 raise _Abort(grpc.StatusCode.NOT_FOUND, "no such note")

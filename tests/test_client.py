@@ -5,11 +5,6 @@ is checked as the typed exception of its reason, chained to the
 ``grpc.aio.AioRpcError`` it came from. How the client reads a sign-in that
 answers a challenge (which this server never does yet) is checked against a
 small AuthService of the test's own, over a real channel too.
-
-The tests marked ``NEEDS_SERVER`` check the client against server behaviour
-that is being built on another branch (etags, ``force``, ``allow_missing``,
-given and family names, the memberships of ListOrgs): they are expected to
-fail here, strictly, so that the merge removes the mark.
 """
 
 from __future__ import annotations
@@ -82,15 +77,6 @@ from tests.app import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-#: A test of the client against server behaviour built on the users/orgs
-#: branch (etag checks, force, allow_missing, names, ListOrgs memberships).
-NEEDS_SERVER = pytest.mark.xfail(
-    strict=True,
-    reason="the server side (etags, force, allow_missing, names, memberships) is on "
-    "another branch; remove this mark once it is merged",
-)
-
 
 def _email() -> str:
     return f"client-{uuid.uuid4().hex[:12]}@example.com"
@@ -238,7 +224,6 @@ async def test_sign_up_sign_in_refresh_authenticate_and_sign_out(
     assert (await client.authenticate(up.tokens.access_token)).session_id == up.tokens.session_id
 
 
-@NEEDS_SERVER
 async def test_names_at_sign_up_and_sign_in(api: Api, client: AuthsvcClient) -> None:
     up = await _user(client, given_name="Ada", family_name="Lovelace")
     assert (up.user.given_name, up.user.family_name) == ("Ada", "Lovelace")
@@ -529,7 +514,6 @@ async def test_users_with_the_api_key(api: Api, service: AuthsvcClient) -> None:
     assert await service.count_users() == 4
 
 
-@NEEDS_SERVER
 async def test_user_names_etags_and_allow_missing(api: Api, service: AuthsvcClient) -> None:
     user = (await _user(service)).user
     named = await service.update_user(user_id=user.id, given_name="Ada", family_name="Lovelace")
@@ -752,7 +736,6 @@ async def test_orgs_with_the_api_key(
     assert [o.org.id for o in await service.list_orgs(user_id=up.user.id)] == ids[1:]
 
 
-@NEEDS_SERVER
 async def test_list_orgs_carries_each_membership(
     api: Api, client: AuthsvcClient, service: AuthsvcClient
 ) -> None:
@@ -779,7 +762,6 @@ async def test_list_orgs_carries_each_membership(
     ]
 
 
-@NEEDS_SERVER
 async def test_org_etags_force_and_allow_missing(api: Api, client: AuthsvcClient) -> None:
     org, tokens = await _owner_of_new_org(client)
     owner = client.with_token(tokens.access_token)

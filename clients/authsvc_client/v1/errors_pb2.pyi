@@ -93,8 +93,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     session's active org, or the session has no active org.
     """
     ERROR_REASON_TOKEN_STALE: _ErrorReason.ValueType  # 26
-    """UNAUTHENTICATED: the token's claims (platform role, org, org role) changed
-    after it was minted; refresh to get a token with the current claims.
+    """UNAUTHENTICATED: the token's claims (platform role, org, org slug, org
+    role) changed after it was minted; refresh to get a token with the
+    current claims.
     Sent by verifiers that check tokens locally (the sidecar interceptor).
     """
     ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 27
@@ -200,8 +201,9 @@ ERROR_REASON_ORG_MISMATCH: ErrorReason.ValueType  # 25
 session's active org, or the session has no active org.
 """
 ERROR_REASON_TOKEN_STALE: ErrorReason.ValueType  # 26
-"""UNAUTHENTICATED: the token's claims (platform role, org, org role) changed
-after it was minted; refresh to get a token with the current claims.
+"""UNAUTHENTICATED: the token's claims (platform role, org, org slug, org
+role) changed after it was minted; refresh to get a token with the
+current claims.
 Sent by verifiers that check tokens locally (the sidecar interceptor).
 """
 ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 27

@@ -50,7 +50,7 @@ class Ctx:
     owner: OrgUser  # owns ``org``, which is active in the owner's session
     member: OrgUser  # a member of ``org``
     org: Any
-    victim: Any  # a SignInWithPasswordResponse of the owner: spent by RefreshToken & co.
+    victim: Any  # a SignInResult of the owner: spent by RefreshToken & co.
 
     @classmethod
     async def make(cls, api: Api) -> Ctx:
@@ -61,7 +61,7 @@ class Ctx:
             auth_pb2.SignInWithPasswordRequest(email=owner.user.email, password=PASSWORD)
         )
         remember(victim.result.tokens.access_token, victim.result.tokens.refresh_token)
-        return cls(api, admin, owner, member, org, victim)
+        return cls(api, admin, owner, member, org, victim.result)
 
 
 # One valid request per RPC (a failure on it is fine: only its shape matters).
@@ -75,6 +75,11 @@ BUILDERS: dict[str, Callable[[Ctx], Message]] = {
     "AuthService.SignInWithPassword": lambda c: auth_pb2.SignInWithPasswordRequest(
         email=c.owner.user.email,
         password=PASSWORD,
+        client_info=resources_pb2.ClientInfo(ip_address="203.0.113.9", user_agent="ua/1"),
+    ),
+    "AuthService.CompleteSignIn": lambda c: auth_pb2.CompleteSignInRequest(
+        pending_token="pt_" + "p" * 40,
+        new_password="a perfectly fine password",
         client_info=resources_pb2.ClientInfo(ip_address="203.0.113.9", user_agent="ua/1"),
     ),
     "AuthService.RefreshToken": lambda c: auth_pb2.RefreshTokenRequest(
@@ -98,6 +103,12 @@ BUILDERS: dict[str, Callable[[Ctx], Message]] = {
     "UserService.UpdateUser": lambda c: users_pb2.UpdateUserRequest(
         user=resources_pb2.User(id=c.owner.id, display_name="Renamed", email=c.owner.user.email),
         update_mask=FieldMask(paths=["display_name"]),
+    ),
+    "UserService.SetUserRole": lambda c: users_pb2.SetUserRoleRequest(
+        user_id=c.member.id, role=resources_pb2.ROLE_USER, etag=""
+    ),
+    "UserService.SetUserEmail": lambda c: users_pb2.SetUserEmailRequest(
+        user_id=c.member.id, email=f"moved-{uuid.uuid4().hex[:8]}@example.com", etag=""
     ),
     "UserService.DeleteUser": lambda c: users_pb2.DeleteUserRequest(user_id=c.member.id),
     "UserService.CountUsers": lambda c: users_pb2.CountUsersRequest(),
@@ -288,13 +299,14 @@ async def test_every_rpc_answers_huge_and_odd_inputs_with_an_error_info(api: Api
         for rpc, method in _methods():
             base = BUILDERS[rpc](ctx)
             for name, body in _requests(base):
-                # SignOut would end the admin's session: it signs out the victim.
-                md = (
-                    (("authorization", f"Bearer {ctx.victim.tokens.access_token}"),)
-                    if rpc == "AuthService.SignOut"
-                    else admin
-                )
-                for who, metadata in (("admin", md), ("user", ctx.owner.md)):
+                callers = (("admin", admin), ("user", ctx.owner.md))
+                if rpc == "AuthService.SignOut":
+                    # It would end the admin's or the owner's session (and
+                    # leave the owner's later calls nothing but SESSION_REVOKED):
+                    # it signs out the victim.
+                    victim = (("authorization", f"Bearer {ctx.victim.tokens.access_token}"),)
+                    callers = (("admin", victim), ("user", victim))
+                for who, metadata in callers:
                     calls += 1
                     problem = await _answer(channel, rpc, method, body, metadata)
                     if problem is not None:

@@ -21,7 +21,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from authsvc.api.access import access_table
+from authsvc.api.access import access_table, errors_table
 from authsvc.api.edge import ApiKeys, EdgeInterceptor
 from authsvc.api.servicers import AuthServicer, OrgServicer, SessionServicer, UserServicer
 from authsvc.config import Settings
@@ -294,7 +294,10 @@ async def build_server(
     core = await build_core(settings)
     try:
         interceptor = EdgeInterceptor(
-            access_table(SERVICES), core.auth.authenticate, ApiKeys(settings.api_keys)
+            access_table(SERVICES),
+            core.auth.authenticate,
+            ApiKeys(settings.api_keys),
+            reasons=errors_table(SERVICES),
         )
         server = grpc.aio.server(
             interceptors=[interceptor],

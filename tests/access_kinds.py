@@ -26,7 +26,6 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from google.protobuf.field_mask_pb2 import FieldMask
 
 from authsvc.domain.models import Role
 from authsvc.security.jwt_tokens import AccessClaims, SigningKey
@@ -61,9 +60,10 @@ class Kind:
     """A kind of credential, as the server must see it.
 
     ``fails_with``: the UNAUTHENTICATED reason every method answers (the
-    credential is checked on every method before the request is read; public
-    methods check only an API key and ignore a bearer). Otherwise the flags
-    say who the server sees: a user's
+    credential is checked before the request is read), except that a public
+    method ignores a bearer (``options.proto``, ACCESS_PUBLIC) and checks only
+    an API key (``api_key_checked``). Otherwise the flags say who the server
+    sees: a user's
     live access token (``token``), the API key (``service``), the user's live
     platform role (``platform_admin``) and live role in their session's
     active org ``A`` (``org_role``), and whether the request names the
@@ -74,6 +74,7 @@ class Kind:
     name: str
     doc: str
     fails_with: str = ""
+    api_key_checked: bool = False  # ``fails_with`` comes from the API key
     token: bool = False
     service: bool = False
     platform_admin: bool = False
@@ -95,7 +96,12 @@ KINDS: tuple[Kind, ...] = (
         fails_with="TOKEN_EXPIRED",
     ),
     Kind("revoked", "a platform admin's token after SignOut", fails_with="SESSION_REVOKED"),
-    Kind("bad_api_key", "an x-api-key the server does not know", fails_with="API_KEY_INVALID"),
+    Kind(
+        "bad_api_key",
+        "an x-api-key the server does not know",
+        fails_with="API_KEY_INVALID",
+        api_key_checked=True,
+    ),
     Kind(
         "api_key_malformed",
         "the valid API key next to a malformed bearer",
@@ -226,11 +232,8 @@ class World:
     async def _new_admin(self) -> OrgUser:
         """A user made platform admin (by the API key), with a token that says so."""
         created = await self.api.sign_up()
-        await self.api.users.UpdateUser(
-            users_pb2.UpdateUserRequest(
-                user=resources_pb2.User(id=created.user.id, role=resources_pb2.ROLE_ADMIN),
-                update_mask=FieldMask(paths=["role"]),
-            ),
+        await self.api.users.SetUserRole(
+            users_pb2.SetUserRoleRequest(user_id=created.user.id, role=resources_pb2.ROLE_ADMIN),
             metadata=service(),
         )
         tokens = await refreshed(self.api, created.tokens.refresh_token)
@@ -350,11 +353,8 @@ class World:
     async def _stale_admin(self) -> OrgUser:
         """A platform admin's session; the user is then demoted to user."""
         admin = await self._new_admin()
-        await self.api.users.UpdateUser(
-            users_pb2.UpdateUserRequest(
-                user=resources_pb2.User(id=admin.id, role=resources_pb2.ROLE_USER),
-                update_mask=FieldMask(paths=["role"]),
-            ),
+        await self.api.users.SetUserRole(
+            users_pb2.SetUserRoleRequest(user_id=admin.id, role=resources_pb2.ROLE_USER),
             metadata=service(),
         )
         # The token still says admin; the server reads the live role.

@@ -1,6 +1,9 @@
-"""Top-level test configuration: only registers the infrastructure plugin.
+"""Top-level test configuration: only registers the plugins.
 
-Application fixtures go in their own conftest/plugin modules, not here.
+Application fixtures go in their own conftest/plugin modules, not here:
+``tests.infra`` (PostgreSQL, Redis), ``tests.app`` (authsvc servers) and
+``tests.undeclared`` (the run fails when a call answered an error reason its
+method does not declare).
 """
 
 import sys
@@ -16,4 +19,4 @@ _CLIENTS = str(Path(_ROOT) / "clients")
 if _CLIENTS not in sys.path:
     sys.path.append(_CLIENTS)
 
-pytest_plugins = ["tests.infra", "tests.app"]
+pytest_plugins = ["tests.infra", "tests.app", "tests.undeclared"]

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests import undeclared
 from tests.app import UNCHECKED_PROCESSES, find_leaks, remember_master
 
 VENV_BIN = Path(sys.prefix) / "bin"
@@ -46,7 +47,9 @@ def assert_no_secrets(
     text: str, *extra: str, proc: asyncio.subprocess.Process | None = None
 ) -> None:
     """``text`` (a subprocess's output) shows no secret; ``proc``'s output is
-    marked as checked."""
+    marked as checked. The error reasons it logged as undeclared are noted
+    (``tests.undeclared``)."""
+    undeclared.note_output(text)
     if proc is not None:
         UNCHECKED_PROCESSES.pop(proc.pid, None)
         # The process's master secret, configured or made on first start:

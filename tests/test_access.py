@@ -17,6 +17,13 @@ must change no stored row (``refused``); an allowed one must have its effect
 (each request's ``check``). A method added later without a request here
 fails ``test_every_method_has_a_request``.
 
+Public methods ignore a bearer (``options.proto``, ACCESS_PUBLIC: the
+credential is in the request) and still check an API key. Until the server
+does (another branch), the cells of a public method with a broken bearer are
+left out (``BEARER_IGNORED_ON_PUBLIC``): today they answer the bearer's reason,
+which no public method declares. CompleteSignIn answers PENDING_TOKEN_INVALID
+to every caller it admits: no sign-in issues a challenge yet.
+
 Stale tokens: the server has no TOKEN_STALE of its own (that is the sidecar's
 answer, from WatchRevocations). A stale token still verifies, and the server
 acts on the live session, user and membership ("Authenticate ... reports the
@@ -155,18 +162,26 @@ ORG_NEEDS: dict[str, OrgRole] = {
 RANK = {MEMBER: 1, ORG_ADMIN: 2, OWNER: 3}
 
 
+# What a public method answers a caller it admits, when not OK: no sign-in
+# answers a challenge yet, so no pending token is valid.
+PUBLIC_ANSWERS: dict[str, Outcome] = {
+    "CompleteSignIn": Outcome(UNAUTHENTICATED, "PENDING_TOKEN_INVALID"),
+}
+# Whether the server already ignores a bearer on public methods (another
+# branch makes it so). Until then the cells that depend on it are not run;
+# set it to True once it does (and then remove it).
+BEARER_IGNORED_ON_PUBLIC = False
+
+
 def expected(access: int, method: str, kind: Kind) -> Outcome:
     """The one answer the contract allows for this method and credential."""
-    if access == PUBLIC:
-        # A bearer in metadata is ignored on public methods (their credential
-        # is in the request); an API key is still checked.
-        if kind.fails_with == "API_KEY_INVALID":
-            return Outcome(UNAUTHENTICATED, kind.fails_with)
-        return OK
-    if kind.fails_with:
-        # Every credential sent is checked, on every other method, before
-        # the request is read; an API key does not excuse a bad token.
+    if kind.fails_with and (access != PUBLIC or kind.api_key_checked):
+        # Every credential sent is checked before the request is read (an
+        # API key does not excuse a bad token), except a bearer on a public
+        # method, which is ignored: there the credential is in the request.
         return Outcome(UNAUTHENTICATED, kind.fails_with)
+    if access == PUBLIC:
+        return PUBLIC_ANSWERS.get(method, OK)
     if access == USER:
         # A user's access token; an API key alone is not a user.
         return OK if kind.token else NOT_AUTHENTICATED
@@ -235,9 +250,10 @@ async def _sign_up(w: World, c: Caller) -> Prepared:
     email = f"new-{uuid.uuid4().hex[:12]}@example.com"
 
     async def check(r: Any) -> None:
-        remember(r.tokens.access_token, r.tokens.refresh_token)
-        assert r.user.email == email
-        assert (await who(w.api, r.tokens.access_token)).user_id == r.user.id
+        tokens = r.result.tokens
+        remember(tokens.access_token, tokens.refresh_token)
+        assert r.result.user.email == email
+        assert (await who(w.api, tokens.access_token)).user_id == r.result.user.id
 
     return Prepared(auth_pb2.SignUpRequest(email=email, password=PASSWORD), check)
 
@@ -247,13 +263,26 @@ async def _sign_in(w: World, c: Caller) -> Prepared:
     victim = await w.victim()
 
     async def check(r: Any) -> None:
-        remember(r.tokens.access_token, r.tokens.refresh_token)
-        assert r.user.id == victim.id
-        seen = await who(w.api, r.tokens.access_token)
-        assert (seen.user_id, seen.session_id) == (victim.id, r.tokens.session_id)
+        tokens = r.result.tokens
+        remember(tokens.access_token, tokens.refresh_token)
+        assert r.result.user.id == victim.id
+        seen = await who(w.api, tokens.access_token)
+        assert (seen.user_id, seen.session_id) == (victim.id, tokens.session_id)
 
     req = auth_pb2.SignInWithPasswordRequest(email=victim.user.email, password=PASSWORD)
     return Prepared(req, check)
+
+
+@request("/authsvc.v1.AuthService/CompleteSignIn")
+async def _complete_sign_in(w: World, c: Caller) -> Prepared:
+    # A well-formed request; no pending token is valid yet (PUBLIC_ANSWERS).
+    pending = f"pt_{uuid.uuid4().hex}{uuid.uuid4().hex}"
+    remember(pending)
+
+    async def check(r: Any) -> None:
+        raise AssertionError("no sign-in is pending, yet CompleteSignIn succeeded")
+
+    return Prepared(auth_pb2.CompleteSignInRequest(pending_token=pending), check)
 
 
 @request("/authsvc.v1.AuthService/RefreshToken")
@@ -373,6 +402,39 @@ async def _update_user(w: World, c: Caller) -> Prepared:
         update_mask=FieldMask(paths=["display_name"]),
     )
     return Prepared(req, check)
+
+
+@request("/authsvc.v1.UserService/SetUserRole")
+async def _set_user_role(w: World, c: Caller) -> Prepared:
+    victim = await w.victim()
+
+    async def check(r: Any) -> None:
+        assert (r.user.id, r.user.role) == (victim.id, resources_pb2.ROLE_ADMIN)
+        got = await w.api.users.GetUser(
+            users_pb2.GetUserRequest(user_id=victim.id), metadata=service()
+        )
+        assert got.user.role == resources_pb2.ROLE_ADMIN
+        # At the user's next Authenticate, not at token expiry.
+        assert (await who(w.api, victim.token)).role == resources_pb2.ROLE_ADMIN
+
+    req = users_pb2.SetUserRoleRequest(user_id=victim.id, role=resources_pb2.ROLE_ADMIN)
+    return Prepared(req, check)
+
+
+@request("/authsvc.v1.UserService/SetUserEmail")
+async def _set_user_email(w: World, c: Caller) -> Prepared:
+    victim = await w.victim()
+    email = f"moved-{uuid.uuid4().hex[:12]}@example.com"
+
+    async def check(r: Any) -> None:
+        assert (r.user.id, r.user.email) == (victim.id, email)
+        got = await w.api.users.GetUser(
+            users_pb2.GetUserRequest(user_id=victim.id), metadata=service()
+        )
+        assert got.user.email == email
+        assert (await who(w.api, victim.token)).email == email
+
+    return Prepared(users_pb2.SetUserEmailRequest(user_id=victim.id, email=email), check)
 
 
 @request("/authsvc.v1.UserService/DeleteUser")
@@ -502,7 +564,8 @@ async def _delete_org(w: World, c: Caller) -> Prepared:
         owner = await w.in_org(c.letter, OWNER)
         assert (await who(w.api, owner.token)).org_id == ""
 
-    return Prepared(orgs_pb2.DeleteOrgRequest(org_id=org.id), check)
+    # With force: the org has members besides the caller (AIP-135).
+    return Prepared(orgs_pb2.DeleteOrgRequest(org_id=org.id, force=True), check)
 
 
 @request("/authsvc.v1.OrgService/AddMember")
@@ -625,10 +688,19 @@ def test_expected_answers_of_some_cells_spelled_out() -> None:
     slip in its rules cannot go unnoticed by agreeing with the server."""
     cells = {
         ("SignUp", "none"): OK,
+        # A bearer on a public method is ignored; an API key is checked.
         ("GetJwks", "revoked"): OK,
         ("SetActiveOrg", "expired"): OK,
         ("RefreshToken", "api_key_malformed"): OK,
         ("SignUp", "bad_api_key"): Outcome(UNAUTHENTICATED, "API_KEY_INVALID"),
+        ("SignInWithPassword", "bad_api_key"): Outcome(UNAUTHENTICATED, "API_KEY_INVALID"),
+        ("CompleteSignIn", "none"): Outcome(UNAUTHENTICATED, "PENDING_TOKEN_INVALID"),
+        ("CompleteSignIn", "malformed"): Outcome(UNAUTHENTICATED, "PENDING_TOKEN_INVALID"),
+        ("SetUserRole", "org_owner"): DENIED,
+        ("SetUserRole", "user"): DENIED,
+        ("SetUserEmail", "api_key"): OK,
+        ("SetUserEmail", "stale_admin"): DENIED,
+        ("SetUserEmail", "expired"): Outcome(UNAUTHENTICATED, "TOKEN_EXPIRED"),
         ("SignOut", "api_key"): NOT_AUTHENTICATED,
         ("SignOut", "api_key_user"): OK,
         ("CountUsers", "api_key_malformed"): Outcome(UNAUTHENTICATED, "TOKEN_INVALID"),
@@ -666,6 +738,7 @@ def test_declared_access_matches_the_documented_contract() -> None:
     documented = {
         "/authsvc.v1.AuthService/SignUp": PUBLIC,
         "/authsvc.v1.AuthService/SignInWithPassword": PUBLIC,
+        "/authsvc.v1.AuthService/CompleteSignIn": PUBLIC,
         "/authsvc.v1.AuthService/RefreshToken": PUBLIC,
         "/authsvc.v1.AuthService/SignOut": USER,
         "/authsvc.v1.AuthService/Authenticate": PUBLIC,
@@ -676,6 +749,8 @@ def test_declared_access_matches_the_documented_contract() -> None:
         "/authsvc.v1.UserService/GetCurrentUser": USER,
         "/authsvc.v1.UserService/ListUsers": ADMIN,
         "/authsvc.v1.UserService/UpdateUser": SELF_OR_ADMIN,
+        "/authsvc.v1.UserService/SetUserRole": ADMIN,
+        "/authsvc.v1.UserService/SetUserEmail": ADMIN,
         "/authsvc.v1.UserService/DeleteUser": ADMIN,
         "/authsvc.v1.UserService/CountUsers": ADMIN,
         "/authsvc.v1.SessionService/ListSessions": SELF_OR_ADMIN,
@@ -719,6 +794,16 @@ READS = frozenset(
 )
 
 
+def _waits_for_ignored_bearers(method: MethodDescriptor, kind: Kind) -> bool:
+    """A cell whose answer changes once public methods ignore a bearer."""
+    return (
+        not BEARER_IGNORED_ON_PUBLIC
+        and declared_access(method) == PUBLIC
+        and bool(kind.fails_with)
+        and not kind.api_key_checked
+    )
+
+
 def _cells(allowed: bool, reads: bool | None = None) -> list[Any]:
     """The cells whose expected answer is OK (``allowed``) or a refusal; of
     the allowed, those of READS or the others."""
@@ -728,6 +813,7 @@ def _cells(allowed: bool, reads: bool | None = None) -> list[Any]:
         for kind in KINDS
         if (expected(declared_access(method), method.name, kind) == OK) is allowed
         and (reads is None or (_path(svc, method) in READS) is reads)
+        and not _waits_for_ignored_bearers(method, kind)
     ]
 
 
@@ -818,8 +904,7 @@ MALFORMED_BEARERS = {
     "no-token": "Bearer",
     "unknown-kid": "",  # filled in by the test: a well-formed JWT naming no key of the server
 }
-# One method of each access level that reads the header (public methods
-# ignore it: tests/test_public_credentials.py).
+# One method of each access level but public (which ignores a bearer).
 SAMPLES = (
     "/authsvc.v1.AuthService/SignOut",
     "/authsvc.v1.UserService/GetUser",

@@ -271,10 +271,28 @@ class Bad:
     field: str | None = None
     creds: Creds = _none
     orgs: bool = False  # the case needs Ctx.add_orgs
+    # Other answers the contract allows (code, reason), field unchecked.
+    also: tuple[tuple[grpc.StatusCode, str], ...] = ()
+    # Set while the server names another field than ``field`` (until the
+    # change it names lands): everything else is checked, then the case is
+    # an expected failure, and a failure once the field is right.
+    field_pending: str = ""
 
 
-def bad(id: str, rpc: str, build: Build, code: grpc.StatusCode, reason: str, **kw: Any) -> Any:
-    return pytest.param(Bad(rpc, build, code, reason, **kw), id=id)
+def bad(
+    id: str,
+    rpc: str,
+    build: Build,
+    code: grpc.StatusCode,
+    reason: str,
+    *,
+    pending: str = "",
+    **kw: Any,
+) -> Any:
+    """A case; ``pending``: a behaviour another branch brings, until which the
+    case is a strict expected failure (it fails once it passes: drop the mark)."""
+    marks = [pytest.mark.xfail(strict=True, reason=pending)] if pending else []
+    return pytest.param(Bad(rpc, build, code, reason, **kw), id=id, marks=marks)
 
 
 def invalid(id: str, rpc: str, build: Build, field: str | None, **kw: Any) -> Any:
@@ -421,6 +439,146 @@ def email_of(length: int) -> str:
 
 
 NOT_UUIDS = [("not-uuid", "not-a-uuid"), ("sql", "' OR 1=1 --"), ("1mb", "x" * MB)]
+
+# SetUserRole and SetUserEmail still go through UpdateUser's code, which names
+# its own fields (user.id, user.role, user.email).
+SET_USER_FIELDS = "SetUserRole/SetUserEmail name their own request fields (another branch)"
+
+
+def set_user_role(role: Any, user_id: Callable[[Ctx], str] | None = None) -> Build:
+    def build(ctx: Ctx) -> Any:
+        uid = ctx.user.user.id if user_id is None else user_id(ctx)
+        return users_pb2.SetUserRoleRequest(user_id=uid, role=role)
+
+    return build
+
+
+def set_user_email(email: str) -> Build:
+    return lambda ctx: users_pb2.SetUserEmailRequest(user_id=ctx.user.user.id, email=email)
+
+
+USER_FIELD_RPCS: dict[str, Callable[[str], Any]] = {
+    "users.SetUserRole": lambda uid: users_pb2.SetUserRoleRequest(
+        user_id=uid, role=resources_pb2.ROLE_ADMIN
+    ),
+    "users.SetUserEmail": lambda uid: users_pb2.SetUserEmailRequest(
+        user_id=uid, email="moved@example.com"
+    ),
+}
+
+
+def user_field_request(rpc: str, user_id: str) -> Build:
+    return lambda ctx: USER_FIELD_RPCS[rpc](user_id)
+
+
+def complete_sign_in(token: str | Callable[[Ctx], str], **fields: Any) -> Build:
+    def build(ctx: Ctx) -> Any:
+        value = token(ctx) if callable(token) else token
+        return auth_pb2.CompleteSignInRequest(pending_token=value, **fields)
+
+    return build
+
+
+BIG_ETAG = "e" * MB
+
+
+def _etag_cases() -> list[tuple[str, str, Build, str, dict[str, Any]]]:
+    """(id, rpc, build, the etag field, extra Bad fields) of each request with an etag."""
+
+    def user_id(ctx: Ctx) -> str:
+        return str(ctx.user.user.id)
+
+    def org_id(ctx: Ctx) -> str:
+        return str(ctx.org.id)
+
+    def other(ctx: Ctx) -> str:
+        return str(ctx.other.user.id)
+
+    orgs = {"orgs": True}
+    return [
+        (
+            "updateuser",
+            "users.UpdateUser",
+            update_user(["display_name"], display_name="Ada", etag=BIG_ETAG),
+            "user.etag",
+            {},
+        ),
+        (
+            "setuserrole",
+            "users.SetUserRole",
+            lambda c: users_pb2.SetUserRoleRequest(
+                user_id=user_id(c), role=resources_pb2.ROLE_ADMIN, etag=BIG_ETAG
+            ),
+            "etag",
+            {},
+        ),
+        (
+            "setuseremail",
+            "users.SetUserEmail",
+            lambda c: users_pb2.SetUserEmailRequest(
+                user_id=user_id(c), email="moved@example.com", etag=BIG_ETAG
+            ),
+            "etag",
+            {},
+        ),
+        (
+            "deleteuser",
+            "users.DeleteUser",
+            lambda c: users_pb2.DeleteUserRequest(user_id=user_id(c), etag=BIG_ETAG),
+            "etag",
+            {},
+        ),
+        (
+            "updateorg",
+            "orgs.UpdateOrg",
+            lambda c: orgs_pb2.UpdateOrgRequest(
+                org_id=org_id(c),
+                values=resources_pb2.Org(name="Renamed", etag=BIG_ETAG),
+                update_mask=FieldMask(paths=["name"]),
+            ),
+            "values.etag",
+            orgs,
+        ),
+        (
+            "deleteorg",
+            "orgs.DeleteOrg",
+            lambda c: orgs_pb2.DeleteOrgRequest(org_id=org_id(c), etag=BIG_ETAG, force=True),
+            "etag",
+            orgs,
+        ),
+        (
+            "updatemember",
+            "orgs.UpdateMember",
+            lambda c: orgs_pb2.UpdateMemberRequest(
+                org_id=org_id(c), user_id=other(c), role=resources_pb2.ORG_ROLE_ADMIN, etag=BIG_ETAG
+            ),
+            "etag",
+            orgs,
+        ),
+        (
+            "removemember",
+            "orgs.RemoveMember",
+            lambda c: orgs_pb2.RemoveMemberRequest(
+                org_id=org_id(c), user_id=other(c), etag=BIG_ETAG
+            ),
+            "etag",
+            orgs,
+        ),
+    ]
+
+
+ETAG_CASES = _etag_cases()
+# Paths UpdateUser no longer takes, with a value for each.
+PROFILE_ONLY: list[tuple[str, dict[str, Any]]] = [
+    ("role", {"role": resources_pb2.ROLE_ADMIN}),
+    ("email", {"email": "moved@example.com"}),
+]
+BAD_PENDING_TOKENS: list[tuple[str, str | Callable[[Ctx], str]]] = [
+    ("1mb", "p" * MB),
+    ("garbage", "not-a-pending-token"),
+    ("refresh-token", user_refresh),
+    ("access-token", user_access),
+]
 
 
 CASES = [
@@ -679,20 +837,18 @@ CASES = [
         "update_mask",
         creds=_service,
     ),
-    invalid(
-        "updateuser-role-enum-7",
-        "users.UpdateUser",
-        update_user(["role"], role=BAD_ROLE),
-        "user.role",
-        creds=_service,
-    ),
-    invalid(
-        "updateuser-role-unspecified",
-        "users.UpdateUser",
-        update_user(["role"], role=0),
-        "user.role",
-        creds=_service,
-    ),
+    # The role and the email have their own RPCs: UpdateUser knows neither path.
+    *[
+        invalid(
+            f"updateuser-path-{path}",
+            "users.UpdateUser",
+            update_user([path], **values),
+            "update_mask",
+            creds=_service,
+            pending="UpdateUser keeps profile paths only (another branch)",
+        )
+        for path, values in PROFILE_ONLY
+    ],
     invalid(
         "updateuser-display-name-1mb",
         "users.UpdateUser",
@@ -708,27 +864,6 @@ CASES = [
         creds=_user,
     ),
     invalid(
-        "updateuser-email-malformed",
-        "users.UpdateUser",
-        update_user(["email"], email="ada@@example.com"),
-        "user.email",
-        creds=_service,
-    ),
-    invalid(
-        "updateuser-email-empty",
-        "users.UpdateUser",
-        update_user(["email"], email=""),
-        "user.email",
-        creds=_service,
-    ),
-    invalid(
-        "updateuser-email-1mb",
-        "users.UpdateUser",
-        update_user(["email"], email=email_of(MB)),
-        "user.email",
-        creds=_service,
-    ),
-    invalid(
         "updateuser-id-empty",
         "users.UpdateUser",
         update_user(["display_name"], user_id=const("")),
@@ -742,6 +877,62 @@ CASES = [
         "user.id",
         creds=_service,
     ),
+    # -- SetUserRole, SetUserEmail ----------------------------------------------
+    *[
+        invalid(
+            f"{rpc.split('.')[1].lower()}-id-{name}",
+            rpc,
+            user_field_request(rpc, value),
+            "user_id",
+            creds=_service,
+            field_pending=SET_USER_FIELDS,
+        )
+        for rpc in USER_FIELD_RPCS
+        for name, value in [("empty", ""), *NOT_UUIDS]
+    ],
+    *[
+        invalid(
+            f"setuserrole-role-{name}",
+            "users.SetUserRole",
+            set_user_role(role),
+            "role",
+            creds=_service,
+            field_pending=SET_USER_FIELDS,
+        )
+        for name, role in [("unspecified", resources_pb2.ROLE_UNSPECIFIED), ("7", BAD_ROLE)]
+    ],
+    *[
+        invalid(
+            f"setuseremail-email-{name}",
+            "users.SetUserEmail",
+            set_user_email(email),
+            "email",
+            creds=_service,
+            field_pending=SET_USER_FIELDS,
+        )
+        for name, email in [
+            ("empty", ""),
+            ("malformed", "ada@@example.com"),
+            ("no-at", "plain.example.com"),
+            ("nul", "ada\x00@example.com"),
+            ("255-chars", email_of(255)),
+            ("1mb", email_of(MB)),
+        ]
+    ],
+    # -- etags: oversized (a wrong etag is never INTERNAL nor a change) ----------
+    *[
+        invalid(
+            f"{name}-etag-1mb",
+            rpc,
+            build,
+            field,
+            creds=_service,
+            also=((grpc.StatusCode.ABORTED, "ETAG_MISMATCH"),),
+            pending="etags are checked (another branch)",
+            **kw,
+        )
+        for name, rpc, build, field, kw in ETAG_CASES
+    ],
     invalid(
         "deleteuser-id-empty",
         "users.DeleteUser",
@@ -909,6 +1100,25 @@ CASES = [
         "user_id",
         creds=_service,
     ),
+    # -- CompleteSignIn --------------------------------------------------------
+    invalid("completesignin-empty", "auth.CompleteSignIn", complete_sign_in(""), "pending_token"),
+    *[
+        bad(
+            f"completesignin-{name}",
+            "auth.CompleteSignIn",
+            complete_sign_in(token),
+            UNAUTH,
+            "PENDING_TOKEN_INVALID",
+        )
+        for name, token in BAD_PENDING_TOKENS
+    ],
+    bad(
+        "completesignin-1mb-with-password",
+        "auth.CompleteSignIn",
+        complete_sign_in("p" * MB, new_password="x"),
+        UNAUTH,
+        "PENDING_TOKEN_INVALID",
+    ),
 ]
 
 
@@ -935,13 +1145,12 @@ Value = Callable[[Ctx], Any]
 
 
 def naming(how: str) -> Callable[[Ctx], dict[str, str]]:
-    """How a request names the org: by "id", "slug", "both" or "neither"."""
+    """How a request names the org: by "id", "slug" or "neither" (unset)."""
 
     def fields(ctx: Ctx) -> dict[str, str]:
         return {
             "id": {"org_id": ctx.org.id},
             "slug": {"org_slug": ctx.org.slug},
-            "both": {"org_id": ctx.org.id, "org_slug": ctx.org.slug},
             "neither": {},
         }[how]
 
@@ -1082,9 +1291,11 @@ def list_members_with_token(token: Value, org: str = "org") -> Build:
     return build
 
 
-def set_active(org_id: str, refresh_token: Value | None = None) -> Build:
+def set_active(org_id: str, refresh_token: Value | None = None, org_slug: str = "") -> Build:
     def build(ctx: Ctx) -> Any:
         token = ctx.org_refresh if refresh_token is None else refresh_token(ctx)
+        if org_slug:
+            return auth_pb2.SetActiveOrgRequest(refresh_token=token, org_slug=org_slug)
         return auth_pb2.SetActiveOrgRequest(refresh_token=token, org_id=org_id)
 
     return build
@@ -1122,41 +1333,33 @@ ORG_CASES = [
         "slug",
         creds=_user,
     ),
-    # -- naming the org: both or neither, malformed id or slug --------------------
+    # -- naming the org: the oneof unset, a malformed id or slug -------------------
+    # (Both cannot be sent: a oneof holds one, the last one on the wire.)
     *[
-        org_invalid(f"{_short(rpc)}-org-{how}", rpc, org_request(msg, naming(how)), None)
+        org_invalid(f"{_short(rpc)}-org-unset", rpc, org_request(msg, naming("neither")), "org_id")
         for rpc, msg in ORG_METHODS.items()
-        for how in ("both", "neither")
     ],
     *[
         org_invalid(
-            f"{_short(rpc)}-org-{how}",
+            f"{_short(rpc)}-org-unset",
             rpc,
-            org_request(msg, naming(how), user_id=MEMBER_USER[rpc], **MEMBER_EXTRA[rpc]),
-            None,
+            org_request(msg, naming("neither"), user_id=MEMBER_USER[rpc], **MEMBER_EXTRA[rpc]),
+            "org_id",
         )
         for rpc, msg in MEMBER_METHODS.items()
-        for how in ("both", "neither")
     ],
     org_invalid(
-        "getorg-org-both-by-user",
-        "orgs.GetOrg",
-        org_request(orgs_pb2.GetOrgRequest, naming("both")),
-        None,
-        creds=_org_user,
-    ),
-    org_invalid(
-        "getorg-org-neither-by-user",
+        "getorg-org-unset-by-user",
         "orgs.GetOrg",
         org_request(orgs_pb2.GetOrgRequest, naming("neither")),
-        None,
+        "org_id",
         creds=_org_user,
     ),
     org_invalid(
-        "updateorg-org-both", "orgs.UpdateOrg", update_org(["name"], "both", name="x"), None
-    ),
-    org_invalid(
-        "updateorg-org-neither", "orgs.UpdateOrg", update_org(["name"], "neither", name="x"), None
+        "updateorg-org-unset",
+        "orgs.UpdateOrg",
+        update_org(["name"], "neither", name="x"),
+        "org_id",
     ),
     *[
         org_invalid(f"{_short(rpc)}-org-id-{name}", rpc, org_request(msg, org_id_is(v)), "org_id")
@@ -1339,6 +1542,20 @@ ORG_CASES = [
         for name, v in NOT_UUIDS
     ],
     *[
+        org_invalid(
+            f"setactiveorg-org-slug-{name}",
+            "auth.SetActiveOrg",
+            set_active("", org_slug=v),
+            "org_slug",
+        )
+        for name, v in [
+            ("1mb", "a" * MB),
+            ("space", "a b"),
+            ("uppercase", "Acme"),
+            ("nul", "a\x00b"),
+        ]
+    ],
+    *[
         bad(
             f"setactiveorg-refresh-{name}",
             "auth.SetActiveOrg",
@@ -1427,18 +1644,27 @@ async def test_bad_request(api: Api, log_file: Path, case: Bad) -> None:
     error = await failure(_invoke(api, case.rpc, request, metadata))
 
     assert error.code != grpc.StatusCode.INTERNAL, f"INTERNAL: {error.message}"
-    assert (error.code, error.reason) == (case.code, case.reason), error.message
+    answer = (error.code, error.reason)
+    assert answer in {(case.code, case.reason), *case.also}, error.message
     assert error.request_id == request_id
-    if case.field is not None:
+    fields: list[str] | None = None
+    if case.field is not None and answer == (case.code, case.reason):
         bad_request = error.detail(error_details_pb2.BadRequest)
         assert bad_request is not None, "INVALID_ARGUMENT without a BadRequest detail"
-        assert [v.field for v in bad_request.field_violations] == [case.field]
+        fields = [v.field for v in bad_request.field_violations]
     assert await api.snapshot() == before, "a failed call changed stored data"
 
     logged = await _logged(log_file, log_start, request_id)
     assert not [line for line in logged if line.get("event") == "rpc.failed"]
     access = [line for line in logged if line.get("event") == "rpc"]
-    assert [(line["code"], line["reason"]) for line in access] == [(case.code.name, case.reason)]
+    assert [(line["code"], line["reason"]) for line in access] == [(answer[0].name, answer[1])]
+    if fields is not None:
+        if not case.field_pending:
+            assert fields == [case.field]
+        elif fields == [case.field]:
+            pytest.fail(f"the field is right now: drop field_pending ({case.field_pending})")
+        else:
+            pytest.xfail(f"{case.field_pending}: names {fields}, not {[case.field]}")
 
 
 def test_case_ids_are_unique() -> None:

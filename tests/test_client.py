@@ -78,6 +78,7 @@ from tests.app import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
 def _email() -> str:
     return f"client-{uuid.uuid4().hex[:12]}@example.com"
 

@@ -50,7 +50,7 @@ class Ctx:
     owner: OrgUser  # owns ``org``, which is active in the owner's session
     member: OrgUser  # a member of ``org``
     org: Any
-    victim: Any  # a SignInResult of the owner's: spent by RefreshToken & co.
+    victim: Any  # a SignInResult of the owner: spent by RefreshToken & co.
 
     @classmethod
     async def make(cls, api: Api) -> Ctx:
@@ -314,13 +314,14 @@ async def test_every_rpc_answers_huge_and_odd_inputs_with_an_error_info(api: Api
         for rpc, method in _methods():
             base = BUILDERS[rpc](ctx)
             for name, body in _requests(base):
-                # SignOut would end the admin's session: it signs out the victim.
-                md = (
-                    (("authorization", f"Bearer {ctx.victim.tokens.access_token}"),)
-                    if rpc == "AuthService.SignOut"
-                    else admin
-                )
-                for who, metadata in (("admin", md), ("user", ctx.owner.md)):
+                callers = (("admin", admin), ("user", ctx.owner.md))
+                if rpc == "AuthService.SignOut":
+                    # It would end the admin's or the owner's session (and
+                    # leave the owner's later calls nothing but SESSION_REVOKED):
+                    # it signs out the victim.
+                    victim = (("authorization", f"Bearer {ctx.victim.tokens.access_token}"),)
+                    callers = (("admin", victim), ("user", victim))
+                for who, metadata in callers:
                     calls += 1
                     problem = await _answer(channel, rpc, method, body, metadata)
                     if problem is not None:

@@ -4,7 +4,9 @@ For every authsvc method it resolves the caller's credentials, enforces the
 method's declared access before the handler runs, maps domain errors to
 statuses (``authsvc.api.status``), turns anything unexpected into a generic
 INTERNAL, and logs one line per call. Servicers therefore hold no try/except
-and no status codes.
+and no status codes. A reason the method does not declare (its
+``(authsvc.v1.errors)`` and the generic ones) still goes out, and is logged as
+``error.undeclared_reason`` and recorded: the contract and the code disagree.
 
 On ACCESS_PUBLIC methods an ``authorization`` header is not read at all: their
 credential, if they need one, is in the request (a refresh token, the access
@@ -88,12 +90,23 @@ class ApiKeys:
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
-        self, table: Mapping[str, int], authenticate: Authenticate, api_keys: ApiKeys
+        self,
+        table: Mapping[str, int],
+        authenticate: Authenticate,
+        api_keys: ApiKeys,
+        reasons: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
+        """``table``: method -> access (``access_table``); ``reasons``: method ->
+        the reasons it may answer (``errors_table``)."""
         self._table = table
         self._authenticate = authenticate
         self._api_keys = api_keys
+        self._reasons: Mapping[str, frozenset[str]] = reasons or {}
         self._wrapped: dict[str, Handler] = {}
+        #: (method, reason) of each failure this server answered with a reason
+        #: its method does not declare (each such answer is also logged as
+        #: ``error.undeclared_reason``): a gap between the contract and the code.
+        self.undeclared: set[tuple[str, str]] = set()
 
     async def intercept_service(
         self,
@@ -187,11 +200,18 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         """Aborts the call with the status of ``error``."""
         if isinstance(error, AuthError):
+            declared = self._reasons.get(method)
+            if declared is not None and error.reason not in declared:
+                self._undeclared(method, error.reason)
             status = to_status(error, request_id)
             await context.abort(status.code, status.details, status.trailing_metadata)
         log.exception("rpc.failed", method=method, request_id=request_id)
         status = to_status(AuthError(), request_id)
         await context.abort(status.code, status.details, status.trailing_metadata)
+
+    def _undeclared(self, method: str, reason: str) -> None:
+        self.undeclared.add((method, reason))
+        log.warning("error.undeclared_reason", method=method, reason=reason)
 
     def _log(
         self,

@@ -18,11 +18,9 @@ must change no stored row (``refused``); an allowed one must have its effect
 fails ``test_every_method_has_a_request``.
 
 Public methods ignore a bearer (``options.proto``, ACCESS_PUBLIC: the
-credential is in the request) and still check an API key. Until the server
-does (another branch), the cells of a public method with a broken bearer are
-left out (``BEARER_IGNORED_ON_PUBLIC``): today they answer the bearer's reason,
-which no public method declares. CompleteSignIn answers PENDING_TOKEN_INVALID
-to every caller it admits: no sign-in issues a challenge yet.
+credential is in the request) and still check an API key. CompleteSignIn
+answers PENDING_TOKEN_INVALID to every caller it admits: no sign-in issues a
+challenge yet.
 
 Stale tokens: the server has no TOKEN_STALE of its own (that is the sidecar's
 answer, from WatchRevocations). A stale token still verifies, and the server
@@ -167,10 +165,6 @@ RANK = {MEMBER: 1, ORG_ADMIN: 2, OWNER: 3}
 PUBLIC_ANSWERS: dict[str, Outcome] = {
     "CompleteSignIn": Outcome(UNAUTHENTICATED, "PENDING_TOKEN_INVALID"),
 }
-# Whether the server already ignores a bearer on public methods (another
-# branch makes it so). Until then the cells that depend on it are not run;
-# set it to True once it does (and then remove it).
-BEARER_IGNORED_ON_PUBLIC = False
 
 
 def expected(access: int, method: str, kind: Kind) -> Outcome:
@@ -794,16 +788,6 @@ READS = frozenset(
 )
 
 
-def _waits_for_ignored_bearers(method: MethodDescriptor, kind: Kind) -> bool:
-    """A cell whose answer changes once public methods ignore a bearer."""
-    return (
-        not BEARER_IGNORED_ON_PUBLIC
-        and declared_access(method) == PUBLIC
-        and bool(kind.fails_with)
-        and not kind.api_key_checked
-    )
-
-
 def _cells(allowed: bool, reads: bool | None = None) -> list[Any]:
     """The cells whose expected answer is OK (``allowed``) or a refusal; of
     the allowed, those of READS or the others."""
@@ -813,7 +797,6 @@ def _cells(allowed: bool, reads: bool | None = None) -> list[Any]:
         for kind in KINDS
         if (expected(declared_access(method), method.name, kind) == OK) is allowed
         and (reads is None or (_path(svc, method) in READS) is reads)
-        and not _waits_for_ignored_bearers(method, kind)
     ]
 
 

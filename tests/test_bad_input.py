@@ -273,10 +273,6 @@ class Bad:
     orgs: bool = False  # the case needs Ctx.add_orgs
     # Other answers the contract allows (code, reason), field unchecked.
     also: tuple[tuple[grpc.StatusCode, str], ...] = ()
-    # Set while the server names another field than ``field`` (until the
-    # change it names lands): everything else is checked, then the case is
-    # an expected failure, and a failure once the field is right.
-    field_pending: str = ""
 
 
 def bad(
@@ -285,14 +281,9 @@ def bad(
     build: Build,
     code: grpc.StatusCode,
     reason: str,
-    *,
-    pending: str = "",
     **kw: Any,
 ) -> Any:
-    """A case; ``pending``: a behaviour another branch brings, until which the
-    case is a strict expected failure (it fails once it passes: drop the mark)."""
-    marks = [pytest.mark.xfail(strict=True, reason=pending)] if pending else []
-    return pytest.param(Bad(rpc, build, code, reason, **kw), id=id, marks=marks)
+    return pytest.param(Bad(rpc, build, code, reason, **kw), id=id)
 
 
 def invalid(id: str, rpc: str, build: Build, field: str | None, **kw: Any) -> Any:
@@ -442,7 +433,6 @@ NOT_UUIDS = [("not-uuid", "not-a-uuid"), ("sql", "' OR 1=1 --"), ("1mb", "x" * M
 
 # SetUserRole and SetUserEmail still go through UpdateUser's code, which names
 # its own fields (user.id, user.role, user.email).
-SET_USER_FIELDS = "SetUserRole/SetUserEmail name their own request fields (another branch)"
 
 
 def set_user_role(role: Any, user_id: Callable[[Ctx], str] | None = None) -> Build:
@@ -845,7 +835,6 @@ CASES = [
             update_user([path], **values),
             "update_mask",
             creds=_service,
-            pending="UpdateUser keeps profile paths only (another branch)",
         )
         for path, values in PROFILE_ONLY
     ],
@@ -885,7 +874,6 @@ CASES = [
             user_field_request(rpc, value),
             "user_id",
             creds=_service,
-            field_pending=SET_USER_FIELDS,
         )
         for rpc in USER_FIELD_RPCS
         for name, value in [("empty", ""), *NOT_UUIDS]
@@ -897,7 +885,6 @@ CASES = [
             set_user_role(role),
             "role",
             creds=_service,
-            field_pending=SET_USER_FIELDS,
         )
         for name, role in [("unspecified", resources_pb2.ROLE_UNSPECIFIED), ("7", BAD_ROLE)]
     ],
@@ -908,7 +895,6 @@ CASES = [
             set_user_email(email),
             "email",
             creds=_service,
-            field_pending=SET_USER_FIELDS,
         )
         for name, email in [
             ("empty", ""),
@@ -928,7 +914,6 @@ CASES = [
             field,
             creds=_service,
             also=((grpc.StatusCode.ABORTED, "ETAG_MISMATCH"),),
-            pending="etags are checked (another branch)",
             **kw,
         )
         for name, rpc, build, field, kw in ETAG_CASES
@@ -1336,7 +1321,7 @@ ORG_CASES = [
     # -- naming the org: the oneof unset, a malformed id or slug -------------------
     # (Both cannot be sent: a oneof holds one, the last one on the wire.)
     *[
-        org_invalid(f"{_short(rpc)}-org-unset", rpc, org_request(msg, naming("neither")), "org_id")
+        org_invalid(f"{_short(rpc)}-org-unset", rpc, org_request(msg, naming("neither")), "org")
         for rpc, msg in ORG_METHODS.items()
     ],
     *[
@@ -1344,7 +1329,7 @@ ORG_CASES = [
             f"{_short(rpc)}-org-unset",
             rpc,
             org_request(msg, naming("neither"), user_id=MEMBER_USER[rpc], **MEMBER_EXTRA[rpc]),
-            "org_id",
+            "org",
         )
         for rpc, msg in MEMBER_METHODS.items()
     ],
@@ -1352,14 +1337,14 @@ ORG_CASES = [
         "getorg-org-unset-by-user",
         "orgs.GetOrg",
         org_request(orgs_pb2.GetOrgRequest, naming("neither")),
-        "org_id",
+        "org",
         creds=_org_user,
     ),
     org_invalid(
         "updateorg-org-unset",
         "orgs.UpdateOrg",
         update_org(["name"], "neither", name="x"),
-        "org_id",
+        "org",
     ),
     *[
         org_invalid(f"{_short(rpc)}-org-id-{name}", rpc, org_request(msg, org_id_is(v)), "org_id")
@@ -1400,13 +1385,13 @@ ORG_CASES = [
     ],
     *[
         org_invalid(
-            f"updateorg-slug-{name}", "orgs.UpdateOrg", update_org(["slug"], slug=v), "org.slug"
+            f"updateorg-slug-{name}", "orgs.UpdateOrg", update_org(["slug"], slug=v), "values.slug"
         )
         for name, v in BAD_SLUGS
     ],
     *[
         org_invalid(
-            f"updateorg-name-{name}", "orgs.UpdateOrg", update_org(["name"], name=v), "org.name"
+            f"updateorg-name-{name}", "orgs.UpdateOrg", update_org(["name"], name=v), "values.name"
         )
         for name, v in BAD_NAMES
     ],
@@ -1414,7 +1399,7 @@ ORG_CASES = [
         "updateorg-by-user-slug-uppercase",
         "orgs.UpdateOrg",
         update_org(["slug"], slug="Acme"),
-        "org.slug",
+        "values.slug",
         creds=_org_user,
     ),
     # -- members -----------------------------------------------------------------
@@ -1659,12 +1644,7 @@ async def test_bad_request(api: Api, log_file: Path, case: Bad) -> None:
     access = [line for line in logged if line.get("event") == "rpc"]
     assert [(line["code"], line["reason"]) for line in access] == [(answer[0].name, answer[1])]
     if fields is not None:
-        if not case.field_pending:
-            assert fields == [case.field]
-        elif fields == [case.field]:
-            pytest.fail(f"the field is right now: drop field_pending ({case.field_pending})")
-        else:
-            pytest.xfail(f"{case.field_pending}: names {fields}, not {[case.field]}")
+        assert fields == [case.field]
 
 
 def test_case_ids_are_unique() -> None:

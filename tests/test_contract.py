@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -222,7 +223,12 @@ def test_declared_reasons_match_the_documented_table() -> None:
             "SESSION_EXPIRED",
         ],
         "AuthService.SignOut": c,
-        "AuthService.Authenticate": ["TOKEN_INVALID", "TOKEN_EXPIRED", "SESSION_REVOKED"],
+        "AuthService.Authenticate": [
+            "TOKEN_INVALID",
+            "TOKEN_EXPIRED",
+            "SESSION_REVOKED",
+            "SESSION_EXPIRED",
+        ],
         "AuthService.SetActiveOrg": [
             "TOKEN_INVALID",
             "REFRESH_TOKEN_REUSED",
@@ -530,11 +536,18 @@ def test_the_reason_list_parser_refuses_what_it_must() -> None:
 # (a branch against main: AUTHSVC_BUF_AGAINST=origin/main).
 #
 # A clean clone: a full clone has HEAD~1 and the check runs. A shallow clone
-# (CI's default depth 1) does not: the check FAILS, saying to fetch one more
-# commit (`git fetch --deepen=1`, or actions/checkout's fetch-depth: 2), since
-# skipping it would let a breaking change through unseen. The first commit of a
-# repository, and a tree that is not a git checkout (a source archive), have no
-# previous contract: the check is skipped, saying why.
+# (depth 1) does not: the check then compares with the frozen contract instead
+# and warns, saying to fetch one more commit (`git fetch --deepen=1`, or
+# actions/checkout's fetch-depth: 2). The first commit of a repository, and a
+# tree that is not a git checkout (a source archive), have no previous
+# contract: the check is skipped, saying why.
+#
+# The frozen contract: tests/contract/v1-frozen.binpb is the buf image (without
+# source info) of authsvc.v1 as it was when it stopped changing shape (issue 8).
+# Every later contract must be a compatible extension of it, whatever the git
+# history holds, so a breaking change cannot slip through between two commits
+# either (the previous-commit check sees one commit at a time). It is never
+# regenerated: an addition keeps it compatible, and anything else is a break.
 
 AGAINST_ENV = "AUTHSVC_BUF_AGAINST"
 
@@ -588,16 +601,25 @@ def commit_to_compare(repo: Path, ref: str) -> str:
     raise MissingCommit(f"{ref} is not a commit of {repo} (set {AGAINST_ENV} to one)")
 
 
+FROZEN = ROOT / "tests/contract/v1-frozen.binpb"
+
+
 def buf_breaking(repo: Path, ref: str) -> list[dict[str, object]]:
     """What ``buf breaking`` finds in ``repo``'s protos against those of ``ref``
     (one dict per finding: path, type, the rule, and message)."""
     commit = commit_to_compare(repo, ref)
+    return buf_breaking_against(repo, f".git#ref={commit},subdir=protos")
+
+
+def buf_breaking_against(repo: Path, against: str) -> list[dict[str, object]]:
+    """What ``buf breaking`` finds in ``repo``'s protos against ``against`` (a
+    buf input: a git ref spec or an image file)."""
     result = subprocess.run(
         [
             str(BIN / "buf"),
             "breaking",
             "--against",
-            f".git#ref={commit},subdir=protos",
+            against,
             "--error-format",
             "json",
         ],
@@ -627,8 +649,41 @@ def test_buf_breaking_against_the_previous_commit() -> None:
     except NoPreviousContract as why:
         pytest.skip(str(why))
     except MissingCommit as why:
-        pytest.fail(str(why))
+        if os.environ.get(AGAINST_ENV):
+            pytest.fail(str(why))
+        # A shallow clone: the frozen contract still holds every change to it.
+        warnings.warn(f"{why}; compared with the frozen contract instead", stacklevel=1)
+        ref = FROZEN.name
+        findings = buf_breaking_against(ROOT, str(FROZEN))
     assert not findings, f"breaking changes against {ref}:\n{_describe(findings)}"
+
+
+def test_the_contract_extends_the_frozen_v1_contract() -> None:
+    findings = buf_breaking_against(ROOT, str(FROZEN))
+    assert not findings, f"breaking changes against {FROZEN.name}:\n{_describe(findings)}"
+
+
+def test_the_frozen_contract_is_the_v1_contract(tmp_path: Path) -> None:
+    """The image holds authsvc.v1's files and every ErrorReason of the list."""
+    from google.protobuf import descriptor_pb2
+
+    image = descriptor_pb2.FileDescriptorSet.FromString(FROZEN.read_bytes())
+    names = {f.name for f in image.file}
+    assert {
+        "authsvc/v1/resources.proto",
+        "authsvc/v1/auth.proto",
+        "authsvc/v1/users.proto",
+        "authsvc/v1/orgs.proto",
+        "authsvc/v1/sessions.proto",
+        "authsvc/v1/options.proto",
+        "authsvc/v1/errors.proto",
+    } <= names
+    (errors,) = [f for f in image.file if f.name == "authsvc/v1/errors.proto"]
+    frozen = {v.name: v.number for v in errors.enum_type[0].value}
+    assert (
+        frozen.items()
+        <= {v.name: v.number for v in errors_pb2.ErrorReason.DESCRIPTOR.values}.items()
+    )
 
 
 def _edit(path: Path, old: str, new: str) -> None:
@@ -679,6 +734,9 @@ def test_buf_breaking_catches_a_deliberate_break(scratch: Path) -> None:
     messages = _describe(findings)
     assert '"email" on message "SetUserEmailRequest"' in messages, messages
     assert 'enum value "27"' in messages, messages
+    # The frozen contract catches the same breaks, with no git history at all.
+    frozen = buf_breaking_against(scratch, str(FROZEN))
+    assert {(f["type"], f["path"]) for f in frozen} == by_rule, _describe(frozen)
 
 
 def test_buf_breaking_in_a_shallow_clone_says_what_to_fetch(scratch: Path, tmp_path: Path) -> None:

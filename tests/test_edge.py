@@ -511,9 +511,7 @@ async def test_ids_of_the_user_setters_must_be_canonical_uuids(api: Api) -> None
         metadata=service(),
     )
     assert (got.user.id, got.user.role) == (user, resources_pb2.ROLE_ADMIN)
-    if named != {"user_id"}:
-        # SetUserRole/SetUserEmail still go through UpdateUser's code.
-        pytest.xfail(f"names {sorted(named)}: SetUserRole/SetUserEmail name their own fields")
+    assert named == {"user_id"}
 
 
 # -- one credential header of each kind -------------------------------------------

@@ -40,6 +40,7 @@ from tests.app import (
 from tests.app import (
     test_settings as settings_for,
 )
+from tests.processes import assert_no_secrets
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -417,6 +418,35 @@ async def test_an_undeclared_reason_is_logged_and_recorded(tmp_path: Path, log_f
         # Deliberate: this pair must not fail the run.
         undeclared.forget((SIGN_IN, "INVALID_CREDENTIALS"))
     assert (SIGN_IN, "INVALID_CREDENTIALS") not in undeclared.answered()
+
+
+def test_undeclared_reasons_in_a_subprocess_log_are_noted() -> None:
+    """authsvc subprocesses log to their own output, which every test hands to
+    ``tests.processes.assert_no_secrets``: their ``error.undeclared_reason``
+    lines (JSON, or the console format) count like an in-process server's."""
+    pairs = {("/authsvc.v1.X/JsonLine", "SOME_REASON"), ("/authsvc.v1.X/ConsoleLine", "OTHER")}
+    json_line = json.dumps(
+        {
+            "method": "/authsvc.v1.X/JsonLine",
+            "reason": "SOME_REASON",
+            "event": undeclared.EVENT,
+            "level": "warning",
+            "timestamp": "2026-01-01T00:00:00Z",
+        }
+    )
+    console_line = (
+        f"2026-01-01 00:00:00 [warning  ] {undeclared.EVENT}        "
+        "method=/authsvc.v1.X/ConsoleLine reason=OTHER"
+    )
+    other = json.dumps({"event": "rpc", "method": "/authsvc.v1.X/Y", "reason": "NOPE"})
+    try:
+        assert_no_secrets("\n".join(["starting", json_line, other, console_line, "done"]))
+        assert undeclared.answered() >= pairs
+        assert ("/authsvc.v1.X/Y", "NOPE") not in undeclared.answered()
+    finally:
+        for pair in pairs:
+            undeclared.forget(pair)
+    assert not undeclared.answered() & pairs
 
 
 PROBE = """

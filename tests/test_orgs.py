@@ -3,7 +3,7 @@
 What this proves, as orgs.proto states it: the creator of an org becomes its
 owner (an API key must name the owner; a user may not name someone else);
 an org is named by its id or its slug (the `org` oneof; unset is bad input on
-`org`), and every org RPC takes the slug, from a user's token and from the
+`org_id`), and every org RPC takes the slug, from a user's token and from the
 API key; UpdateOrg changes exactly the fields of its mask (the slug included)
 and refuses a taken slug; DeleteOrg removes the memberships and takes the org
 off every session whose active org it was, at once and for the next refresh,
@@ -230,13 +230,15 @@ async def test_get_org_by_id_and_by_slug(api: Api) -> None:
 
 async def test_get_org_needs_the_org(api: Api) -> None:
     """The `org` oneof unset, or set to an empty id or slug, is bad input on
-    the field `org`. (Both at once cannot be sent: a oneof keeps the last.)"""
+    `org_id` (a field path; the oneof is none), the message naming both.
+    (Both at once cannot be sent: a oneof keeps the last.)"""
     org, owner = await org_with_owner(api)
     admin = await api.admin_token()
     for md in (owner.md, bearer(admin), service()):
         for ident in ({}, {"org_id": ""}, {"org_slug": ""}):
             error = await refused(api, partial(_get, api, md, **ident), *IA)
-            assert _violations(error) == ["org"]
+            assert _violations(error) == ["org_id"]
+            assert "org_slug" in error.message
     both = orgs_pb2.GetOrgRequest(org_id=org.id, org_slug=org.slug)
     assert both.WhichOneof("org") == "org_slug"
 

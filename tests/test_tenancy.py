@@ -20,7 +20,8 @@ owner's token), and a platform admin is not bound to an active org. The one
 exception to "only the active org": a delete with `allow_missing` retried
 after its first attempt took the org off the caller's session (the owner's
 DeleteOrg, a member's leave) succeeds, for the org the access token itself
-names (by id) with a role there that may do it, once what it deletes is gone.
+names (by id, or by the slug it carries) with a role there that may do it,
+once what it deletes is gone.
 """
 
 from __future__ import annotations
@@ -286,16 +287,15 @@ async def test_a_retried_delete_of_the_active_org_succeeds_with_allow_missing(ap
         partial(api.orgs.DeleteOrg, orgs_pb2.DeleteOrgRequest(org_id=org.id), metadata=owner.md),
         *MISMATCH,
     )
-    # By slug: a token names its org by id only.
-    await refused(
-        api,
-        partial(
-            api.orgs.DeleteOrg,
-            orgs_pb2.DeleteOrgRequest(org_slug=org.slug, allow_missing=True),
-            metadata=owner.md,
-        ),
-        *MISMATCH,
-    )
+    # By slug: the token carries the org's slug too. Even once another org
+    # has taken the slug, the retry answers for the token's org (gone), and
+    # leaves the new one alone.
+    by_slug = orgs_pb2.DeleteOrgRequest(org_slug=org.slug, force=True, allow_missing=True)
+    await changes_nothing(api, partial(api.orgs.DeleteOrg, by_slug, metadata=owner.md))
+    _, newcomer = await org_with_owner(api, slug=org.slug)
+    await changes_nothing(api, partial(api.orgs.DeleteOrg, by_slug, metadata=owner.md))
+    got = await api.orgs.GetOrg(orgs_pb2.GetOrgRequest(org_slug=org.slug), metadata=newcomer.md)
+    assert got.org.id != org.id
     # The admin's and the member's tokens name the org too, with roles that
     # could not delete it.
     for md in (admin.md, member.md):
@@ -340,6 +340,8 @@ async def test_a_retried_leave_succeeds_with_allow_missing(api: Api) -> None:
     await api.orgs.RemoveMember(leave, metadata=member.md)
     assert (await who(api, member.token)).org_id == ""
     await changes_nothing(api, partial(api.orgs.RemoveMember, leave, metadata=member.md))
+    by_slug = orgs_pb2.RemoveMemberRequest(org_slug=org.slug, user_id=member.id, allow_missing=True)
+    await changes_nothing(api, partial(api.orgs.RemoveMember, by_slug, metadata=member.md))
     await refused(
         api,
         partial(

@@ -31,12 +31,14 @@ class SessionInfo:
     org_role: OrgRole | None = None
     # The slug of org_id now (empty without an active org).
     org_slug: str = ""
-    # The org and role the access token itself names (its org_id and org_role
-    # claims), whatever the session holds now: signed by us when the session
-    # was in that org, so evidence that the caller could see it then. Only a
-    # retried delete reads them (authsvc.services.orgs, allow_missing).
+    # The org and role the access token itself names (its org_id, org_slug
+    # and org_role claims), whatever the session holds now: signed by us when
+    # the session was in that org, so evidence that the caller could see it
+    # then. Only a retried delete reads them (authsvc.services.orgs,
+    # allow_missing).
     token_org_id: uuid.UUID | None = None
     token_org_role: OrgRole | None = None
+    token_org_slug: str = ""
 
 
 @dataclass(frozen=True, slots=True)

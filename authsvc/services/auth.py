@@ -578,6 +578,7 @@ class AuthService:
             org_slug=org[1] if org is not None else "",
             token_org_id=claims.org_id,
             token_org_role=claims.org_role,
+            token_org_slug=claims.org_slug,
         )
         self._cache.put(digest, info, built_at, (claims.expires_at - now).total_seconds())
         return info

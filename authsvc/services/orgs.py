@@ -152,29 +152,29 @@ class OrgService:
         gone, and every membership in it. A user's call named an org other
         than their session's active one (or their session has none), and the
         answer must not tell whether an org they cannot see exists: the call
-        succeeds only for the org their access token itself names, with a
-        role there that may take ``action`` (the token is our signed word
-        that they were in that org, in that role, when it was minted). That
-        is the retry whose first attempt took the org off the caller's
-        session (the owner's DeleteOrg; a member's leave; any delete in an
-        org deleted since), with the same token. It then succeeds if the org
-        is gone; for a leave (``action`` LEAVE), if the caller's own
-        membership is. So a user learns at most that an org they were in, as
-        their token says, is gone, or that they left it. A request by slug is
-        not matched (tokens name the org by id): it fails as without
-        ``allow_missing``.
+        succeeds only for the org their access token itself names (by its
+        id, or by the slug the token carries), with a role there that may
+        take ``action`` (the token is our signed word that they were in that
+        org, in that role, when it was minted). That is the retry whose first
+        attempt took the org off the caller's session (the owner's DeleteOrg;
+        a member's leave; any delete in an org deleted since), with the same
+        token. It then succeeds if the token's org (by id) is gone; for a
+        leave (``action`` LEAVE), if the caller's own membership in it is.
+        So a user learns at most that an org they were in, as their token
+        says, is gone, or that they left it; never anything of an org that
+        has the slug now (a slug is reusable, the token's org id is not).
         """
         if principal.is_admin:
             return True  # _scope raised OrgNotFound: there is no such org
         session = principal.session
         assert session is not None
-        role = session.token_org_role
-        if ref != session.token_org_id or role is None or not allowed(role, action):
+        org_id, role = session.token_org_id, session.token_org_role
+        named = ref == org_id or (bool(session.token_org_slug) and ref == session.token_org_slug)
+        if org_id is None or role is None or not named or not allowed(role, action):
             return False
-        assert isinstance(ref, uuid.UUID)
         if action is OrgAction.LEAVE:
-            return await tx.memberships.get(ref, session.user_id) is None
-        return await tx.orgs.get(ref) is None
+            return await tx.memberships.get(org_id, session.user_id) is None
+        return await tx.orgs.get(org_id) is None
 
     # -- orgs -----------------------------------------------------------------------
 

@@ -137,4 +137,6 @@ def org_ref(org_id: str, org_slug: str) -> uuid.UUID | str:
     if org_slug:
         # Any string that cannot be a slug names no org; say so as bad input.
         return slug(org_slug, "org_slug")
-    raise InvalidArgument.field("org", "required: org_id or org_slug")
+    # Named by its first field: a BadRequest field is a path to a field, and
+    # the oneof `org` is none; the description names both.
+    raise InvalidArgument.field("org_id", "required: org_id or org_slug (the org oneof)")

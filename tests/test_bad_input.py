@@ -1321,7 +1321,7 @@ ORG_CASES = [
     # -- naming the org: the oneof unset, a malformed id or slug -------------------
     # (Both cannot be sent: a oneof holds one, the last one on the wire.)
     *[
-        org_invalid(f"{_short(rpc)}-org-unset", rpc, org_request(msg, naming("neither")), "org")
+        org_invalid(f"{_short(rpc)}-org-unset", rpc, org_request(msg, naming("neither")), "org_id")
         for rpc, msg in ORG_METHODS.items()
     ],
     *[
@@ -1329,7 +1329,7 @@ ORG_CASES = [
             f"{_short(rpc)}-org-unset",
             rpc,
             org_request(msg, naming("neither"), user_id=MEMBER_USER[rpc], **MEMBER_EXTRA[rpc]),
-            "org",
+            "org_id",
         )
         for rpc, msg in MEMBER_METHODS.items()
     ],
@@ -1337,14 +1337,14 @@ ORG_CASES = [
         "getorg-org-unset-by-user",
         "orgs.GetOrg",
         org_request(orgs_pb2.GetOrgRequest, naming("neither")),
-        "org",
+        "org_id",
         creds=_org_user,
     ),
     org_invalid(
         "updateorg-org-unset",
         "orgs.UpdateOrg",
         update_org(["name"], "neither", name="x"),
-        "org",
+        "org_id",
     ),
     *[
         org_invalid(f"{_short(rpc)}-org-id-{name}", rpc, org_request(msg, org_id_is(v)), "org_id")

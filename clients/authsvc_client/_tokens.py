@@ -25,11 +25,14 @@ ALGORITHM = "EdDSA"
 MAX_LENGTH = 4096
 _REQUIRED = ["iss", "aud", "sub", "sid", "iat", "exp", "jti"]
 
-_ROLES: Mapping[str, resources_pb2.Role.ValueType] = {
+#: Claim values -> enum values: the `role` and `org_role` claims are the enum
+#: value names without their prefix, in lowercase (resources.proto). The one
+#: copy of these tables in the client package.
+ROLE_CLAIMS: Mapping[str, resources_pb2.Role.ValueType] = {
     "user": resources_pb2.ROLE_USER,
     "admin": resources_pb2.ROLE_ADMIN,
 }
-_ORG_ROLES: Mapping[str, resources_pb2.OrgRole.ValueType] = {
+ORG_ROLE_CLAIMS: Mapping[str, resources_pb2.OrgRole.ValueType] = {
     "owner": resources_pb2.ORG_ROLE_OWNER,
     "admin": resources_pb2.ORG_ROLE_ADMIN,
     "member": resources_pb2.ORG_ROLE_MEMBER,
@@ -134,7 +137,7 @@ def _from_claims(claims: dict[str, Any], clock_skew: float) -> Verified:
         raise Invalid()
     sub, sid = claims["sub"], claims["sid"]
     role_name = claims.get("role")
-    role = _ROLES.get(role_name) if isinstance(role_name, str) else None
+    role = ROLE_CLAIMS.get(role_name) if isinstance(role_name, str) else None
     org_id = claims.get("org_id", "")
     org_role_name = claims.get("org_role", "")
     org_slug = claims.get("org_slug", "")
@@ -148,9 +151,9 @@ def _from_claims(claims: dict[str, Any], clock_skew: float) -> Verified:
         # may be missing (a token of a server from before the claim): then
         # the session has no slug, and a request naming its org by slug is
         # refused by the tenant-scoping interceptor rather than let through.
-        if not _is_uuid(org_id) or org_role_name not in _ORG_ROLES:
+        if not _is_uuid(org_id) or org_role_name not in ORG_ROLE_CLAIMS:
             raise Invalid()
-        org_role = _ORG_ROLES[org_role_name]
+        org_role = ORG_ROLE_CLAIMS[org_role_name]
     session = resources_pb2.SessionInfo(
         session_id=sid,
         user_id=sub,

@@ -100,6 +100,7 @@ from typing import Any, Generic, NamedTuple, TypeAlias, TypeVar, cast
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 
+from authsvc_client._tokens import ORG_ROLE_CLAIMS, ROLE_CLAIMS
 from authsvc_client.errors import AuthsvcError, from_rpc_error
 from authsvc_client.v1 import (
     auth_pb2,
@@ -125,12 +126,6 @@ __all__ = [
 T = TypeVar("T")
 Id = str | uuid.UUID
 Requirement: TypeAlias = resources_pb2.SignInRequirement.ValueType
-_ROLES = {"user": resources_pb2.ROLE_USER, "admin": resources_pb2.ROLE_ADMIN}
-_ORG_ROLES = {
-    "owner": resources_pb2.ORG_ROLE_OWNER,
-    "admin": resources_pb2.ORG_ROLE_ADMIN,
-    "member": resources_pb2.ORG_ROLE_MEMBER,
-}
 
 
 @dataclass(frozen=True)
@@ -198,7 +193,7 @@ def _role(value: str | int | None) -> resources_pb2.Role.ValueType:
     if value is None:
         return resources_pb2.ROLE_UNSPECIFIED
     if isinstance(value, str):
-        return _ROLES[value.lower().removeprefix("role_")]
+        return ROLE_CLAIMS[value.lower().removeprefix("role_")]
     return resources_pb2.Role.ValueType(value)
 
 
@@ -206,7 +201,7 @@ def _org_role(value: str | int | None) -> resources_pb2.OrgRole.ValueType:
     if value is None:
         return resources_pb2.ORG_ROLE_UNSPECIFIED
     if isinstance(value, str):
-        return _ORG_ROLES[value.lower().removeprefix("org_role_")]
+        return ORG_ROLE_CLAIMS[value.lower().removeprefix("org_role_")]
     return resources_pb2.OrgRole.ValueType(value)
 
 

@@ -110,6 +110,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from authsvc_client._tokens import ORG_ROLE_CLAIMS, ROLE_CLAIMS
 from authsvc_client.errors import OrgMismatch, status_metadata
 from authsvc_client.v1 import options_pb2, resources_pb2
 
@@ -138,16 +139,6 @@ SessionInfo = resources_pb2.SessionInfo
 RoleLike = str | int
 
 # --------------------------------------------------------------------------- helpers
-
-_ROLES: dict[str, resources_pb2.Role.ValueType] = {
-    "user": resources_pb2.ROLE_USER,
-    "admin": resources_pb2.ROLE_ADMIN,
-}
-_ORG_ROLES: dict[str, resources_pb2.OrgRole.ValueType] = {
-    "owner": resources_pb2.ORG_ROLE_OWNER,
-    "admin": resources_pb2.ORG_ROLE_ADMIN,
-    "member": resources_pb2.ORG_ROLE_MEMBER,
-}
 
 
 def _role_values(roles: Sequence[RoleLike], names: Mapping[str, int], prefix: str) -> set[int]:
@@ -183,7 +174,7 @@ def is_authorized(session: SessionInfo, *roles: RoleLike) -> bool:
     Raises:
         ValueError: a role that does not exist.
     """
-    return session.role in _role_values(roles, _ROLES, "role_")
+    return session.role in _role_values(roles, ROLE_CLAIMS, "role_")
 
 
 # A UUID's canonical text in any case, alone or in braces.
@@ -229,7 +220,7 @@ def is_org_authorized(session: SessionInfo, org_id: str | uuid.UUID, *roles: Rol
     Raises:
         ValueError: a role that does not exist.
     """
-    allowed = _role_values(roles, _ORG_ROLES, "org_role_")
+    allowed = _role_values(roles, ORG_ROLE_CLAIMS, "org_role_")
     return is_same_org(session, org_id) and session.org_role in allowed
 
 
@@ -492,12 +483,12 @@ def session_from_token(token: str) -> SessionInfo:
     info = SessionInfo(
         session_id=claims["sid"],
         user_id=claims["sub"],
-        role=_ROLES.get(str(claims.get("role", "")), resources_pb2.ROLE_UNSPECIFIED),
+        role=ROLE_CLAIMS.get(str(claims.get("role", "")), resources_pb2.ROLE_UNSPECIFIED),
     )
     org = claims.get("org_id")
     if isinstance(org, str) and org:
         info.org_id = org
-        info.org_role = _ORG_ROLES.get(
+        info.org_role = ORG_ROLE_CLAIMS.get(
             str(claims.get("org_role", "")), resources_pb2.ORG_ROLE_UNSPECIFIED
         )
         slug = claims.get("org_slug")

@@ -3,16 +3,27 @@
     python clients/generate.py           # rewrite clients/authsvc_client/v1/
     python clients/generate.py --check   # exit 1 when the committed code is stale
 
+It runs ``buf generate`` with the repository's ``buf.gen.yaml`` (local plugins:
+protoc's Python generator from grpcio-tools, gRPC's, mypy-protobuf's two), with
+this interpreter's bin directory first on PATH so that the template's
+``python`` and ``protoc-gen-mypy*`` are those of the environment running this.
+
 protoc names modules after the proto path (``authsvc.v1.users_pb2``), which
 would collide with the server package ``authsvc``; the generated modules live
 in ``authsvc_client.v1`` instead, so their cross-imports are made relative.
 (protoletariat does this rewrite, but pins protobuf below 6.)
+
+``python clients/generate.py --plugin=grpc_python`` is a protoc plugin (buf.gen.yaml
+runs it): gRPC's Python generator is compiled into grpcio-tools' protoc and is
+no builtin buf can proxy, so this passes the request to that protoc as a
+descriptor set, as buf does for protoc's own builtins.
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
+import os
 import re
 import shutil
 import subprocess
@@ -20,11 +31,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import grpc_tools
-
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = ROOT / "protos"
 OUT = ROOT / "clients" / "authsvc_client" / "v1"
+# Where buf.gen.yaml's plugins write, under buf's --output.
+RAW = Path("build") / "python" / "authsvc" / "v1"
 
 # `from authsvc.v1 import users_pb2 as ...` (protoc, grpc) and
 # `import authsvc.v1.users_pb2` (mypy-protobuf .pyi).
@@ -39,29 +49,32 @@ def _relativize(text: str) -> str:
     return _QUALIFIED.sub(r"\1", text)
 
 
+def _buf() -> str:
+    bin_dir = Path(sys.executable).parent
+    found = shutil.which("buf", path=str(bin_dir)) or shutil.which("buf")
+    if found is None:
+        raise SystemExit("buf is not installed (it comes with the dev extra: buf-bin)")
+    return found
+
+
 def generate(dest: Path) -> None:
-    # protos/google is vendored googleapis; its Python code comes from the
-    # googleapis-common-protos package.
-    protos = sorted(p.relative_to(PROTOS).as_posix() for p in (PROTOS / "authsvc").rglob("*.proto"))
-    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])}
     with tempfile.TemporaryDirectory() as tmp:
-        bin_dir = Path(sys.executable).parent
-        cmd = [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{PROTOS}",
-            f"-I{well_known}",
-            f"--python_out={tmp}",
-            f"--grpc_python_out={tmp}",
-            f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
-            f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
-            f"--mypy_out={tmp}",
-            f"--mypy_grpc_out={tmp}",
-            *protos,
-        ]
-        subprocess.run(cmd, check=True)  # noqa: S603
-        generated = Path(tmp) / "authsvc" / "v1"
+        # mypy-protobuf says "Writing mypy to ..." for every file: shown only
+        # when something fails.
+        done = subprocess.run(  # noqa: S603
+            [_buf(), "generate", "--template", "buf.gen.yaml", "--output", tmp],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            sys.stderr.write(done.stdout + done.stderr)
+            raise SystemExit(f"buf generate failed (exit {done.returncode})")
+        generated = Path(tmp) / RAW
         dest.mkdir(parents=True, exist_ok=True)
         for old in dest.iterdir():
             if old.is_file():
@@ -71,10 +84,47 @@ def generate(dest: Path) -> None:
         (dest / "__init__.py").write_text('"""Generated authsvc.v1 messages and stubs."""\n')
 
 
+def run_plugin(name: str) -> int:
+    """Answers the CodeGeneratorRequest on stdin with grpcio-tools' ``name`` generator."""
+    from google.protobuf import descriptor_pb2
+    from google.protobuf.compiler import plugin_pb2
+    from grpc_tools import protoc
+
+    request = plugin_pb2.CodeGeneratorRequest.FromString(sys.stdin.buffer.read())
+    response = plugin_pb2.CodeGeneratorResponse(
+        supported_features=plugin_pb2.CodeGeneratorResponse.FEATURE_PROTO3_OPTIONAL
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        descriptors = Path(tmp) / "request.binpb"
+        descriptors.write_bytes(
+            descriptor_pb2.FileDescriptorSet(file=request.proto_file).SerializeToString()
+        )
+        out = Path(tmp) / "out"
+        out.mkdir()
+        args = [
+            "grpc_tools.protoc",
+            f"--descriptor_set_in={descriptors}",
+            f"--{name}_out={out}",
+            *([f"--{name}_opt={request.parameter}"] if request.parameter else []),
+            *request.file_to_generate,
+        ]
+        if protoc.main(args) != 0:
+            response.error = f"grpc_tools.protoc --{name}_out failed"
+        else:
+            for path in sorted(p for p in out.rglob("*") if p.is_file()):
+                response.file.add(name=path.relative_to(out).as_posix(), content=path.read_text())
+    sys.stdout.buffer.write(response.SerializeToString())
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail when the code is stale")
+    parser.add_argument("--plugin", metavar="NAME", help="run as grpcio-tools' protoc plugin NAME")
     args = parser.parse_args()
+    if args.plugin:
+        return run_plugin(args.plugin)
+    shutil.rmtree(OUT / "__pycache__", ignore_errors=True)
     if not args.check:
         generate(OUT)
         return 0
@@ -92,5 +142,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    shutil.rmtree(OUT / "__pycache__", ignore_errors=True)
     sys.exit(main())

@@ -5,11 +5,16 @@ FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/authsvc
 WORKDIR /src
+# The client package first (the server depends on authsvc-client, which is on
+# no index): its wheel, from its own distribution in clients/.
+COPY clients/pyproject.toml clients/README.md ./clients/
+COPY clients/authsvc_client ./clients/authsvc_client
+RUN /opt/authsvc/bin/pip wheel --no-deps --wheel-dir /wheels ./clients
+# Then the server, with that wheel in the same pip call.
 COPY pyproject.toml README.md ./
 COPY authsvc ./authsvc
-COPY clients ./clients
 COPY migrations ./migrations
-RUN /opt/authsvc/bin/pip install .
+RUN /opt/authsvc/bin/pip install /wheels/authsvc_client-*.whl .
 
 # --- run: the virtualenv only, as an unprivileged user ------------------------
 FROM python:3.11-slim

@@ -145,7 +145,14 @@ def _end_failed_statement(context: ExceptionContext) -> None:
     if span is None:
         return
     if span.is_recording():
-        span.set_status(Status(StatusCode.ERROR, type(context.original_exception).__name__))
+        # The error's class and SQLSTATE (as authsvc.storage.database reads
+        # it), never its text.
+        error = context.sqlalchemy_exception or context.original_exception
+        orig = context.original_exception
+        states = (getattr(e, "sqlstate", None) for e in (orig, orig.__cause__))
+        state = next((s for s in states if isinstance(s, str)), None)
+        described = type(error).__name__ + (f" SQLSTATE {state}" if state else "")
+        span.set_status(Status(StatusCode.ERROR, described))
     span.end()
 
 

@@ -26,11 +26,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.trace import SpanKind
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from authsvc.app import build_server
 from authsvc.security.secrets import sha256
 from authsvc.storage import migrate
+from authsvc.storage.database import create_engine
 from authsvc.tracing import Tracing, enabled
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from tests.app import (
@@ -553,3 +557,37 @@ async def test_a_collector_down_or_hanging_does_not_fail_rpcs(
         # It still stops by itself, within the exporter's timeout.
         assert await served.stop() == 0
     assert receiver.requests == []
+
+
+# -- a failed statement's span says what failed, not the driver's message --------------
+
+
+async def test_a_failed_statement_span_does_not_quote_the_driver(
+    receiver: Receiver, postgres_dsn: str
+) -> None:
+    """asyncpg quotes the bad argument ("invalid input for query argument $1:
+    '...'"), Postgres a bad value too; the span's status names the error's
+    class and SQLSTATE only."""
+    tracing = Tracing.exporting_to(
+        OTLPSpanExporter(endpoint=f"127.0.0.1:{receiver.port}", insecure=True)
+    )
+    engine = create_engine(postgres_dsn, pool_size=1, pgbouncer=False)
+    tracing.instrument_engine(engine)
+    quoted = f"not-a-uuid-{uuid.uuid4().hex}"
+    tracer = tracing.provider.get_tracer(__name__)
+    try:
+        # Inside a server span: the sampler keeps statements of RPCs only.
+        with tracer.start_as_current_span("rpc", kind=SpanKind.SERVER):
+            async with engine.connect() as conn:
+                with pytest.raises(DBAPIError, match="uuid"):
+                    await conn.execute(text("SELECT CAST(:v AS uuid)"), {"v": quoted})
+    finally:
+        await engine.dispose()
+        await tracing.shutdown()
+    (failed,) = [s for s in receiver.spans() if s.span.kind == CLIENT]
+    assert failed.attributes["db.statement"] == "SELECT CAST($1 AS uuid)"
+    assert failed.span.status.code == failed.span.status.STATUS_CODE_ERROR
+    # The class SQLAlchemy gives it, and a data exception's SQLSTATE (asyncpg
+    # refuses the argument itself: 22000, and quotes it).
+    assert failed.span.status.message.startswith("DBAPIError SQLSTATE 22")
+    assert quoted not in receiver.text()

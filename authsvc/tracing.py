@@ -18,15 +18,15 @@ each piece it instruments:
 * SQL statements: the SQLAlchemy instrumentation's engine tracer on this
   engine only; ``db.statement`` is the statement with its placeholders
   (parameters are never read), sqlcommenter off, and a failed statement's span
-  says only the error's class (a driver's message can quote the row: a unique
-  violation names the email).
+  says only the error's class and SQLSTATE (a driver's message can quote the
+  value it refused).
 * Redis commands: opentelemetry-instrumentation-redis on the given client only;
   ``db.statement`` is the command name and one ``?`` per argument (keys hold
   hashes of tokens and emails).
 
 Exporting is OTLP over gRPC through a BatchSpanProcessor: spans are queued and
 sent from the processor's own thread, so a collector that is down or slow
-costs an RPC nothing. Everything else (service name, resource attributes,
+holds no RPC up. Everything else (service name, resource attributes,
 endpoint, headers, TLS, timeouts, batch sizes, the sampler) is the SDK's own
 reading of the ``OTEL_*`` variables.
 """
@@ -95,7 +95,7 @@ class Tracing:
         # Shut down in Server.stop, not at interpreter exit.
         provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         # The sampler of OTEL_TRACES_SAMPLER, behind one rule: no trace starts
-        # outside an RPC (see _InRpcs).
+        # outside an RPC (see _in_rpcs).
         provider.sampler = _in_rpcs(provider.sampler)
         provider.add_span_processor(BatchSpanProcessor(exporter))
         return cls(provider)
@@ -120,9 +120,10 @@ class Tracing:
         otel_sql.EngineTracer(  # type: ignore[no-untyped-call]
             tracer, engine.sync_engine, usage, enable_commenter=False
         )
-        # Its error hook puts str(the driver's error) in the span's status;
-        # Postgres' unique violation quotes the row (the email). Ours says
-        # only what kind of error it was.
+        # Its error hook puts str(the driver's error) in the span's status,
+        # and that can quote input: asyncpg's "invalid input for query
+        # argument $1: '...'", Postgres' "invalid input syntax for type
+        # uuid: ...". Ours says only what kind of error it was.
         event.remove(engine.sync_engine, "handle_error", otel_sql._handle_error)
         event.listen(engine.sync_engine, "handle_error", _end_failed_statement)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,8 @@ from authsvc.storage.database import SqlDatabase, create_engine
 from authsvc.storage.event_log import EventLog, LocalEventBus, stop_task
 from authsvc.storage.memory import MemoryRateLimiter
 from authsvc.storage.redis_store import RedisEventBus, RedisRateLimiter
+from authsvc.tracing import Tracing
+from authsvc.tracing import enabled as tracing_enabled
 from authsvc_client.v1 import (
     auth_pb2,
     auth_pb2_grpc,
@@ -99,8 +102,13 @@ class Core:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
-    """Connects storage and builds the services. Migrates the embedded default."""
+async def build_core(
+    settings: Settings, *, create_keys: bool = True, tracing: Tracing | None = None
+) -> Core:
+    """Connects storage and builds the services. Migrates the embedded default.
+
+    ``tracing``: spans for the engine's statements and the Redis client's commands.
+    """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url()
     if not settings.uses_postgres:
@@ -117,6 +125,8 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
         ),
         pgbouncer=settings.database_pgbouncer,
     )
+    if tracing is not None:
+        tracing.instrument_engine(db.engine)
     await migrate.require_head(db.engine)
     clock = SystemClock()
     # Events are kept as long as the tokens they concern can live.
@@ -142,6 +152,9 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
+        if tracing is not None:
+            # Not the follower: its blocking XREAD is background work.
+            tracing.instrument_redis(redis_client)
         # The follower's blocking XREAD needs a connection (and a timeout
         # longer than its block) of its own; it handles failures itself.
         follower = aioredis.from_url(
@@ -226,6 +239,8 @@ class Server:
     server: grpc.aio.Server
     health: HealthServicer
     port: int
+    #: Owned by the server: flushed and shut down last in ``stop``.
+    tracing: Tracing | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -253,6 +268,7 @@ class Server:
             await stop_task(task)
         await self.server.stop(grace)
         await self.core.close()
+        await _shutdown(self.tracing)
         log.info("server.stopped")
 
 
@@ -272,6 +288,11 @@ async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
             log.exception("background.failed")
 
 
+async def _shutdown(tracing: Tracing | None) -> None:
+    if tracing is not None:
+        await tracing.shutdown()
+
+
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     # Settings has already refused half a pair, and a client CA without one.
     if settings.tls_cert_file is None or settings.tls_key_file is None:
@@ -285,13 +306,24 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 async def build_server(
-    settings: Settings, *, extra: Callable[[grpc.aio.Server], None] | None = None
+    settings: Settings,
+    *,
+    extra: Callable[[grpc.aio.Server], None] | None = None,
+    tracing: Tracing | None = None,
 ) -> Server:
-    """Builds the gRPC server (not started). ``extra`` may register more services."""
+    """Builds the gRPC server (not started). ``extra`` may register more services.
+
+    ``tracing`` (off when None): RPC, statement and Redis spans; the server
+    owns it from here on, and shuts it down in ``stop`` (or if building fails).
+    """
     # Before build_core: a bad TLS setting must not leave a database engine,
     # thread pool and Redis client behind.
-    credentials = _credentials(settings)
-    core = await build_core(settings)
+    try:
+        credentials = _credentials(settings)
+        core = await build_core(settings, tracing=tracing)
+    except BaseException:
+        await _shutdown(tracing)
+        raise
     try:
         interceptor = EdgeInterceptor(
             access_table(SERVICES),
@@ -299,8 +331,10 @@ async def build_server(
             ApiKeys(settings.api_keys),
             reasons=errors_table(SERVICES),
         )
+        # The RPC span first: the edge's log line and every statement run in it.
+        spans = [tracing.server_interceptor()] if tracing is not None else []
         server = grpc.aio.server(
-            interceptors=[interceptor],
+            interceptors=[*spans, interceptor],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
@@ -338,13 +372,18 @@ async def build_server(
         # certificate or key it was given, a bad ``extra``) must not leave
         # the database engine, thread pool and Redis client behind.
         await core.close()
+        await _shutdown(tracing)
         raise
-    return Server(core=core, server=server, health=health, port=port)
+    return Server(core=core, server=server, health=health, port=port, tracing=tracing)
 
 
 async def serve(settings: Settings) -> None:
-    """Runs until SIGTERM or SIGINT, then drains in-flight calls."""
-    server = await build_server(settings)
+    """Runs until SIGTERM or SIGINT, then drains in-flight calls.
+
+    Traces when the ``OTEL_*`` environment configures an OTLP endpoint.
+    """
+    tracing = Tracing.from_environment() if tracing_enabled(os.environ) else None
+    server = await build_server(settings, tracing=tracing)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -12,7 +12,7 @@ import sys
 
 from pydantic import ValidationError
 
-from authsvc import logs
+from authsvc import logs, tracing
 from authsvc.config import Settings
 from authsvc.errors import AuthError
 from authsvc.storage.migrate import NotMigrated
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         print(f"invalid settings: {error}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_format, settings.log_level)
+    # A trace id on each line written in an RPC's span, when traces are on.
+    logs.configure(settings.log_format, settings.log_level, trace_ids=tracing.enabled(os.environ))
     try:
         return int(args.run(settings, args))
     except NotMigrated as error:

@@ -28,7 +28,29 @@ def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutabl
     return event
 
 
-def configure(log_format: str, level: str, stream: TextIO | None = None) -> None:
+def _trace_ids() -> Any:
+    """A processor adding the current span's ``trace_id`` and ``span_id``
+    (in a call: the RPC's) to the line."""
+    from opentelemetry import trace
+
+    def add_trace_ids(
+        _logger: Any, _name: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            event["trace_id"] = trace.format_trace_id(context.trace_id)
+            event["span_id"] = trace.format_span_id(context.span_id)
+        return event
+
+    return add_trace_ids
+
+
+def configure(
+    log_format: str, level: str, stream: TextIO | None = None, *, trace_ids: bool = False
+) -> None:
+    """``trace_ids``: add ``trace_id`` and ``span_id`` to every line written
+    while a span is current (only when tracing is on: it imports the
+    OpenTelemetry API)."""
     stream = stream or sys.stderr
     use_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
     renderer: Any
@@ -42,6 +64,7 @@ def configure(log_format: str, level: str, stream: TextIO | None = None) -> None
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *([_trace_ids()] if trace_ids else []),
             _redact,
             *exceptions,
             renderer,

@@ -15,7 +15,8 @@ import redis.asyncio as aioredis
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -25,7 +26,15 @@ from authsvc.api.access import access_table, errors_table
 from authsvc.api.edge import ApiKeys, EdgeInterceptor
 from authsvc.api.servicers import AuthServicer, OrgServicer, SessionServicer, UserServicer
 from authsvc.config import Settings
-from authsvc.domain.ports import EventBus, RateLimiter
+from authsvc.domain.metrics import Metrics
+from authsvc.domain.ports import RateLimiter
+from authsvc.metrics import (
+    GrpcServerMetrics,
+    MetricsEndpoint,
+    Sample,
+    SampledCollector,
+    ServiceMetrics,
+)
 from authsvc.security.jwt_tokens import AccessTokenCodec
 from authsvc.security.page_tokens import PageTokens
 from authsvc.security.passwords import Argon2Hasher
@@ -84,7 +93,7 @@ class Core:
     feed: RevocationFeed
     cache: AuthCache
     event_log: EventLog
-    bus: EventBus
+    bus: LocalEventBus | RedisEventBus
     limiter: RateLimiter
     executor: ThreadPoolExecutor
     redis: aioredis.Redis | None
@@ -99,8 +108,13 @@ class Core:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
-    """Connects storage and builds the services. Migrates the embedded default."""
+async def build_core(
+    settings: Settings, *, create_keys: bool = True, metrics: Metrics | None = None
+) -> Core:
+    """Connects storage and builds the services. Migrates the embedded default.
+
+    ``metrics``: what the services report to (None: nothing is counted).
+    """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url()
     if not settings.uses_postgres:
@@ -122,7 +136,7 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
     # Events are kept as long as the tokens they concern can live.
     retention = settings.access_token_ttl + 60.0
     redis_client: aioredis.Redis | None = None
-    bus: EventBus
+    bus: LocalEventBus | RedisEventBus
     limiter: RateLimiter
     event_log = EventLog(db, retention=retention)
     # The relay's poll, and the follower's reads of the database's log while
@@ -173,6 +187,7 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
         memory_kib=settings.argon2_memory_kib,
         parallelism=settings.argon2_parallelism,
         executor=executor,
+        metrics=metrics,
     )
     cache = AuthCache(max_entries=settings.auth_cache_size, ttl=settings.auth_cache_ttl)
     bus.subscribe(lambda event: cache.mark(event.key), cache.clear)
@@ -199,6 +214,7 @@ async def build_core(settings: Settings, *, create_keys: bool = True) -> Core:
             signin_attempts_per_ip=settings.signin_attempts_per_ip,
             rate_limit_window=settings.rate_limit_window,
         ),
+        metrics=metrics,
     )
     return Core(
         settings=settings,
@@ -226,7 +242,14 @@ class Server:
     server: grpc.aio.Server
     health: HealthServicer
     port: int
+    #: The /metrics endpoint (None: AUTHSVC_METRICS_LISTEN is empty).
+    metrics: MetricsEndpoint | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on (None: metrics are off)."""
+        return self.metrics.port if self.metrics is not None else None
 
     async def start(self) -> None:
         await self.core.bus.start()
@@ -239,7 +262,9 @@ class Server:
             asyncio.create_task(_every(settings.key_reload_interval, self.core.keys.load)),
             asyncio.create_task(_every(max(settings.auth_cache_ttl, 1.0), _prune(self.core))),
         ]
-        log.info("server.started", listen=settings.listen, port=self.port)
+        log.info(
+            "server.started", listen=settings.listen, port=self.port, metrics=self.metrics_port
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight ones finish within ``grace``."""
@@ -253,6 +278,8 @@ class Server:
             await stop_task(task)
         await self.server.stop(grace)
         await self.core.close()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
         log.info("server.stopped")
 
 
@@ -289,15 +316,30 @@ async def build_server(
 ) -> Server:
     """Builds the gRPC server (not started). ``extra`` may register more services."""
     # Before build_core: a bad TLS setting must not leave a database engine,
-    # thread pool and Redis client behind.
+    # thread pool and Redis client behind, nor a metrics address in use.
     credentials = _credentials(settings)
-    core = await build_core(settings)
+    registry = CollectorRegistry(auto_describe=True) if settings.metrics_listen else None
+    endpoint = _metrics_endpoint(registry, settings.metrics_listen)
     try:
+        core = await build_core(
+            settings, metrics=ServiceMetrics(registry) if registry is not None else None
+        )
+    except BaseException:
+        if endpoint is not None:
+            endpoint.stop()
+        raise
+    try:
+        grpc_metrics = None
+        if registry is not None:
+            grpc_metrics = GrpcServerMetrics(registry)
+            grpc_metrics.add_services((*SERVICES, *INFRA_SERVICES))
+            registry.register(SampledCollector(asyncio.get_running_loop(), _sampler(core)))
         interceptor = EdgeInterceptor(
             access_table(SERVICES),
             core.auth.authenticate,
             ApiKeys(settings.api_keys),
             reasons=errors_table(SERVICES),
+            metrics=grpc_metrics,
         )
         server = grpc.aio.server(
             interceptors=[interceptor],
@@ -338,8 +380,55 @@ async def build_server(
         # certificate or key it was given, a bad ``extra``) must not leave
         # the database engine, thread pool and Redis client behind.
         await core.close()
+        if endpoint is not None:
+            endpoint.stop()
         raise
-    return Server(core=core, server=server, health=health, port=port)
+    return Server(core=core, server=server, health=health, port=port, metrics=endpoint)
+
+
+#: Health and reflection: counted like authsvc's own services.
+INFRA_SERVICES = (
+    health_pb2.DESCRIPTOR.services_by_name["Health"],
+    reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+)
+
+
+class MetricsListenError(Exception):
+    """AUTHSVC_METRICS_LISTEN cannot be served (the address is in use, say)."""
+
+
+def _metrics_endpoint(registry: CollectorRegistry | None, listen: str) -> MetricsEndpoint | None:
+    if registry is None:
+        return None
+    endpoint = MetricsEndpoint(registry, listen)
+    try:
+        endpoint.start()
+    except OSError as error:
+        raise MetricsListenError(
+            f"cannot serve metrics on AUTHSVC_METRICS_LISTEN={listen}: {error.strerror or error}"
+        ) from None
+    return endpoint
+
+
+def _sampler(core: Core) -> Callable[[], Awaitable[Sample]]:
+    """The gauges Prometheus reads at a scrape, read on the server's loop."""
+
+    async def sample() -> Sample:
+        try:
+            outbox: tuple[int, float] | None = await asyncio.wait_for(core.bus.backlog(), 1.5)
+        except Exception:  # the database is down or slow: left out of this scrape
+            outbox = None
+        return Sample(
+            bus_healthy=core.bus.healthy(),
+            bus_lag=core.bus.lag(),
+            bus_source=core.bus.source,
+            watchers=core.feed.watchers,
+            pool_in_use=core.db.pool_in_use(),
+            pool_waiting=core.db.waiting,
+            outbox=outbox,
+        )
+
+    return sample
 
 
 async def serve(settings: Settings) -> None:

@@ -325,7 +325,7 @@ async def test_streams_cancellations_and_deadlines_end_with_their_own_code(
     assert delta(before, done, "grpc_server_handling_seconds_count", **watch) == 2
     # Without credentials: refused before it streams anything.
     refused = await failure(api.auth.WatchRevocations(auth_pb2.WatchRevocationsRequest()).read())
-    assert refused.code == "UNAUTHENTICATED" or refused.reason == "NOT_AUTHENTICATED"
+    assert refused.code == grpc.StatusCode.UNAUTHENTICATED
     last = await until(
         api,
         lambda s: (
@@ -380,7 +380,7 @@ async def test_unknown_methods_make_no_series_and_labels_stay_bounded(
         f"/{email}/{signed.tokens.access_token[:40]}",
         f"/authsvc.v1.{signed.user.id}/Get",
     ):
-        call = api.channel.unary_unary(path)
+        call: Any = api.channel.unary_unary(path)
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await call(b"")
         assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -375,7 +375,9 @@ class Sidecar:
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._metrics = _SidecarMetrics(self, metrics_registry) if metrics_registry else None
+        self._metrics = (
+            _SidecarMetrics(self, metrics_registry) if metrics_registry is not None else None
+        )
 
     # ------------------------------------------------------------------ lifecycle
 

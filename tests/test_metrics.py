@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 import urllib.request
 import uuid
@@ -342,24 +343,36 @@ async def _read_to_end(stream: Any) -> None:
 
 
 async def test_a_cancelled_unary_call_counts_as_cancelled(metered: MetricsServer) -> None:
-    # Sign-up holds its call for the Argon2 hash: cancelled meanwhile.
-    api = await metered(argon2_memory_kib=64 * 1024, argon2_time_cost=3)
+    # Sign-up waits for the one hasher thread, held busy here: the call is
+    # in the server when it is cancelled.
+    api = await metered(hash_workers=1)
     before = await scrape(api)
-    call = api.auth.SignUp(
-        auth_pb2.SignUpRequest(email=f"c-{uuid.uuid4().hex[:8]}@example.com", password=PASSWORD)
-    )
-    await asyncio.sleep(0.02)
-    call.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await call
+    held = threading.Event()
+    busy = api.server.core.executor.submit(held.wait, 30)
     labels = rpc("SignUp")
-    await until(
-        api,
-        lambda s: (
-            delta(before, s, "grpc_server_handled_total", **labels, grpc_code="CANCELLED") == 1
-        ),
-        "the cancelled sign-up counted",
-    )
+    try:
+        call = api.auth.SignUp(
+            auth_pb2.SignUpRequest(email=f"c-{uuid.uuid4().hex[:8]}@example.com", password=PASSWORD)
+        )
+        await until(
+            api,
+            lambda s: delta(before, s, "grpc_server_started_total", **labels) == 1,
+            "the sign-up started",
+        )
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        after = await until(
+            api,
+            lambda s: (
+                delta(before, s, "grpc_server_handled_total", **labels, grpc_code="CANCELLED") == 1
+            ),
+            "the cancelled sign-up counted",
+        )
+        assert delta(before, after, "grpc_server_handled_total", **labels, grpc_code="OK") == 0
+    finally:
+        held.set()
+        await asyncio.wrap_future(busy)
 
 
 async def test_unknown_methods_make_no_series_and_labels_stay_bounded(

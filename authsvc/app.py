@@ -16,7 +16,8 @@ import redis.asyncio as aioredis
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -26,7 +27,15 @@ from authsvc.api.access import access_table, errors_table
 from authsvc.api.edge import ApiKeys, EdgeInterceptor
 from authsvc.api.servicers import AuthServicer, OrgServicer, SessionServicer, UserServicer
 from authsvc.config import Settings
-from authsvc.domain.ports import EventBus, RateLimiter
+from authsvc.domain.metrics import Metrics
+from authsvc.domain.ports import RateLimiter
+from authsvc.metrics import (
+    GrpcServerMetrics,
+    MetricsEndpoint,
+    Sample,
+    SampledCollector,
+    ServiceMetrics,
+)
 from authsvc.security.jwt_tokens import AccessTokenCodec
 from authsvc.security.page_tokens import PageTokens
 from authsvc.security.passwords import Argon2Hasher
@@ -87,7 +96,7 @@ class Core:
     feed: RevocationFeed
     cache: AuthCache
     event_log: EventLog
-    bus: EventBus
+    bus: LocalEventBus | RedisEventBus
     limiter: RateLimiter
     executor: ThreadPoolExecutor
     redis: aioredis.Redis | None
@@ -103,10 +112,15 @@ class Core:
 
 
 async def build_core(
-    settings: Settings, *, create_keys: bool = True, tracing: Tracing | None = None
+    settings: Settings,
+    *,
+    create_keys: bool = True,
+    metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
 ) -> Core:
     """Connects storage and builds the services. Migrates the embedded default.
 
+    ``metrics``: what the services report to (None: nothing is counted).
     ``tracing``: spans for the engine's statements and the Redis client's commands.
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +146,7 @@ async def build_core(
     # Events are kept as long as the tokens they concern can live.
     retention = settings.access_token_ttl + 60.0
     redis_client: aioredis.Redis | None = None
-    bus: EventBus
+    bus: LocalEventBus | RedisEventBus
     limiter: RateLimiter
     event_log = EventLog(db, retention=retention)
     # The relay's poll, and the follower's reads of the database's log while
@@ -186,6 +200,7 @@ async def build_core(
         memory_kib=settings.argon2_memory_kib,
         parallelism=settings.argon2_parallelism,
         executor=executor,
+        metrics=metrics,
     )
     cache = AuthCache(max_entries=settings.auth_cache_size, ttl=settings.auth_cache_ttl)
     bus.subscribe(lambda event: cache.mark(event.key), cache.clear)
@@ -212,6 +227,7 @@ async def build_core(
             signin_attempts_per_ip=settings.signin_attempts_per_ip,
             rate_limit_window=settings.rate_limit_window,
         ),
+        metrics=metrics,
     )
     return Core(
         settings=settings,
@@ -239,9 +255,16 @@ class Server:
     server: grpc.aio.Server
     health: HealthServicer
     port: int
+    #: The /metrics endpoint (None: AUTHSVC_METRICS_LISTEN is empty).
+    metrics: MetricsEndpoint | None = None
     #: Owned by the server: flushed and shut down last in ``stop``.
     tracing: Tracing | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on (None: metrics are off)."""
+        return self.metrics.port if self.metrics is not None else None
 
     async def start(self) -> None:
         await self.core.bus.start()
@@ -254,7 +277,9 @@ class Server:
             asyncio.create_task(_every(settings.key_reload_interval, self.core.keys.load)),
             asyncio.create_task(_every(max(settings.auth_cache_ttl, 1.0), _prune(self.core))),
         ]
-        log.info("server.started", listen=settings.listen, port=self.port)
+        log.info(
+            "server.started", listen=settings.listen, port=self.port, metrics=self.metrics_port
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight ones finish within ``grace``."""
@@ -268,6 +293,8 @@ class Server:
             await stop_task(task)
         await self.server.stop(grace)
         await self.core.close()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
         await _shutdown(self.tracing)
         log.info("server.stopped")
 
@@ -317,19 +344,34 @@ async def build_server(
     owns it from here on, and shuts it down in ``stop`` (or if building fails).
     """
     # Before build_core: a bad TLS setting must not leave a database engine,
-    # thread pool and Redis client behind.
+    # thread pool and Redis client behind, nor a metrics address in use.
+    endpoint: MetricsEndpoint | None = None
     try:
         credentials = _credentials(settings)
-        core = await build_core(settings, tracing=tracing)
+        registry = CollectorRegistry(auto_describe=True) if settings.metrics_listen else None
+        endpoint = _metrics_endpoint(registry, settings.metrics_listen)
+        core = await build_core(
+            settings,
+            metrics=ServiceMetrics(registry) if registry is not None else None,
+            tracing=tracing,
+        )
     except BaseException:
+        if endpoint is not None:
+            endpoint.stop()
         await _shutdown(tracing)
         raise
     try:
+        grpc_metrics = None
+        if registry is not None:
+            grpc_metrics = GrpcServerMetrics(registry)
+            grpc_metrics.add_services((*SERVICES, *INFRA_SERVICES))
+            registry.register(SampledCollector(asyncio.get_running_loop(), _sampler(core)))
         interceptor = EdgeInterceptor(
             access_table(SERVICES),
             core.auth.authenticate,
             ApiKeys(settings.api_keys),
             reasons=errors_table(SERVICES),
+            metrics=grpc_metrics,
         )
         # The RPC span first: the edge's log line and every statement run in it.
         spans = [tracing.server_interceptor()] if tracing is not None else []
@@ -372,9 +414,58 @@ async def build_server(
         # certificate or key it was given, a bad ``extra``) must not leave
         # the database engine, thread pool and Redis client behind.
         await core.close()
+        if endpoint is not None:
+            endpoint.stop()
         await _shutdown(tracing)
         raise
-    return Server(core=core, server=server, health=health, port=port, tracing=tracing)
+    return Server(
+        core=core, server=server, health=health, port=port, metrics=endpoint, tracing=tracing
+    )
+
+
+#: Health and reflection: counted like authsvc's own services.
+INFRA_SERVICES = (
+    health_pb2.DESCRIPTOR.services_by_name["Health"],
+    reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+)
+
+
+class MetricsListenError(Exception):
+    """AUTHSVC_METRICS_LISTEN cannot be served (the address is in use, say)."""
+
+
+def _metrics_endpoint(registry: CollectorRegistry | None, listen: str) -> MetricsEndpoint | None:
+    if registry is None:
+        return None
+    endpoint = MetricsEndpoint(registry, listen)
+    try:
+        endpoint.start()
+    except OSError as error:
+        raise MetricsListenError(
+            f"cannot serve metrics on AUTHSVC_METRICS_LISTEN={listen}: {error.strerror or error}"
+        ) from None
+    return endpoint
+
+
+def _sampler(core: Core) -> Callable[[], Awaitable[Sample]]:
+    """The gauges Prometheus reads at a scrape, read on the server's loop."""
+
+    async def sample() -> Sample:
+        try:
+            outbox: tuple[int, float] | None = await asyncio.wait_for(core.bus.backlog(), 1.5)
+        except Exception:  # the database is down or slow: left out of this scrape
+            outbox = None
+        return Sample(
+            bus_healthy=core.bus.healthy(),
+            bus_lag=core.bus.lag(),
+            bus_source=core.bus.source,
+            watchers=core.feed.watchers,
+            pool_in_use=core.db.pool_in_use(),
+            pool_waiting=core.db.waiting,
+            outbox=outbox,
+        )
+
+    return sample
 
 
 async def serve(settings: Settings) -> None:

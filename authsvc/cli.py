@@ -19,9 +19,13 @@ from authsvc.storage.migrate import NotMigrated
 
 
 def _serve(settings: Settings, _args: argparse.Namespace) -> int:
-    from authsvc.app import serve
+    from authsvc.app import MetricsListenError, serve
 
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except MetricsListenError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +25,7 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     reflection: bool = True
+    metrics_listen: str = ""
     shutdown_grace: float = Field(default=10.0, ge=0)
 
     # Storage
@@ -74,6 +76,13 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, json or console")
         return value
 
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, value: str) -> str:
+        if value:
+            parse_listen(value)
+        return value
+
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -94,3 +103,21 @@ class Settings(BaseSettings):
         if self.database_url is not None:
             return self.database_url.get_secret_value()
         return f"sqlite+aiosqlite:///{(self.data_dir / 'authsvc.db').resolve()}"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) -> (host, port); port 0 is any free port.
+
+    Raises:
+        ValueError: not host:port with a port from 0 to 65535.
+    """
+    parts = urlsplit("//" + value)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname
+    bad = parts.path or parts.query or parts.username is not None or value != value.strip()
+    if port is None or not host or bad:
+        raise ValueError("must be host:port (127.0.0.1:9464, [::1]:9464), port 0 to 65535")
+    return host, port

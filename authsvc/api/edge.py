@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import contextvars
 import hmac
+import inspect
 import os
 import re
 import time
@@ -43,6 +44,7 @@ from authsvc.errors import (
     PermissionDenied,
     TokenInvalid,
 )
+from authsvc.metrics import GrpcServerMetrics, MethodMetrics, handler_type
 from authsvc.security.secrets import sha256
 
 log = structlog.get_logger("authsvc.rpc")
@@ -95,10 +97,13 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         authenticate: Authenticate,
         api_keys: ApiKeys,
         reasons: Mapping[str, frozenset[str]] | None = None,
+        metrics: GrpcServerMetrics | None = None,
     ) -> None:
         """``table``: method -> access (``access_table``); ``reasons``: method ->
-        the reasons it may answer (``errors_table``)."""
+        the reasons it may answer (``errors_table``); ``metrics``: the gRPC
+        server metrics, counted here (None: metrics off, nothing counted)."""
         self._table = table
+        self._metrics = metrics
         self._authenticate = authenticate
         self._api_keys = api_keys
         self._reasons: Mapping[str, frozenset[str]] = reasons or {}
@@ -124,12 +129,15 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         if access is None and method.startswith("/authsvc."):
             access = -1  # undeclared: unreachable (cannot happen: the table is built from these)
         # access None: health and reflection, infrastructure open to every caller.
+        # Only a method this server has a handler for gets metrics: a name a
+        # client makes up never becomes a label value.
+        m = self._metrics.method(method, handler_type(handler)) if self._metrics else None
         wrapped: Handler
         # Bytes in: a body that does not parse fails inside the wrapper as
         # INVALID_ARGUMENT with an ErrorInfo, not as a bare UNKNOWN.
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                self._wrap(method, access, handler.unary_unary, handler.request_deserializer),
+                self._wrap(method, access, handler.unary_unary, handler.request_deserializer, m),
                 request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
@@ -140,10 +148,13 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     access,
                     cast(Callable[..., AsyncGenerator[Any, None]], handler.unary_stream),
                     handler.request_deserializer,
+                    m,
                 ),
                 request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
+        elif m is not None:
+            wrapped = _counted(handler, m)  # health Watch, reflection: counted only
         else:
             return handler
         self._wrapped[method] = wrapped
@@ -238,25 +249,36 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         access: int | None,
         behavior: Callable[..., Awaitable[Any]],
         deserialize: Callable[[bytes], Any] | None,
+        m: MethodMetrics | None,
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         async def serve(body: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             request_id, peer, bearer, api_key = self._begin(context)
+            deadline = m.begin(context, started) if m is not None else None
             code = "OK"
             reason = ""
             try:
                 request = await self._admit(access, bearer, api_key, body, deserialize)
-                return await behavior(request, context)
+                if m is not None:
+                    m.received.inc()
+                response = await behavior(request, context)
+                if m is not None:
+                    m.sent.inc()
+                return response
             except asyncio.CancelledError:
                 code = "CANCELLED"  # the client went away or the deadline passed
                 raise
             except grpc.aio.AbortError:
+                if code == "OK":  # the handler aborted (health's NOT_FOUND)
+                    code = _aborted_code(context)
                 raise
             except Exception as error:
                 code, reason = _outcome(error)
                 await self._fail(error, method, request_id, context)
             finally:
                 self._log(method, code, reason, started, peer, request_id)
+                if m is not None:
+                    m.end(code, started, deadline)
 
         return serve
 
@@ -266,6 +288,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         access: int,
         behavior: Callable[..., AsyncGenerator[Any, None]],
         deserialize: Callable[[bytes], Any] | None,
+        m: MethodMetrics | None,
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]:
         # A coroutine that writes, not an async generator that yields: when the
         # client goes away while grpc is sending a yielded message, grpc drops
@@ -276,11 +299,14 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         async def serve(body: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             started = time.perf_counter()
             request_id, peer, bearer, api_key = self._begin(context)
+            deadline = m.begin(context, started) if m is not None else None
             code = "OK"
             reason = ""
             gone = False  # a write failed: the call is over, there is nothing to abort
             try:
                 request = await self._admit(access, bearer, api_key, body, deserialize)
+                if m is not None:
+                    m.received.inc()
                 async with contextlib.aclosing(behavior(request, context)) as responses:
                     async for response in responses:
                         try:
@@ -288,10 +314,14 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                         except Exception:
                             gone = True
                             raise
+                        if m is not None:
+                            m.sent.inc()
             except asyncio.CancelledError:
                 code = "CANCELLED"  # the watcher went away: the usual end of a stream
                 raise
             except grpc.aio.AbortError:
+                if code == "OK":
+                    code = _aborted_code(context)
                 raise
             except Exception as error:
                 if gone:
@@ -301,6 +331,8 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 await self._fail(error, method, request_id, context)
             finally:
                 self._log(method, code, reason, started, peer, request_id)
+                if m is not None:
+                    m.end(code, started, deadline)
 
         return serve
 
@@ -358,3 +390,90 @@ def _outcome(error: Exception) -> tuple[str, str]:
     if isinstance(error, AuthError):
         return error.code, error.reason
     return "INTERNAL", "INTERNAL"
+
+
+def _aborted_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The code a handler aborted with (read in the call's task, while it is live)."""
+    return getattr(context.code(), "name", None) or "UNKNOWN"
+
+
+def _counted(handler: Handler, m: MethodMetrics) -> Handler:
+    """A streaming handler the edge does not otherwise wrap (health's Watch,
+    reflection), counted: started, handled by code, latency, messages.
+
+    Messages a coroutine handler writes with ``context.write`` (health's
+    Watch) are not seen here; those a generator yields are.
+    """
+    behavior: Any = handler.unary_stream or handler.stream_stream or handler.stream_unary
+    streaming_in = handler.request_streaming
+
+    def begin(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[Any, float, float | None]:
+        started = time.perf_counter()
+        deadline = m.begin(context, started)
+        if streaming_in:
+            return _received(request, m), started, deadline
+        m.received.inc()
+        return request, started, deadline
+
+    def failed(error: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        if isinstance(error, asyncio.CancelledError | GeneratorExit):
+            return "CANCELLED"
+        if isinstance(error, grpc.aio.AbortError):
+            return _aborted_code(context)
+        return "UNKNOWN"  # what grpc answers for an exception in a handler
+
+    serve: Any
+    if inspect.isasyncgenfunction(behavior):
+
+        async def generate(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncGenerator[Any, None]:
+            request, started, deadline = begin(request, context)
+            code = "OK"
+            try:
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
+                        m.sent.inc()
+            except BaseException as error:
+                code = failed(error, context)
+                raise
+            finally:
+                m.end(code, started, deadline)
+
+        serve = generate
+    else:
+
+        async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            request, started, deadline = begin(request, context)
+            code = "OK"
+            try:
+                response = await behavior(request, context)
+                if response is not None:
+                    m.sent.inc()
+                return response
+            except BaseException as error:
+                code = failed(error, context)
+                raise
+            finally:
+                m.end(code, started, deadline)
+
+        serve = run
+    make = {
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        serve,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+async def _received(requests: Any, m: MethodMetrics) -> AsyncGenerator[Any, None]:
+    async for request in requests:
+        m.received.inc()
+        yield request

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 import structlog
 
 from authsvc.domain.events import CLAIMS_CHANGED, Event, claims_changed, session_revoked
+from authsvc.domain.metrics import Metrics, NoMetrics, outcome
 from authsvc.domain.models import ClientMeta, OrgRole, RefreshTokenRecord, Role, Session, User
 from authsvc.domain.ports import Clock, Database, EventBus, PasswordHasher, RateLimiter, Transaction
 from authsvc.domain.principal import SessionInfo
@@ -114,7 +115,9 @@ class AuthService:
         limiter: RateLimiter,
         clock: Clock,
         policy: AuthPolicy,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics: Metrics = metrics or NoMetrics()
         self._db = db
         self._hasher = hasher
         self._keys = keys
@@ -143,6 +146,25 @@ class AuthService:
         Raises:
             SignupDisabled, InvalidArgument, WeakPassword, EmailAlreadyExists, RateLimited.
         """
+        try:
+            signed = await self._sign_up(
+                email, password, display_name, client, given_name, family_name
+            )
+        except Exception as error:
+            self._metrics.sign_up(outcome(error))
+            raise
+        self._metrics.sign_up("success")
+        return signed
+
+    async def _sign_up(
+        self,
+        email: str,
+        password: str,
+        display_name: str,
+        client: ClientMeta,
+        given_name: str,
+        family_name: str,
+    ) -> SignedIn:
         if not self._policy.signup_enabled:
             raise SignupDisabled()
         normalized, email_key = validation.email(email)
@@ -151,7 +173,7 @@ class AuthService:
         name = validation.profile_name(display_name, "display_name")
         given = validation.profile_name(given_name, "given_name")
         family = validation.profile_name(family_name, "family_name")
-        await self._limit(f"ip:{client.ip_address}", p.signin_attempts_per_ip)
+        await self._limit("ip", client.ip_address, p.signin_attempts_per_ip)
         password_hash = await self._hasher.hash(password)
         now = self._clock.now()
         user = replace(
@@ -185,6 +207,22 @@ class AuthService:
         Raises:
             InvalidArgument, InvalidCredentials, RateLimited.
         """
+        try:
+            signed = await self._sign_in(email, password, client, given_name, family_name)
+        except Exception as error:
+            self._metrics.sign_in(outcome(error))
+            raise
+        self._metrics.sign_in("success")
+        return signed
+
+    async def _sign_in(
+        self,
+        email: str,
+        password: str,
+        client: ClientMeta,
+        given_name: str,
+        family_name: str,
+    ) -> SignedIn:
         if not email:
             raise InvalidArgument.field("email", "required")
         if not password:
@@ -199,8 +237,8 @@ class AuthService:
             "family_name": validation.profile_name(family_name, "family_name"),
         }
         p = self._policy
-        await self._limit(f"ip:{client.ip_address}", p.signin_attempts_per_ip)
-        await self._limit("email:" + sha256(email_key).hex()[:32], p.signin_attempts_per_email)
+        await self._limit("ip", client.ip_address, p.signin_attempts_per_ip)
+        await self._limit("email", sha256(email_key).hex()[:32], p.signin_attempts_per_email)
         async with self._db.reader() as reader:
             found = await reader.users.get_credentials(email_key)
         if found is None:
@@ -229,13 +267,15 @@ class AuthService:
         log.info("user.signed_in", user_id=str(user.id), session_id=str(tokens.session_id))
         return SignedIn(filled or user, tokens)
 
-    async def _limit(self, key: str, limit: int) -> None:
+    async def _limit(self, kind: str, key: str, limit: int) -> None:
+        """Counts an attempt against the ``kind`` limit (``ip``, ``email``)."""
         if limit <= 0:
             return
         retry_after = await self._limiter.hit(
-            "signin:" + key, limit, self._policy.rate_limit_window
+            f"signin:{kind}:{key}", limit, self._policy.rate_limit_window
         )
         if retry_after is not None:
+            self._metrics.rate_limited(kind)
             raise RateLimited(retry_after=retry_after)
 
     async def _start_session(
@@ -382,6 +422,7 @@ class AuthService:
             raise TokenInvalid()
         token_hash = sha256(refresh_token)
         reused_session: uuid.UUID | None = None
+        graced = False
         async for attempt in self._db.attempts():
             async with attempt as tx:
                 switch_to = (
@@ -405,6 +446,7 @@ class AuthService:
                 if user is None:
                     raise SessionRevoked()
                 successor: str | None
+                graced = record.rotated_at is not None
                 if record.rotated_at is None:
                     successor = next_token = self._refresh.successor(refresh_token)
                     await tx.refresh_tokens.mark_rotated(record.id, now)
@@ -440,7 +482,9 @@ class AuthService:
                     await tx.events.add(*session_revoked(session.id))
                     reused_session = session.id
         if successor is not None:
+            self._metrics.refresh("grace" if graced else "rotated")
             return issued
+        self._metrics.refresh("reused")
         log.warning("session.refresh_token_reused", session_id=str(reused_session))
         raise RefreshTokenReused()
 
@@ -547,7 +591,11 @@ class AuthService:
         if self._bus.healthy():
             hit = self._cache.get(digest)
             if hit is not None:
+                self._metrics.authenticate_cache("hit")
                 return hit
+            self._metrics.authenticate_cache("miss")
+        else:
+            self._metrics.authenticate_cache("bypass")
         built_at = time.monotonic()
         claims = await self._verify(access_token)
         async with self._db.reader() as reader:

@@ -56,6 +56,11 @@ class RevocationFeed:
             queue.put_nowait(_Closing())
 
     @property
+    def watchers(self) -> int:
+        """Streams open now."""
+        return len(self._queues)
+
+    @property
     def retention(self) -> float:
         return self._bus.retention
 

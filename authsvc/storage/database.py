@@ -112,6 +112,8 @@ class SqlDatabase:
             engine if pgbouncer else engine.execution_options(isolation_level="AUTOCOMMIT")
         )
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        #: Units of work waiting for a pooled connection (checkout or connect).
+        self.waiting = 0
         #: Called with the events a transaction wrote, once it has committed
         #: (the event bus applies them locally and wakes its relay).
         self.on_commit: Callable[[Sequence[Event]], None] | None = None
@@ -124,7 +126,7 @@ class SqlDatabase:
         serialization failure, which ``attempts`` runs again).
         """
         lock = self._write_lock if self._write_lock is not None else contextlib.nullcontext()
-        async with lock, _translated(), self.engine.connect() as conn:
+        async with lock, _translated(), self._connect(self.engine) as conn:
             tx = SqlTransaction(conn)
             try:
                 async with conn.begin():
@@ -152,8 +154,27 @@ class SqlDatabase:
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[SqlTransaction]:
-        async with _translated(), self._reads.connect() as conn:
+        async with _translated(), self._connect(self._reads) as conn:
             yield SqlTransaction(conn)
+
+    @asynccontextmanager
+    async def _connect(self, engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+        """``engine.connect()``, counted in ``waiting`` until it has a connection."""
+        self.waiting += 1
+        counted = True
+        try:
+            async with engine.connect() as conn:
+                self.waiting -= 1
+                counted = False
+                yield conn
+        finally:
+            if counted:
+                self.waiting -= 1
+
+    def pool_in_use(self) -> int:
+        """Connections checked out of the pool now."""
+        checkedout = getattr(self.engine.pool, "checkedout", None)
+        return int(checkedout()) if checkedout is not None else 0
 
     async def ping(self) -> None:
         async with self.reader() as tx:

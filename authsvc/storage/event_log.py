@@ -141,6 +141,18 @@ class EventLog:
             return Replay(events, events[-1].position, gap, more=len(events) >= REPLAY_LIMIT)
         return Replay([], position_text(newest) if gap else after, gap)
 
+    async def backlog(self, copied: tuple[int, int] | None) -> tuple[int, float]:
+        """The outbox: how many committed events wait for a position or (past
+        ``copied``, the newest position known to be in Redis) for their copy,
+        and the oldest one's age in seconds (0 when none waits).
+
+        Raises: BackendUnavailable.
+        """
+        async with self._db.reader() as reader:
+            depth, oldest_ms = await reader.events.backlog(copied)
+        age = 0.0 if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000)
+        return depth, age
+
     async def prune(self) -> None:
         """Raises: BackendUnavailable."""
         before = int((time.time() - self.retention) * 1000)
@@ -195,6 +207,8 @@ class Relay:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.failing = False
+        #: monotonic time of the last pass that succeeded
+        self.last_pass = time.monotonic()
 
     def wake(self) -> None:
         self._wake.set()
@@ -219,6 +233,7 @@ class Relay:
                 if self.failing:
                     log.info("events.relay_resumed")
                 self.failing = False
+                self.last_pass = time.monotonic()
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # Redis or the database; retried
@@ -260,6 +275,21 @@ class LoggedBus:
 
     async def _relay_step(self, woken: bool) -> None:
         raise NotImplementedError
+
+    #: Where this process reads the other processes' events ("redis" or "database").
+    source = "database"
+
+    def lag(self) -> float:
+        """Seconds since this process last read the log (here: the relay's
+        last successful pass over the database's log)."""
+        return time.monotonic() - self._relay.last_pass
+
+    async def backlog(self) -> tuple[int, float]:
+        """The outbox's depth and oldest age (``EventLog.backlog``).
+
+        Raises: BackendUnavailable.
+        """
+        return await self._log.backlog(None)
 
 
 class LocalEventBus(LoggedBus):

@@ -111,9 +111,21 @@ class RedisEventBus(LoggedBus):
         self._last_read = 0.0
         self._task: asyncio.Task[None] | None = None
         self.stream = ""
+        self.source = "redis"
+        # The newest position known to be in the stream (None until the
+        # relay's first copy): the outbox is what lies beyond it.
+        self._copied: tuple[int, int] | None = None
 
     def healthy(self) -> bool:
         return time.monotonic() - self._last_read < self._max_lag
+
+    def lag(self) -> float:
+        """Seconds since the follower last read the log (Redis, or the database)."""
+        return time.monotonic() - self._last_read
+
+    async def backlog(self) -> tuple[int, float]:
+        """Raises: BackendUnavailable."""
+        return await self._log.backlog(self._copied)
 
     async def start(self) -> None:
         """Raises: BackendUnavailable (the database's log cannot be read)."""
@@ -159,13 +171,14 @@ class RedisEventBus(LoggedBus):
         while stream_top < top:
             events = await self._log.after(stream_top)
             if not events:
-                return
+                break
             min_id = int((time.time() - self.retention) * 1000)
             args: list[Any] = [min_id]
             for e in events:
                 args += [e.position, e.kind, e.key, e.version, repr(e.at)]
             await self._append(keys=[self.stream], args=args)
             stream_top = position_key(events[-1].position)
+        self._copied = stream_top
 
     # -- the follower ---------------------------------------------------------------
 
@@ -181,6 +194,7 @@ class RedisEventBus(LoggedBus):
                     {self.stream: position_text(last)}, block=self._block_ms, count=BATCH_READ
                 )
                 self._read(reset=failing)
+                self.source = "redis"
                 failing = False
                 for _stream, entries in replies or []:
                     events = [_event(entry_id, fields) for entry_id, fields in entries]
@@ -217,6 +231,7 @@ class RedisEventBus(LoggedBus):
                 events = None
             if events is not None:
                 self._read(reset=fresh)
+                self.source = "database"
                 fresh = False
                 if events:
                     self._fanout.deliver(events)

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    and_,
     bindparam,
     case,
     delete,
@@ -27,6 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
 
 from authsvc.domain.events import Event, LogHead
 from authsvc.domain.models import (
@@ -712,6 +714,23 @@ class SqlEventRepository:
             ],
         )
         self.written.extend(new)
+
+    async def backlog(self, copied: tuple[int, int] | None) -> tuple[int, int | None]:
+        """How many committed events wait for a position or, past ``copied``
+        (the newest position known to be in Redis; None: positioned events
+        are delivered at once), to be copied; and the oldest's ``at`` (ms)."""
+        waiting: ColumnElement[bool] = events.c.log_ms.is_(None)
+        if copied is not None:
+            ms, seq = copied
+            waiting = or_(
+                waiting,
+                events.c.log_ms > ms,
+                and_(events.c.log_ms == ms, events.c.log_seq > seq),
+            )
+        row = (
+            await self._conn.execute(select(func.count(), func.min(events.c.at)).where(waiting))
+        ).one()
+        return int(row[0]), None if row[1] is None else int(row[1])
 
     async def head(self) -> tuple[LogHead, bool]:
         """The log's head, and whether committed events wait for a position."""

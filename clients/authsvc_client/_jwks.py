@@ -40,14 +40,18 @@ class KeySet:
         self._last_attempt = -math.inf
         self._last_failed = False
         self._inflight: asyncio.Task[None] | None = None
+        #: GetJwks calls made, by what caused them ("start", "interval",
+        #: "unknown_kid"): read by the sidecar's metrics.
+        self.fetches: dict[str, int] = {"start": 0, "interval": 0, "unknown_kid": 0}
 
-    async def refresh(self) -> None:
+    async def refresh(self, cause: str = "interval") -> None:
         """Fetches the set now (joining a fetch already under way).
 
         Raises:
             Whatever ``fetch`` raises; the keys held so far stay in use.
         """
         if self._inflight is None:
+            self.fetches[cause] = self.fetches.get(cause, 0) + 1
             self._inflight = asyncio.create_task(self._refresh())
             # Retrieved here so a failure nobody awaits any more is not reported
             # as "never retrieved"; the waiters get it through the shield.
@@ -86,7 +90,7 @@ class KeySet:
         if self._inflight is None and time.monotonic() - self._last_attempt < self._floor:
             return None if self._last_failed else False
         try:
-            await self.refresh()
+            await self.refresh("unknown_kid")
         except asyncio.CancelledError:
             raise
         except Exception:

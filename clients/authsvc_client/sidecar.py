@@ -304,6 +304,12 @@ class Sidecar:
         cache_size: most verified tokens (and online answers) kept.
         startup_timeout: how long :meth:`start` may take.
         channel_options: extra options of the channel opened for ``target``.
+        metrics_registry: a ``prometheus_client.CollectorRegistry`` of the host
+            service, on which the sidecar registers its counters (tokens
+            accepted, refused by reason, deny-set size, stream reconnects,
+            JWKS fetches). None (the default): nothing is counted, and
+            prometheus-client is not imported (``authsvc-client[metrics]``
+            installs it).
     """
 
     def __init__(
@@ -327,6 +333,7 @@ class Sidecar:
         cache_size: int = 100_000,
         startup_timeout: float = 10.0,
         channel_options: Sequence[tuple[str, Any]] = (),
+        metrics_registry: Any = None,
     ) -> None:
         if mode not in ("watch", "online"):
             raise ValueError("mode must be 'watch' or 'online'")
@@ -368,6 +375,9 @@ class Sidecar:
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._metrics = (
+            _SidecarMetrics(self, metrics_registry) if metrics_registry is not None else None
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -421,7 +431,7 @@ class Sidecar:
         delay = 0.1
         while True:
             try:
-                await self._keys.refresh()
+                await self._keys.refresh("start")
                 return
             except grpc.aio.AioRpcError as error:
                 log.warning("authsvc.sidecar.jwks_fetch_failed", extra={"code": error.code().name})
@@ -506,9 +516,16 @@ class Sidecar:
             AuthsvcError: UNAUTHENTICATED with the refusal's reason, or
                 UNAVAILABLE / BACKEND_UNAVAILABLE (see the module docstring).
         """
-        session = self._lookup(token)
-        if session is None:
-            session = await self._resolve(token)
+        try:
+            session = self._lookup(token)
+            if session is None:
+                session = await self._resolve(token)
+        except AuthsvcError as error:
+            if self._metrics is not None:
+                self._metrics.refused(error.reason)
+            raise
+        if self._metrics is not None:
+            self._metrics.verified.inc()
         return session
 
     def authenticate_sync(self, token: str, timeout: float | None = None) -> SessionInfo:
@@ -522,6 +539,17 @@ class Sidecar:
             AuthsvcError: as :meth:`authenticate`; UNAVAILABLE /
                 BACKEND_UNAVAILABLE when the loop does not answer in time.
         """
+        try:
+            session = self._lookup_or_resolve_sync(token, timeout)
+        except AuthsvcError as error:
+            if self._metrics is not None:
+                self._metrics.refused(error.reason)
+            raise
+        if self._metrics is not None:
+            self._metrics.verified.inc()
+        return session
+
+    def _lookup_or_resolve_sync(self, token: str, timeout: float | None) -> SessionInfo:
         session = self._lookup(token)
         if session is not None:
             return session
@@ -1020,3 +1048,79 @@ class SyncAuthInterceptor(_Gate, grpc.ServerInterceptor):
 def _clear() -> None:
     _session.set(None)
     _token.set(None)
+
+
+class _SidecarMetrics:
+    """The sidecar's metrics on the host's registry (prometheus-client is
+    imported here, only when a registry was passed)."""
+
+    def __init__(self, sidecar: Sidecar, registry: Any) -> None:
+        from prometheus_client import Counter
+
+        self.verified = Counter(
+            "authsvc_sidecar_verified",
+            "Access tokens the sidecar accepted (one per check).",
+            registry=registry,
+        )
+        self._refused = Counter(
+            "authsvc_sidecar_refused",
+            "Access tokens the sidecar refused, by ErrorInfo reason.",
+            ("reason",),
+            registry=registry,
+        )
+        self._refused_by = {r: self._refused.labels(r) for r in _REFUSAL_REASONS}
+        registry.register(_SidecarCollector(sidecar))
+
+    def refused(self, reason: str) -> None:
+        # Reasons are the ErrorReason names (a fixed set); anything else
+        # counts as UNKNOWN so no label value comes from outside the set.
+        child = self._refused_by.get(reason) or self._refused_by["UNKNOWN"]
+        child.inc()
+
+
+#: The reasons the sidecar refuses with (its own, and an online check's).
+_REFUSAL_REASONS = (
+    "TOKEN_INVALID",
+    "TOKEN_EXPIRED",
+    "SESSION_REVOKED",
+    "SESSION_EXPIRED",
+    "TOKEN_STALE",
+    "NOT_AUTHENTICATED",
+    "BACKEND_UNAVAILABLE",
+    "UNKNOWN",
+)
+
+
+class _SidecarCollector:
+    """Values the sidecar keeps anyway, read at a scrape."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self._sidecar = sidecar
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        sidecar = self._sidecar
+        deny = sidecar._deny
+        yield GaugeMetricFamily(
+            "authsvc_sidecar_deny_set_size",
+            "Revoked sessions and stale claims versions the sidecar holds.",
+            value=len(deny.revoked) + len(deny.stale),
+        )
+        watcher = sidecar._watcher
+        yield CounterMetricFamily(
+            "authsvc_sidecar_stream_reconnects",
+            "Times the WatchRevocations stream was opened again after the first.",
+            value=max(0, watcher.connects - 1) if watcher is not None else 0,
+        )
+        fetches = CounterMetricFamily(
+            "authsvc_sidecar_jwks_fetches",
+            "GetJwks calls, by cause: start, interval (periodic), unknown_kid "
+            "(a token named a key the sidecar did not hold).",
+            labels=("cause",),
+        )
+        keys = sidecar._keys
+        counts = keys.fetches if keys is not None else {}
+        for cause in ("start", "interval", "unknown_kid"):
+            fetches.add_metric((cause,), counts.get(cause, 0))
+        yield fetches

@@ -265,8 +265,10 @@ async def run_phase(
     meter: CpuMeter,
     profiler: Profiler | None,
     duration: float | None = None,
+    target: str | None = None,
 ) -> dict[str, Any]:
-    """One measured window of ``name`` (``duration``, default the configured one).
+    """One measured window of ``name`` (``duration``, default the configured one;
+    ``target``, default the configured one).
 
     Warm-up: ``warmup`` seconds, and at least until every worker has had one
     answer (a sign-in at concurrency 64 waits behind 63 others for Argon2), so
@@ -274,7 +276,7 @@ async def run_phase(
     """
     duration = cfg["duration"] if duration is None else duration
     channels = [
-        grpc.aio.insecure_channel(cfg["target"], options=CHANNEL_OPTIONS)
+        grpc.aio.insecure_channel(target or cfg["target"], options=CHANNEL_OPTIONS)
         for _ in range(cfg["channels"])
     ]
     try:
@@ -510,7 +512,12 @@ async def main_async(cfg: dict[str, Any]) -> dict[str, Any]:
     phases: list[dict[str, Any]] = []
 
     async def window(
-        name: str, method: str, c: int, make: Callable[[int], Picker], duration: float
+        name: str,
+        method: str,
+        c: int,
+        make: Callable[[int], Picker],
+        duration: float,
+        to: str | None = None,
     ) -> dict[str, Any]:
         return await run_phase(
             name=name,
@@ -521,6 +528,7 @@ async def main_async(cfg: dict[str, Any]) -> dict[str, Any]:
             meter=meter,
             profiler=profiler,
             duration=duration,
+            target=to,
         )
 
     rounds: int = cfg["rounds"]
@@ -539,6 +547,31 @@ async def main_async(cfg: dict[str, Any]) -> dict[str, Any]:
                     await warm(target, hot)
                 slices[name].append(await window(name, method, c, make, cfg["duration"] / rounds))
         phases += [summarize(slices[name]) for name, _, _ in pair]
+        on = cfg.get("metrics_target")
+        if on:
+            # Metrics off (the server above) and on (a second server, same
+            # settings plus AUTHSVC_METRICS_LISTEN), interleaved A B B A.
+            four = [
+                (f"echo@{c}", ECHO_METHOD, _cycling(echo, c), target),
+                (f"echo+metrics@{c}", ECHO_METHOD, _cycling(echo, c), on),
+                (f"authenticate-hot@{c}", AUTHENTICATE, _cycling(hot, c), target),
+                (f"authenticate-hot+metrics@{c}", AUTHENTICATE, _cycling(hot, c), on),
+            ]
+            compared: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in four}
+            for r in range(max(rounds, 2)):
+                for name, method, make, to in four if r % 2 == 0 else four[::-1]:
+                    if method == AUTHENTICATE:
+                        await warm(to, hot)
+                    compared[name].append(
+                        await window(name, method, c, make, cfg["duration"] / rounds, to)
+                    )
+            for name, *_ in four:
+                summary = summarize(compared[name])
+                summary["phase"] = "metrics-compare:" + summary["phase"]
+                summary["window_rps"] = [
+                    round(len(w["latencies"]) / w["seconds"], 1) for w in compared[name]
+                ]
+                phases.append(summary)
         if c in cold:
             name = f"authenticate-cold@{c}"
             pool = _shared(_pool(cold[c]))

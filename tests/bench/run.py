@@ -236,14 +236,22 @@ class ServerInfo:
     secret_key: str
 
 
-def start_server(children: Children, workdir: Path, infra: Infra) -> ServerInfo:
+def start_server(
+    children: Children,
+    workdir: Path,
+    infra: Infra,
+    *,
+    secret_key: str | None = None,
+    extra: dict[str, str] | None = None,
+    name: str = "server",
+) -> ServerInfo:
     cores = os.cpu_count() or 1
     settings = {
         "AUTHSVC_LISTEN": "127.0.0.1:0",
         "AUTHSVC_DATA_DIR": str(workdir / "data"),
         "AUTHSVC_DATABASE_URL": infra.database_url,
         "AUTHSVC_REDIS_URL": infra.redis_url,
-        "AUTHSVC_SECRET_KEY": secrets.token_urlsafe(48),
+        "AUTHSVC_SECRET_KEY": secret_key or secrets.token_urlsafe(48),
         "AUTHSVC_ARGON2_MEMORY_KIB": str(ARGON2_MEMORY_KIB),
         "AUTHSVC_ARGON2_TIME_COST": str(ARGON2_TIME_COST),
         "AUTHSVC_ARGON2_PARALLELISM": str(ARGON2_PARALLELISM),
@@ -252,13 +260,14 @@ def start_server(children: Children, workdir: Path, infra: Infra) -> ServerInfo:
         "AUTHSVC_SIGNIN_ATTEMPTS_PER_EMAIL": "0",
         "AUTHSVC_LOG_FORMAT": "json",
         "AUTHSVC_LOG_LEVEL": "info",  # the per-RPC access log stays on
+        **(extra or {}),
     }
-    log_file = workdir / "authsvc.log"
-    stderr_file = workdir / "server-stderr.log"
-    log("starting the authsvc server process")
+    log_file = workdir / ("authsvc.log" if name == "server" else f"authsvc-{name}.log")
+    stderr_file = workdir / f"{name}-stderr.log"
+    log(f"starting the authsvc {name} process")
     with stderr_file.open("wb") as stderr:
         child = children.start(
-            "server",
+            name,
             [sys.executable, "-m", "tests.bench.server", "--log-file", str(log_file)],
             env={**_clean_env(), **settings},
             stdout=subprocess.PIPE,
@@ -429,6 +438,48 @@ def compute_ratios(results: dict[str, Any], concurrencies: list[int]) -> list[di
     return ratios
 
 
+COMPARE = "metrics-compare:"
+METRICS_BAR = 0.95
+
+
+def _render_metrics_compare(report: dict[str, Any]) -> list[str]:
+    """Metrics on / off (``--metrics``): RPS of each, their ratio, and the
+    ratio per window pair (on and off windows alternate)."""
+    phases = {
+        p["phase"][len(COMPARE) :]: p
+        for p in report["results"]["phases"]
+        if p["phase"].startswith(COMPARE)
+    }
+    if not phases:
+        return []
+    lines = [
+        "metrics on vs off (a second server with AUTHSVC_METRICS_LISTEN; windows interleaved)",
+        f"{'phase':<22}{'conc':>5}{'RPS off':>10}{'RPS on':>10}{'on/off':>8}{'bar':>9}"
+        f"{'':<7}{'p99 off':>9}{'p99 on':>9}   per window pair",
+    ]
+    for name, off in phases.items():
+        if "+metrics@" in name:
+            continue
+        base, _, conc = name.partition("@")
+        on = phases.get(f"{base}+metrics@{conc}")
+        if on is None or not off["rps"]:
+            continue
+        ratio = on["rps"] / off["rps"]
+        pairs = [
+            b / a
+            for a, b in zip(off.get("window_rps", []), on.get("window_rps", []), strict=False)
+            if a
+        ]
+        verdict = "meets" if ratio >= METRICS_BAR else "BELOW"
+        lines.append(
+            f"  {base:<20}{conc:>5}{off['rps']:>10.0f}{on['rps']:>10.0f}{ratio:>8.3f}"
+            f"{'>= ' + format(METRICS_BAR, '.2f'):>9} {verdict:<6}"
+            f"{off['p99_ms']:>9.2f}{on['p99_ms']:>9.2f}   " + ", ".join(f"{x:.3f}" for x in pairs)
+        )
+    lines.append("")
+    return lines
+
+
 def render(report: dict[str, Any]) -> str:
     lines = []
     machine = report["machine"]
@@ -456,6 +507,8 @@ def render(report: dict[str, Any]) -> str:
     lines.append(header)
     lines.append("-" * len(header))
     for p in report["results"]["phases"]:
+        if p["phase"].startswith(COMPARE):
+            continue  # their own table below
         cpu = p["cpu_s"]
         errors = sum(p["errors"].values())
         per_call = cpu["server"] / p["calls"] * 1e6 if p["calls"] else float("nan")
@@ -514,6 +567,7 @@ def render(report: dict[str, Any]) -> str:
     lines.append("  close in time); --rounds sets how many pairs.")
     lines.append("  'others': CPU used meanwhile by processes outside the benchmark.")
     lines.append("")
+    lines += _render_metrics_compare(report)
     lines.append(f"server log: {report['server_log']}")
     return "\n".join(lines)
 
@@ -582,6 +636,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, profile)"
     )
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also run a second server with AUTHSVC_METRICS_LISTEN set and compare echo and "
+        "Authenticate(hot) RPS with metrics on and off, in interleaved windows",
+    )
     args = parser.parse_args(argv)
     args.concurrency = args.concurrency or [16, 64]
     return args
@@ -610,6 +670,19 @@ def main(argv: list[str] | None = None) -> int:
         migrate.upgrade(infra.database_url)
         server = start_server(children, workdir, infra)
         log(f"server pid {server.pid} on 127.0.0.1:{server.port}")
+        metered = None
+        if args.metrics:
+            # The same server with /metrics on: compared with the first in
+            # interleaved windows (the same database, Redis and secret).
+            metered = start_server(
+                children,
+                workdir,
+                infra,
+                secret_key=server.secret_key,
+                extra={"AUTHSVC_METRICS_LISTEN": "127.0.0.1:0"},
+                name="metrics-server",
+            )
+            log(f"metrics server pid {metered.pid} on 127.0.0.1:{metered.port}")
         cfg: dict[str, Any] = {
             "target": f"127.0.0.1:{server.port}",
             "pids": {
@@ -630,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
             "argon2_seconds": args.argon2_seconds,
             "hash_workers": os.cpu_count() or 1,
         }
+        if metered is not None:
+            cfg["metrics_target"] = f"127.0.0.1:{metered.port}"
         if args.py_spy:
             cfg["profile"] = {
                 "phases": args.py_spy,

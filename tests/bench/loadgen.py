@@ -80,6 +80,9 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------- CPU
 
 
+OURS = "_ours"  # a snapshot's total of the benchmark's own processes
+
+
 class CpuMeter:
     """CPU seconds (user + system, all threads) of this process and the others.
 
@@ -111,8 +114,14 @@ class CpuMeter:
     def snapshot(self) -> dict[str, float]:
         me = self._me.cpu_times()
         out = {"client": me.user + me.system}
+        ours = out["client"]
+        seen: set[int] = set()
         for name, proc in self._procs.items():
             out[name] = self._cpu(proc)
+            if proc.pid not in seen:  # two names for one process count once
+                seen.add(proc.pid)
+                ours += out[name]
+        out[OURS] = ours
         machine = psutil.cpu_times()
         out["machine"] = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
         return out
@@ -120,8 +129,7 @@ class CpuMeter:
     @staticmethod
     def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
         out = {k: round(after[k] - before[k], 3) for k in before}
-        ours = sum(v for k, v in out.items() if k != "machine")
-        out["others"] = round(max(0.0, out["machine"] - ours), 3)
+        out["others"] = round(max(0.0, out["machine"] - out.pop(OURS)), 3)
         return out
 
 
@@ -548,22 +556,23 @@ async def main_async(cfg: dict[str, Any]) -> dict[str, Any]:
                 slices[name].append(await window(name, method, c, make, cfg["duration"] / rounds))
         phases += [summarize(slices[name]) for name, _, _ in pair]
         on = cfg.get("metrics_target")
+        off = cfg.get("metrics_off_target", target)
         if on:
             # Metrics off (the server above) and on (a second server, same
             # settings plus AUTHSVC_METRICS_LISTEN), interleaved A B B A.
             four = [
-                (f"echo@{c}", ECHO_METHOD, _cycling(echo, c), target),
+                (f"echo@{c}", ECHO_METHOD, _cycling(echo, c), off),
                 (f"echo+metrics@{c}", ECHO_METHOD, _cycling(echo, c), on),
-                (f"authenticate-hot@{c}", AUTHENTICATE, _cycling(hot, c), target),
+                (f"authenticate-hot@{c}", AUTHENTICATE, _cycling(hot, c), off),
                 (f"authenticate-hot+metrics@{c}", AUTHENTICATE, _cycling(hot, c), on),
             ]
             compared: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in four}
-            for r in range(max(rounds, 2)):
+            for r in range(cfg["metrics_pairs"]):
                 for name, method, make, to in four if r % 2 == 0 else four[::-1]:
                     if method == AUTHENTICATE:
                         await warm(to, hot)
                     compared[name].append(
-                        await window(name, method, c, make, cfg["duration"] / rounds, to)
+                        await window(name, method, c, make, cfg["metrics_window"], to)
                     )
             for name, *_ in four:
                 summary = summarize(compared[name])

@@ -440,11 +440,17 @@ def compute_ratios(results: dict[str, Any], concurrencies: list[int]) -> list[di
 
 COMPARE = "metrics-compare:"
 METRICS_BAR = 0.95
+METERED = "metrics-on"
+UNMETERED = "metrics-off"
 
 
 def _render_metrics_compare(report: dict[str, Any]) -> list[str]:
-    """Metrics on / off (``--metrics``): RPS of each, their ratio, and the
-    ratio per window pair (on and off windows alternate)."""
+    """Metrics on / off (``--metrics``): RPS of each, their ratio, the ratio
+    per window pair (on and off windows alternate), and the same comparison
+    from each server's CPU per call (off's over on's: what the RPS ratio
+    would be with each server alone and CPU-bound), plain and divided by the
+    client's CPU per call in the same window (the client does the same work
+    for both servers, so this takes out how fast the machine was then)."""
     phases = {
         p["phase"][len(COMPARE) :]: p
         for p in report["results"]["phases"]
@@ -452,11 +458,19 @@ def _render_metrics_compare(report: dict[str, Any]) -> list[str]:
     }
     if not phases:
         return []
+    control = report["config"].get("metrics_control", False)
     lines = [
-        "metrics on vs off (a second server with AUTHSVC_METRICS_LISTEN; windows interleaved)",
-        f"{'phase':<22}{'conc':>5}{'RPS off':>10}{'RPS on':>10}{'on/off':>8}{'bar':>9}"
-        f"{'':<7}{'p99 off':>9}{'p99 on':>9}   per window pair",
+        "metrics on vs off: a second server with AUTHSVC_METRICS_LISTEN"
+        + (" -- CONTROL RUN: metrics off on both (A/A)" if control else "")
+        + (" -- SWAPPED: the first server has them" if report["config"].get("metrics_swap") else "")
+        + ", windows interleaved A B B A",
+        "  bar: the median of the window pairs' on/off RPS ratios (each pair ran close in time);",
+        "  CPU-based: off's server CPU per call over on's; speed-norm: the same, each divided by",
+        "  the client's CPU per call in its windows (same client work for both servers)",
+        f"{'phase':<22}{'conc':>5}{'RPS off':>10}{'RPS on':>10}{'total':>8}{'median':>8}"
+        f"{'bar':>9}{'':<7}{'CPU-based':>10}{'speed-norm':>11}{'p99 off':>9}{'p99 on':>9}",
     ]
+    pair_lines = []
     for name, off in phases.items():
         if "+metrics@" in name:
             continue
@@ -470,12 +484,26 @@ def _render_metrics_compare(report: dict[str, Any]) -> list[str]:
             for a, b in zip(off.get("window_rps", []), on.get("window_rps", []), strict=False)
             if a
         ]
-        verdict = "meets" if ratio >= METRICS_BAR else "BELOW"
+        median = statistics.median(pairs) if pairs else ratio
+        verdict = "meets" if median >= METRICS_BAR else "BELOW"
+        off_cpu = _server_cpu_per_call(off, UNMETERED)
+        on_cpu = _server_cpu_per_call(on, METERED)
+        cpu_ratio = off_cpu / on_cpu if on_cpu else 0.0
+        off_client = _server_cpu_per_call(off, "client")
+        on_client = _server_cpu_per_call(on, "client")
+        normalized = (
+            (off_cpu / off_client) / (on_cpu / on_client)
+            if on_cpu and off_client and on_client
+            else 0.0
+        )
         lines.append(
             f"  {base:<20}{conc:>5}{off['rps']:>10.0f}{on['rps']:>10.0f}{ratio:>8.3f}"
-            f"{'>= ' + format(METRICS_BAR, '.2f'):>9} {verdict:<6}"
-            f"{off['p99_ms']:>9.2f}{on['p99_ms']:>9.2f}   " + ", ".join(f"{x:.3f}" for x in pairs)
+            f"{median:>8.3f}{'>= ' + format(METRICS_BAR, '.2f'):>9} {verdict:<6}"
+            f"{cpu_ratio:>10.3f}{normalized:>11.3f}{off['p99_ms']:>9.2f}{on['p99_ms']:>9.2f}"
         )
+        pair_lines.append(f"  {base}@{conc}: " + ", ".join(f"{x:.2f}" for x in pairs))
+    lines.append("per window pair (on/off RPS):")
+    lines += pair_lines
     lines.append("")
     return lines
 
@@ -642,6 +670,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also run a second server with AUTHSVC_METRICS_LISTEN set and compare echo and "
         "Authenticate(hot) RPS with metrics on and off, in interleaved windows",
     )
+    parser.add_argument(
+        "--metrics-pairs",
+        type=int,
+        default=8,
+        help="with --metrics: how many off/on window pairs per phase (A B B A ...; default 8)",
+    )
+    parser.add_argument(
+        "--metrics-window",
+        type=float,
+        default=1.0,
+        help="with --metrics: seconds measured per window (default 1)",
+    )
+    parser.add_argument(
+        "--metrics-swap",
+        action="store_true",
+        help="with --metrics: the first server has metrics on and the second off",
+    )
+    parser.add_argument(
+        "--metrics-control",
+        action="store_true",
+        help="with --metrics: the second server has metrics off too (an A/A run: the noise)",
+    )
     args = parser.parse_args(argv)
     args.concurrency = args.concurrency or [16, 64]
     return args
@@ -668,21 +718,29 @@ def main(argv: list[str] | None = None) -> int:
         infra = start_infra(children, workdir)
         log("migrating")
         migrate.upgrade(infra.database_url)
-        server = start_server(children, workdir, infra)
+        metrics_on = {"AUTHSVC_METRICS_LISTEN": "127.0.0.1:0"}
+        # --metrics-swap: the first server (the main table's) has metrics on
+        # and the second has them off, the other way round from the default,
+        # to show that which process is which does not tilt the comparison.
+        server = start_server(
+            children, workdir, infra, extra=metrics_on if args.metrics and args.metrics_swap else {}
+        )
         log(f"server pid {server.pid} on 127.0.0.1:{server.port}")
         metered = None
         if args.metrics:
             # The same server with /metrics on: compared with the first in
             # interleaved windows (the same database, Redis and secret).
+            # --metrics-control: both off, an A/A run that shows how far two
+            # identical servers' figures drift apart on this machine.
             metered = start_server(
                 children,
                 workdir,
                 infra,
                 secret_key=server.secret_key,
-                extra={"AUTHSVC_METRICS_LISTEN": "127.0.0.1:0"},
+                extra={} if args.metrics_control or args.metrics_swap else metrics_on,
                 name="metrics-server",
             )
-            log(f"metrics server pid {metered.pid} on 127.0.0.1:{metered.port}")
+            log(f"second server pid {metered.pid} on 127.0.0.1:{metered.port}")
         cfg: dict[str, Any] = {
             "target": f"127.0.0.1:{server.port}",
             "pids": {
@@ -704,7 +762,16 @@ def main(argv: list[str] | None = None) -> int:
             "hash_workers": os.cpu_count() or 1,
         }
         if metered is not None:
-            cfg["metrics_target"] = f"127.0.0.1:{metered.port}"
+            on, off = (server, metered) if args.metrics_swap else (metered, server)
+            cfg["metrics_target"] = f"127.0.0.1:{on.port}"
+            cfg["metrics_off_target"] = f"127.0.0.1:{off.port}"
+            cfg["metrics_pairs"] = args.metrics_pairs
+            cfg["metrics_window"] = args.metrics_window
+            cfg["metrics_control"] = args.metrics_control
+            cfg["metrics_swap"] = args.metrics_swap
+            # Each side metered on its own, so each one's CPU per call is known.
+            cfg["pids"][METERED] = on.pid
+            cfg["pids"][UNMETERED] = off.pid
         if args.py_spy:
             cfg["profile"] = {
                 "phases": args.py_spy,

@@ -13,10 +13,17 @@ would collide with the server package ``authsvc``; the generated modules live
 in ``authsvc_client.v1`` instead, so their cross-imports are made relative.
 (protoletariat does this rewrite, but pins protobuf below 6.)
 
-``python clients/generate.py --plugin=grpc_python`` is a protoc plugin (buf.gen.yaml
-runs it): gRPC's Python generator is compiled into grpcio-tools' protoc and is
-no builtin buf can proxy, so this passes the request to that protoc as a
-descriptor set, as buf does for protoc's own builtins.
+``python clients/generate.py --plugin=NAME`` is a protoc plugin (buf.gen.yaml
+runs it for ``python`` and ``grpc_python``): it passes the request to
+grpcio-tools' protoc as a descriptor set, as buf does for protoc's own
+builtins. gRPC's Python generator is compiled into that protoc and is no
+builtin buf can proxy; protoc's Python generator goes the same way because buf
+fills in every field's ``json_name``, which protoc leaves unset when it reads
+the .proto files itself. The generated modules embed their file's descriptor,
+which server reflection serves, and grpcurl prints a field by an explicit
+``json_name`` (``accessToken``) but by its proto name (``access_token``)
+otherwise: the default ones are dropped here, so reflection serves the same
+descriptors as ever and grpcurl's JSON keeps the proto field names.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "clients" / "authsvc_client" / "v1"
@@ -91,6 +100,8 @@ def run_plugin(name: str) -> int:
     from grpc_tools import protoc
 
     request = plugin_pb2.CodeGeneratorRequest.FromString(sys.stdin.buffer.read())
+    for file in request.proto_file:
+        _drop_default_json_names(file.message_type, file.extension)
     response = plugin_pb2.CodeGeneratorResponse(
         supported_features=plugin_pb2.CodeGeneratorResponse.FEATURE_PROTO3_OPTIONAL
     )
@@ -115,6 +126,23 @@ def run_plugin(name: str) -> int:
                 response.file.add(name=path.relative_to(out).as_posix(), content=path.read_text())
     sys.stdout.buffer.write(response.SerializeToString())
     return 0
+
+
+def _drop_default_json_names(messages: Iterable[Any], extensions: Iterable[Any] = ()) -> None:
+    for field in extensions:
+        if field.json_name == _camel(field.name):
+            field.ClearField("json_name")
+    for message in messages:
+        for field in message.field:
+            if field.json_name == _camel(field.name):
+                field.ClearField("json_name")
+        _drop_default_json_names(message.nested_type, message.extension)
+
+
+def _camel(name: str) -> str:
+    """protoc's default json_name: underscores dropped, the next letter upper-cased."""
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
 
 
 def main() -> int:

@@ -28,7 +28,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61uthsvc/v1/auth.proto\x12\nauthsvc.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a\x1a\x61uthsvc/v1/resources.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x02\n\rSignUpRequest\x12\x1a\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05\x65mail\x12 \n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x08password\x12\'\n\x0c\x64isplay_name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\x0b\x64isplayName\x12#\n\ngiven_name\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01R\tgivenName\x12%\n\x0b\x66\x61mily_name\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01R\nfamilyName\x12=\n\x0b\x63lient_info\x18\x04 \x01(\x0b\x32\x16.authsvc.v1.ClientInfoB\x04\xe2\x41\x01\x01R\nclientInfo\"B\n\x0eSignUpResponse\x12\x30\n\x06result\x18\x01 \x01(\x0b\x32\x18.authsvc.v1.SignInResultR\x06result\"\xe4\x01\n\x19SignInWithPasswordRequest\x12\x1a\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05\x65mail\x12 \n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x08password\x12=\n\x0b\x63lient_info\x18\x03 \x01(\x0b\x32\x16.authsvc.v1.ClientInfoB\x04\xe2\x41\x01\x01R\nclientInfo\x12#\n\ngiven_name\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01R\tgivenName\x12%\n\x0b\x66\x61mily_name\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01R\nfamilyName\"N\n\x1aSignInWithPasswordResponse\x12\x30\n\x06result\x18\x01 \x01(\x0b\x32\x18.authsvc.v1.SignInResultR\x06result\"\xaf\x01\n\x15\x43ompleteSignInRequest\x12)\n\rpending_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x0cpendingToken\x12#\n\x0cnew_password\x18\x02 \x01(\tH\x00R\x0bnewPassword\x12=\n\x0b\x63lient_info\x18\x03 \x01(\x0b\x32\x16.authsvc.v1.ClientInfoB\x04\xe2\x41\x01\x01R\nclientInfoB\x07\n\x05proof\"J\n\x16\x43ompleteSignInResponse\x12\x30\n\x06result\x18\x01 \x01(\x0b\x32\x18.authsvc.v1.SignInResultR\x06result\"\x7f\n\x13RefreshTokenRequest\x12)\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x0crefreshToken\x12=\n\x0b\x63lient_info\x18\x02 \x01(\x0b\x32\x16.authsvc.v1.ClientInfoB\x04\xe2\x41\x01\x01R\nclientInfo\"E\n\x14RefreshTokenResponse\x12-\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.authsvc.v1.TokenPairR\x06tokens\"\x10\n\x0eSignOutRequest\"\x11\n\x0fSignOutResponse\">\n\x13\x41uthenticateRequest\x12\'\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x0b\x61\x63\x63\x65ssToken\"I\n\x14\x41uthenticateResponse\x12\x31\n\x07session\x18\x01 \x01(\x0b\x32\x17.authsvc.v1.SessionInfoR\x07session\"\xc8\x01\n\x13SetActiveOrgRequest\x12)\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x0crefreshToken\x12\x1d\n\x06org_id\x18\x02 \x01(\tB\x04\xb0\xbb\x18\x01H\x00R\x05orgId\x12!\n\x08org_slug\x18\x04 \x01(\tB\x04\xb0\xbb\x18\x01H\x00R\x07orgSlug\x12=\n\x0b\x63lient_info\x18\x03 \x01(\x0b\x32\x16.authsvc.v1.ClientInfoB\x04\xe2\x41\x01\x01R\nclientInfoB\x05\n\x03org\"E\n\x14SetActiveOrgResponse\x12-\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.authsvc.v1.TokenPairR\x06tokens\"5\n\x17WatchRevocationsRequest\x12\x1a\n\x05\x61\x66ter\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01R\x05\x61\x66ter\"\xaf\x01\n\x18WatchRevocationsResponse\x12\x38\n\x0brevocations\x18\x01 \x03(\x0b\x32\x16.authsvc.v1.RevocationR\x0brevocations\x12\x1a\n\x08position\x18\x02 \x01(\tR\x08position\x12\x10\n\x03gap\x18\x03 \x01(\x08R\x03gap\x12+\n\x11retention_seconds\x18\x04 \x01(\x03R\x10retentionSeconds\"\xbb\x01\n\nRevocation\x12.\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.authsvc.v1.RevocationKindR\x04kind\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12.\n\x13stale_below_version\x18\x03 \x01(\x03R\x11staleBelowVersion\x12.\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04time\"\x10\n\x0eGetJwksRequest\"6\n\x0fGetJwksResponse\x12#\n\x04keys\x18\x01 \x03(\x0b\x32\x0f.authsvc.v1.JwkR\x04keys\"m\n\x03Jwk\x12\x10\n\x03kty\x18\x01 \x01(\tR\x03kty\x12\x10\n\x03\x63rv\x18\x02 \x01(\tR\x03\x63rv\x12\x0c\n\x01x\x18\x03 \x01(\tR\x01x\x12\x10\n\x03kid\x18\x04 \x01(\tR\x03kid\x12\x10\n\x03use\x18\x05 \x01(\tR\x03use\x12\x10\n\x03\x61lg\x18\x06 \x01(\tR\x03\x61lg*z\n\x0eRevocationKind\x12\x1f\n\x1bREVOCATION_KIND_UNSPECIFIED\x10\x00\x12#\n\x1fREVOCATION_KIND_SESSION_REVOKED\x10\x01\x12\"\n\x1eREVOCATION_KIND_CLAIMS_CHANGED\x10\x02\x32\xf6\x06\n\x0b\x41uthService\x12O\n\x06SignUp\x12\x19.authsvc.v1.SignUpRequest\x1a\x1a.authsvc.v1.SignUpResponse\"\x0e\xa8\xbb\x18\x01\xba\xbb\x18\x06\n\x04\x04\x03\x0c\r\x12q\n\x12SignInWithPassword\x12%.authsvc.v1.SignInWithPasswordRequest\x1a&.authsvc.v1.SignInWithPasswordResponse\"\x0c\xa8\xbb\x18\x01\xba\xbb\x18\x04\n\x02\x02\r\x12\x65\n\x0e\x43ompleteSignIn\x12!.authsvc.v1.CompleteSignInRequest\x1a\".authsvc.v1.CompleteSignInResponse\"\x0c\xa8\xbb\x18\x01\xba\xbb\x18\x04\n\x02\x1d\x04\x12\x61\n\x0cRefreshToken\x12\x1f.authsvc.v1.RefreshTokenRequest\x1a .authsvc.v1.RefreshTokenResponse\"\x0e\xa8\xbb\x18\x01\xba\xbb\x18\x06\n\x04\x06\x07\x08\x0e\x12R\n\x07SignOut\x12\x1a.authsvc.v1.SignOutRequest\x1a\x1b.authsvc.v1.SignOutResponse\"\x0e\xa8\xbb\x18\x02\xba\xbb\x18\x06\n\x04\n\x06\x05\x08\x12\x61\n\x0c\x41uthenticate\x12\x1f.authsvc.v1.AuthenticateRequest\x1a .authsvc.v1.AuthenticateResponse\"\x0e\xa8\xbb\x18\x01\xba\xbb\x18\x06\n\x04\x06\x05\x08\x0e\x12\x62\n\x0cSetActiveOrg\x12\x1f.authsvc.v1.SetActiveOrgRequest\x1a .authsvc.v1.SetActiveOrgResponse\"\x0f\xa8\xbb\x18\x01\xba\xbb\x18\x07\n\x05\x06\x07\x08\x0e\x17\x12p\n\x10WatchRevocations\x12#.authsvc.v1.WatchRevocationsRequest\x1a$.authsvc.v1.WatchRevocationsResponse\"\x0f\xa8\xbb\x18\x04\xba\xbb\x18\x07\n\x05\n\x06\x05\x08\x0b\x30\x01\x12L\n\x07GetJwks\x12\x1a.authsvc.v1.GetJwksRequest\x1a\x1b.authsvc.v1.GetJwksResponse\"\x08\xa8\xbb\x18\x01\xba\xbb\x18\x00\x42\x83\x01\n\x0e\x64\x65v.authsvc.v1B\tAuthProtoP\x01Z6github.com/authsvc/authsvc/gen/go/authsvc/v1;authsvcv1\xa2\x02\x03\x41XX\xaa\x02\nAuthsvc.V1\xca\x02\nAuthsvc\\V1\xea\x02\x0b\x41uthsvc::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61uthsvc/v1/auth.proto\x12\nauthsvc.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a\x1a\x61uthsvc/v1/resources.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x01\n\rSignUpRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0c\x64isplay_name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\ngiven_name\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x66\x61mily_name\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\x12\x31\n\x0b\x63lient_info\x18\x04 \x01(\x0b\x32\x16.authsvc.v1.ClientInfoB\x04\xe2\x41\x01\x01\":\n\x0eSignUpResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.authsvc.v1.SignInResult\"\xb0\x01\n\x19SignInWithPasswordRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x31\n\x0b\x63lient_info\x18\x03 \x01(\x0b\x32\x16.authsvc.v1.ClientInfoB\x04\xe2\x41\x01\x01\x12\x18\n\ngiven_name\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x66\x61mily_name\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"F\n\x1aSignInWithPasswordResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.authsvc.v1.SignInResult\"\x88\x01\n\x15\x43ompleteSignInRequest\x12\x1b\n\rpending_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0cnew_password\x18\x02 \x01(\tH\x00\x12\x31\n\x0b\x63lient_info\x18\x03 \x01(\x0b\x32\x16.authsvc.v1.ClientInfoB\x04\xe2\x41\x01\x01\x42\x07\n\x05proof\"B\n\x16\x43ompleteSignInResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.authsvc.v1.SignInResult\"e\n\x13RefreshTokenRequest\x12\x1b\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x31\n\x0b\x63lient_info\x18\x02 \x01(\x0b\x32\x16.authsvc.v1.ClientInfoB\x04\xe2\x41\x01\x01\"=\n\x14RefreshTokenResponse\x12%\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.authsvc.v1.TokenPair\"\x10\n\x0eSignOutRequest\"\x11\n\x0fSignOutResponse\"1\n\x13\x41uthenticateRequest\x12\x1a\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"@\n\x14\x41uthenticateResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.authsvc.v1.SessionInfo\"\x9e\x01\n\x13SetActiveOrgRequest\x12\x1b\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x06org_id\x18\x02 \x01(\tB\x04\xb0\xbb\x18\x01H\x00\x12\x18\n\x08org_slug\x18\x04 \x01(\tB\x04\xb0\xbb\x18\x01H\x00\x12\x31\n\x0b\x63lient_info\x18\x03 \x01(\x0b\x32\x16.authsvc.v1.ClientInfoB\x04\xe2\x41\x01\x01\x42\x05\n\x03org\"=\n\x14SetActiveOrgResponse\x12%\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.authsvc.v1.TokenPair\".\n\x17WatchRevocationsRequest\x12\x13\n\x05\x61\x66ter\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\"\x81\x01\n\x18WatchRevocationsResponse\x12+\n\x0brevocations\x18\x01 \x03(\x0b\x32\x16.authsvc.v1.Revocation\x12\x10\n\x08position\x18\x02 \x01(\t\x12\x0b\n\x03gap\x18\x03 \x01(\x08\x12\x19\n\x11retention_seconds\x18\x04 \x01(\x03\"\x91\x01\n\nRevocation\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.authsvc.v1.RevocationKind\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x1b\n\x13stale_below_version\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x10\n\x0eGetJwksRequest\"0\n\x0fGetJwksResponse\x12\x1d\n\x04keys\x18\x01 \x03(\x0b\x32\x0f.authsvc.v1.Jwk\"Q\n\x03Jwk\x12\x0b\n\x03kty\x18\x01 \x01(\t\x12\x0b\n\x03\x63rv\x18\x02 \x01(\t\x12\t\n\x01x\x18\x03 \x01(\t\x12\x0b\n\x03kid\x18\x04 \x01(\t\x12\x0b\n\x03use\x18\x05 \x01(\t\x12\x0b\n\x03\x61lg\x18\x06 \x01(\t*z\n\x0eRevocationKind\x12\x1f\n\x1bREVOCATION_KIND_UNSPECIFIED\x10\x00\x12#\n\x1fREVOCATION_KIND_SESSION_REVOKED\x10\x01\x12\"\n\x1eREVOCATION_KIND_CLAIMS_CHANGED\x10\x02\x32\xf6\x06\n\x0b\x41uthService\x12O\n\x06SignUp\x12\x19.authsvc.v1.SignUpRequest\x1a\x1a.authsvc.v1.SignUpResponse\"\x0e\xa8\xbb\x18\x01\xba\xbb\x18\x06\n\x04\x04\x03\x0c\r\x12q\n\x12SignInWithPassword\x12%.authsvc.v1.SignInWithPasswordRequest\x1a&.authsvc.v1.SignInWithPasswordResponse\"\x0c\xa8\xbb\x18\x01\xba\xbb\x18\x04\n\x02\x02\r\x12\x65\n\x0e\x43ompleteSignIn\x12!.authsvc.v1.CompleteSignInRequest\x1a\".authsvc.v1.CompleteSignInResponse\"\x0c\xa8\xbb\x18\x01\xba\xbb\x18\x04\n\x02\x1d\x04\x12\x61\n\x0cRefreshToken\x12\x1f.authsvc.v1.RefreshTokenRequest\x1a .authsvc.v1.RefreshTokenResponse\"\x0e\xa8\xbb\x18\x01\xba\xbb\x18\x06\n\x04\x06\x07\x08\x0e\x12R\n\x07SignOut\x12\x1a.authsvc.v1.SignOutRequest\x1a\x1b.authsvc.v1.SignOutResponse\"\x0e\xa8\xbb\x18\x02\xba\xbb\x18\x06\n\x04\n\x06\x05\x08\x12\x61\n\x0c\x41uthenticate\x12\x1f.authsvc.v1.AuthenticateRequest\x1a .authsvc.v1.AuthenticateResponse\"\x0e\xa8\xbb\x18\x01\xba\xbb\x18\x06\n\x04\x06\x05\x08\x0e\x12\x62\n\x0cSetActiveOrg\x12\x1f.authsvc.v1.SetActiveOrgRequest\x1a .authsvc.v1.SetActiveOrgResponse\"\x0f\xa8\xbb\x18\x01\xba\xbb\x18\x07\n\x05\x06\x07\x08\x0e\x17\x12p\n\x10WatchRevocations\x12#.authsvc.v1.WatchRevocationsRequest\x1a$.authsvc.v1.WatchRevocationsResponse\"\x0f\xa8\xbb\x18\x04\xba\xbb\x18\x07\n\x05\n\x06\x05\x08\x0b\x30\x01\x12L\n\x07GetJwks\x12\x1a.authsvc.v1.GetJwksRequest\x1a\x1b.authsvc.v1.GetJwksResponse\"\x08\xa8\xbb\x18\x01\xba\xbb\x18\x00\x42\x83\x01\n\x0e\x64\x65v.authsvc.v1B\tAuthProtoP\x01Z6github.com/authsvc/authsvc/gen/go/authsvc/v1;authsvcv1\xa2\x02\x03\x41XX\xaa\x02\nAuthsvc.V1\xca\x02\nAuthsvc\\V1\xea\x02\x0b\x41uthsvc::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -96,48 +96,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHSERVICE'].methods_by_name['WatchRevocations']._serialized_options = b'\250\273\030\004\272\273\030\007\n\005\n\006\005\010\013'
   _globals['_AUTHSERVICE'].methods_by_name['GetJwks']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['GetJwks']._serialized_options = b'\250\273\030\001\272\273\030\000'
-  _globals['_REVOCATIONKIND']._serialized_start=2308
-  _globals['_REVOCATIONKIND']._serialized_end=2430
+  _globals['_REVOCATIONKIND']._serialized_start=1893
+  _globals['_REVOCATIONKIND']._serialized_end=2015
   _globals['_SIGNUPREQUEST']._serialized_start=158
-  _globals['_SIGNUPREQUEST']._serialized_end=415
-  _globals['_SIGNUPRESPONSE']._serialized_start=417
-  _globals['_SIGNUPRESPONSE']._serialized_end=483
-  _globals['_SIGNINWITHPASSWORDREQUEST']._serialized_start=486
-  _globals['_SIGNINWITHPASSWORDREQUEST']._serialized_end=714
-  _globals['_SIGNINWITHPASSWORDRESPONSE']._serialized_start=716
-  _globals['_SIGNINWITHPASSWORDRESPONSE']._serialized_end=794
-  _globals['_COMPLETESIGNINREQUEST']._serialized_start=797
-  _globals['_COMPLETESIGNINREQUEST']._serialized_end=972
-  _globals['_COMPLETESIGNINRESPONSE']._serialized_start=974
-  _globals['_COMPLETESIGNINRESPONSE']._serialized_end=1048
-  _globals['_REFRESHTOKENREQUEST']._serialized_start=1050
-  _globals['_REFRESHTOKENREQUEST']._serialized_end=1177
-  _globals['_REFRESHTOKENRESPONSE']._serialized_start=1179
-  _globals['_REFRESHTOKENRESPONSE']._serialized_end=1248
-  _globals['_SIGNOUTREQUEST']._serialized_start=1250
-  _globals['_SIGNOUTREQUEST']._serialized_end=1266
-  _globals['_SIGNOUTRESPONSE']._serialized_start=1268
-  _globals['_SIGNOUTRESPONSE']._serialized_end=1285
-  _globals['_AUTHENTICATEREQUEST']._serialized_start=1287
-  _globals['_AUTHENTICATEREQUEST']._serialized_end=1349
-  _globals['_AUTHENTICATERESPONSE']._serialized_start=1351
-  _globals['_AUTHENTICATERESPONSE']._serialized_end=1424
-  _globals['_SETACTIVEORGREQUEST']._serialized_start=1427
-  _globals['_SETACTIVEORGREQUEST']._serialized_end=1627
-  _globals['_SETACTIVEORGRESPONSE']._serialized_start=1629
-  _globals['_SETACTIVEORGRESPONSE']._serialized_end=1698
-  _globals['_WATCHREVOCATIONSREQUEST']._serialized_start=1700
-  _globals['_WATCHREVOCATIONSREQUEST']._serialized_end=1753
-  _globals['_WATCHREVOCATIONSRESPONSE']._serialized_start=1756
-  _globals['_WATCHREVOCATIONSRESPONSE']._serialized_end=1931
-  _globals['_REVOCATION']._serialized_start=1934
-  _globals['_REVOCATION']._serialized_end=2121
-  _globals['_GETJWKSREQUEST']._serialized_start=2123
-  _globals['_GETJWKSREQUEST']._serialized_end=2139
-  _globals['_GETJWKSRESPONSE']._serialized_start=2141
-  _globals['_GETJWKSRESPONSE']._serialized_end=2195
-  _globals['_JWK']._serialized_start=2197
-  _globals['_JWK']._serialized_end=2306
-  _globals['_AUTHSERVICE']._serialized_start=2433
-  _globals['_AUTHSERVICE']._serialized_end=3319
+  _globals['_SIGNUPREQUEST']._serialized_end=350
+  _globals['_SIGNUPRESPONSE']._serialized_start=352
+  _globals['_SIGNUPRESPONSE']._serialized_end=410
+  _globals['_SIGNINWITHPASSWORDREQUEST']._serialized_start=413
+  _globals['_SIGNINWITHPASSWORDREQUEST']._serialized_end=589
+  _globals['_SIGNINWITHPASSWORDRESPONSE']._serialized_start=591
+  _globals['_SIGNINWITHPASSWORDRESPONSE']._serialized_end=661
+  _globals['_COMPLETESIGNINREQUEST']._serialized_start=664
+  _globals['_COMPLETESIGNINREQUEST']._serialized_end=800
+  _globals['_COMPLETESIGNINRESPONSE']._serialized_start=802
+  _globals['_COMPLETESIGNINRESPONSE']._serialized_end=868
+  _globals['_REFRESHTOKENREQUEST']._serialized_start=870
+  _globals['_REFRESHTOKENREQUEST']._serialized_end=971
+  _globals['_REFRESHTOKENRESPONSE']._serialized_start=973
+  _globals['_REFRESHTOKENRESPONSE']._serialized_end=1034
+  _globals['_SIGNOUTREQUEST']._serialized_start=1036
+  _globals['_SIGNOUTREQUEST']._serialized_end=1052
+  _globals['_SIGNOUTRESPONSE']._serialized_start=1054
+  _globals['_SIGNOUTRESPONSE']._serialized_end=1071
+  _globals['_AUTHENTICATEREQUEST']._serialized_start=1073
+  _globals['_AUTHENTICATEREQUEST']._serialized_end=1122
+  _globals['_AUTHENTICATERESPONSE']._serialized_start=1124
+  _globals['_AUTHENTICATERESPONSE']._serialized_end=1188
+  _globals['_SETACTIVEORGREQUEST']._serialized_start=1191
+  _globals['_SETACTIVEORGREQUEST']._serialized_end=1349
+  _globals['_SETACTIVEORGRESPONSE']._serialized_start=1351
+  _globals['_SETACTIVEORGRESPONSE']._serialized_end=1412
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_start=1414
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_end=1460
+  _globals['_WATCHREVOCATIONSRESPONSE']._serialized_start=1463
+  _globals['_WATCHREVOCATIONSRESPONSE']._serialized_end=1592
+  _globals['_REVOCATION']._serialized_start=1595
+  _globals['_REVOCATION']._serialized_end=1740
+  _globals['_GETJWKSREQUEST']._serialized_start=1742
+  _globals['_GETJWKSREQUEST']._serialized_end=1758
+  _globals['_GETJWKSRESPONSE']._serialized_start=1760
+  _globals['_GETJWKSRESPONSE']._serialized_end=1808
+  _globals['_JWK']._serialized_start=1810
+  _globals['_JWK']._serialized_end=1891
+  _globals['_AUTHSERVICE']._serialized_start=2018
+  _globals['_AUTHSERVICE']._serialized_end=2904
 # @@protoc_insertion_point(module_scope)

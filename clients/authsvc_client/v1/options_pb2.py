@@ -26,7 +26,7 @@ from . import errors_pb2 as authsvc_dot_v1_dot_errors__pb2
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61uthsvc/v1/options.proto\x12\nauthsvc.v1\x1a\x17\x61uthsvc/v1/errors.proto\x1a google/protobuf/descriptor.proto\"A\n\x0cMethodErrors\x12\x31\n\x07reasons\x18\x01 \x03(\x0e\x32\x17.authsvc.v1.ErrorReasonR\x07reasons*\x80\x01\n\x06\x41\x63\x63\x65ss\x12\x16\n\x12\x41\x43\x43\x45SS_UNSPECIFIED\x10\x00\x12\x11\n\rACCESS_PUBLIC\x10\x01\x12\x0f\n\x0b\x41\x43\x43\x45SS_USER\x10\x02\x12\x18\n\x14\x41\x43\x43\x45SS_SELF_OR_ADMIN\x10\x03\x12\x10\n\x0c\x41\x43\x43\x45SS_ADMIN\x10\x04\x12\x0e\n\nACCESS_ORG\x10\x05*l\n\tTenantKey\x12\x1a\n\x16TENANT_KEY_UNSPECIFIED\x10\x00\x12\x13\n\x0fTENANT_KEY_NONE\x10\x01\x12\x15\n\x11TENANT_KEY_ORG_ID\x10\x02\x12\x17\n\x13TENANT_KEY_ORG_SLUG\x10\x03:L\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\xb5\x87\x03 \x01(\x0e\x32\x12.authsvc.v1.AccessR\x06\x61\x63\x63\x65ss:R\n\x06\x65rrors\x12\x1e.google.protobuf.MethodOptions\x18\xb7\x87\x03 \x01(\x0b\x32\x18.authsvc.v1.MethodErrorsR\x06\x65rrors:N\n\x06tenant\x12\x1d.google.protobuf.FieldOptions\x18\xb6\x87\x03 \x01(\x0e\x32\x15.authsvc.v1.TenantKeyR\x06tenantB\x86\x01\n\x0e\x64\x65v.authsvc.v1B\x0cOptionsProtoP\x01Z6github.com/authsvc/authsvc/gen/go/authsvc/v1;authsvcv1\xa2\x02\x03\x41XX\xaa\x02\nAuthsvc.V1\xca\x02\nAuthsvc\\V1\xea\x02\x0b\x41uthsvc::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61uthsvc/v1/options.proto\x12\nauthsvc.v1\x1a\x17\x61uthsvc/v1/errors.proto\x1a google/protobuf/descriptor.proto\"8\n\x0cMethodErrors\x12(\n\x07reasons\x18\x01 \x03(\x0e\x32\x17.authsvc.v1.ErrorReason*\x80\x01\n\x06\x41\x63\x63\x65ss\x12\x16\n\x12\x41\x43\x43\x45SS_UNSPECIFIED\x10\x00\x12\x11\n\rACCESS_PUBLIC\x10\x01\x12\x0f\n\x0b\x41\x43\x43\x45SS_USER\x10\x02\x12\x18\n\x14\x41\x43\x43\x45SS_SELF_OR_ADMIN\x10\x03\x12\x10\n\x0c\x41\x43\x43\x45SS_ADMIN\x10\x04\x12\x0e\n\nACCESS_ORG\x10\x05*l\n\tTenantKey\x12\x1a\n\x16TENANT_KEY_UNSPECIFIED\x10\x00\x12\x13\n\x0fTENANT_KEY_NONE\x10\x01\x12\x15\n\x11TENANT_KEY_ORG_ID\x10\x02\x12\x17\n\x13TENANT_KEY_ORG_SLUG\x10\x03:D\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\xb5\x87\x03 \x01(\x0e\x32\x12.authsvc.v1.Access:J\n\x06\x65rrors\x12\x1e.google.protobuf.MethodOptions\x18\xb7\x87\x03 \x01(\x0b\x32\x18.authsvc.v1.MethodErrors:F\n\x06tenant\x12\x1d.google.protobuf.FieldOptions\x18\xb6\x87\x03 \x01(\x0e\x32\x15.authsvc.v1.TenantKeyB\x86\x01\n\x0e\x64\x65v.authsvc.v1B\x0cOptionsProtoP\x01Z6github.com/authsvc/authsvc/gen/go/authsvc/v1;authsvcv1\xa2\x02\x03\x41XX\xaa\x02\nAuthsvc.V1\xca\x02\nAuthsvc\\V1\xea\x02\x0b\x41uthsvc::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'options_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.authsvc.v1B\014OptionsProtoP\001Z6github.com/authsvc/authsvc/gen/go/authsvc/v1;authsvcv1\242\002\003AXX\252\002\nAuthsvc.V1\312\002\nAuthsvc\\V1\352\002\013Authsvc::V1'
-  _globals['_ACCESS']._serialized_start=167
-  _globals['_ACCESS']._serialized_end=295
-  _globals['_TENANTKEY']._serialized_start=297
-  _globals['_TENANTKEY']._serialized_end=405
+  _globals['_ACCESS']._serialized_start=158
+  _globals['_ACCESS']._serialized_end=286
+  _globals['_TENANTKEY']._serialized_start=288
+  _globals['_TENANTKEY']._serialized_end=396
   _globals['_METHODERRORS']._serialized_start=99
-  _globals['_METHODERRORS']._serialized_end=164
+  _globals['_METHODERRORS']._serialized_end=155
 # @@protoc_insertion_point(module_scope)

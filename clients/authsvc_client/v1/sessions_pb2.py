@@ -27,7 +27,7 @@ from . import resources_pb2 as authsvc_dot_v1_dot_resources__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61uthsvc/v1/sessions.proto\x12\nauthsvc.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a\x1a\x61uthsvc/v1/resources.proto\x1a\x1fgoogle/api/field_behavior.proto\"|\n\x13ListSessionsRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01R\x06userId\x12!\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x08pageSize\x12#\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\tpageToken\"o\n\x14ListSessionsResponse\x12/\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.authsvc.v1.SessionR\x08sessions\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\";\n\x14RevokeSessionRequest\x12#\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\tsessionId\"\x17\n\x15RevokeSessionResponse\"9\n\x18RevokeAllSessionsRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01R\x06userId\"@\n\x19RevokeAllSessionsResponse\x12#\n\rrevoked_count\x18\x01 \x01(\x05R\x0crevokedCount2\xd1\x02\n\x0eSessionService\x12\x63\n\x0cListSessions\x12\x1f.authsvc.v1.ListSessionsRequest\x1a .authsvc.v1.ListSessionsResponse\"\x10\xa8\xbb\x18\x03\xba\xbb\x18\x08\n\x06\n\x06\x05\x08\x0b\x10\x12\x66\n\rRevokeSession\x12 .authsvc.v1.RevokeSessionRequest\x1a!.authsvc.v1.RevokeSessionResponse\"\x10\xa8\xbb\x18\x03\xba\xbb\x18\x08\n\x06\n\x06\x05\x08\x0b\x0f\x12r\n\x11RevokeAllSessions\x12$.authsvc.v1.RevokeAllSessionsRequest\x1a%.authsvc.v1.RevokeAllSessionsResponse\"\x10\xa8\xbb\x18\x03\xba\xbb\x18\x08\n\x06\n\x06\x05\x08\x0b\tB\x87\x01\n\x0e\x64\x65v.authsvc.v1B\rSessionsProtoP\x01Z6github.com/authsvc/authsvc/gen/go/authsvc/v1;authsvcv1\xa2\x02\x03\x41XX\xaa\x02\nAuthsvc.V1\xca\x02\nAuthsvc\\V1\xea\x02\x0b\x41uthsvc::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61uthsvc/v1/sessions.proto\x12\nauthsvc.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a\x1a\x61uthsvc/v1/resources.proto\x1a\x1fgoogle/api/field_behavior.proto\"_\n\x13ListSessionsRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"V\n\x14ListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.authsvc.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x14RevokeSessionRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x17\n\x15RevokeSessionResponse\"1\n\x18RevokeAllSessionsRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\"2\n\x19RevokeAllSessionsResponse\x12\x15\n\rrevoked_count\x18\x01 \x01(\x05\x32\xd1\x02\n\x0eSessionService\x12\x63\n\x0cListSessions\x12\x1f.authsvc.v1.ListSessionsRequest\x1a .authsvc.v1.ListSessionsResponse\"\x10\xa8\xbb\x18\x03\xba\xbb\x18\x08\n\x06\n\x06\x05\x08\x0b\x10\x12\x66\n\rRevokeSession\x12 .authsvc.v1.RevokeSessionRequest\x1a!.authsvc.v1.RevokeSessionResponse\"\x10\xa8\xbb\x18\x03\xba\xbb\x18\x08\n\x06\n\x06\x05\x08\x0b\x0f\x12r\n\x11RevokeAllSessions\x12$.authsvc.v1.RevokeAllSessionsRequest\x1a%.authsvc.v1.RevokeAllSessionsResponse\"\x10\xa8\xbb\x18\x03\xba\xbb\x18\x08\n\x06\n\x06\x05\x08\x0b\tB\x87\x01\n\x0e\x64\x65v.authsvc.v1B\rSessionsProtoP\x01Z6github.com/authsvc/authsvc/gen/go/authsvc/v1;authsvcv1\xa2\x02\x03\x41XX\xaa\x02\nAuthsvc.V1\xca\x02\nAuthsvc\\V1\xea\x02\x0b\x41uthsvc::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,17 +52,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONSERVICE'].methods_by_name['RevokeAllSessions']._loaded_options = None
   _globals['_SESSIONSERVICE'].methods_by_name['RevokeAllSessions']._serialized_options = b'\250\273\030\003\272\273\030\010\n\006\n\006\005\010\013\t'
   _globals['_LISTSESSIONSREQUEST']._serialized_start=128
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=252
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=254
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=365
-  _globals['_REVOKESESSIONREQUEST']._serialized_start=367
-  _globals['_REVOKESESSIONREQUEST']._serialized_end=426
-  _globals['_REVOKESESSIONRESPONSE']._serialized_start=428
-  _globals['_REVOKESESSIONRESPONSE']._serialized_end=451
-  _globals['_REVOKEALLSESSIONSREQUEST']._serialized_start=453
-  _globals['_REVOKEALLSESSIONSREQUEST']._serialized_end=510
-  _globals['_REVOKEALLSESSIONSRESPONSE']._serialized_start=512
-  _globals['_REVOKEALLSESSIONSRESPONSE']._serialized_end=576
-  _globals['_SESSIONSERVICE']._serialized_start=579
-  _globals['_SESSIONSERVICE']._serialized_end=916
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=223
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=225
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=311
+  _globals['_REVOKESESSIONREQUEST']._serialized_start=313
+  _globals['_REVOKESESSIONREQUEST']._serialized_end=361
+  _globals['_REVOKESESSIONRESPONSE']._serialized_start=363
+  _globals['_REVOKESESSIONRESPONSE']._serialized_end=386
+  _globals['_REVOKEALLSESSIONSREQUEST']._serialized_start=388
+  _globals['_REVOKEALLSESSIONSREQUEST']._serialized_end=437
+  _globals['_REVOKEALLSESSIONSRESPONSE']._serialized_start=439
+  _globals['_REVOKEALLSESSIONSRESPONSE']._serialized_end=489
+  _globals['_SESSIONSERVICE']._serialized_start=492
+  _globals['_SESSIONSERVICE']._serialized_end=829
 # @@protoc_insertion_point(module_scope)

@@ -28,7 +28,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61uthsvc/v1/users.proto\x12\nauthsvc.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a\x1a\x61uthsvc/v1/resources.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\"/\n\x0eGetUserRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06userId\"7\n\x0fGetUserResponse\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.UserR\x04user\"\x17\n\x15GetCurrentUserRequest\">\n\x16GetCurrentUserResponse\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.UserR\x04user\"\xaf\x01\n\x10ListUsersRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x08pageSize\x12#\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\tpageToken\x12*\n\x04role\x18\x03 \x01(\x0e\x32\x10.authsvc.v1.RoleB\x04\xe2\x41\x01\x01R\x04role\x12\'\n\x0c\x65mail_prefix\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01R\x0b\x65mailPrefix\"c\n\x11ListUsersResponse\x12&\n\x05users\x18\x01 \x03(\x0b\x32\x10.authsvc.v1.UserR\x05users\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x82\x01\n\x11UpdateUserRequest\x12*\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.UserB\x04\xe2\x41\x01\x02R\x04user\x12\x41\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02R\nupdateMask\":\n\x12UpdateUserResponse\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.UserR\x04user\"y\n\x12SetUserRoleRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06userId\x12*\n\x04role\x18\x02 \x01(\x0e\x32\x10.authsvc.v1.RoleB\x04\xe2\x41\x01\x02R\x04role\x12\x18\n\x04\x65tag\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\x04\x65tag\";\n\x13SetUserRoleResponse\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.UserR\x04user\"j\n\x13SetUserEmailRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06userId\x12\x1a\n\x05\x65mail\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x05\x65mail\x12\x18\n\x04\x65tag\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\x04\x65tag\"<\n\x14SetUserEmailResponse\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.UserR\x04user\"w\n\x11\x44\x65leteUserRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06userId\x12\x18\n\x04\x65tag\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\x04\x65tag\x12)\n\rallow_missing\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01R\x0c\x61llowMissing\"\x14\n\x12\x44\x65leteUserResponse\"?\n\x11\x43ountUsersRequest\x12*\n\x04role\x18\x01 \x01(\x0e\x32\x10.authsvc.v1.RoleB\x04\xe2\x41\x01\x01R\x04role\"*\n\x12\x43ountUsersResponse\x12\x14\n\x05\x63ount\x18\x01 \x01(\x03R\x05\x63ount2\x90\x06\n\x0bUserService\x12T\n\x07GetUser\x12\x1a.authsvc.v1.GetUserRequest\x1a\x1b.authsvc.v1.GetUserResponse\"\x10\xa8\xbb\x18\x03\xba\xbb\x18\x08\n\x06\n\x06\x05\x08\x0b\t\x12g\n\x0eGetCurrentUser\x12!.authsvc.v1.GetCurrentUserRequest\x1a\".authsvc.v1.GetCurrentUserResponse\"\x0e\xa8\xbb\x18\x02\xba\xbb\x18\x06\n\x04\n\x06\x05\x08\x12Z\n\tListUsers\x12\x1c.authsvc.v1.ListUsersRequest\x1a\x1d.authsvc.v1.ListUsersResponse\"\x10\xa8\xbb\x18\x04\xba\xbb\x18\x08\n\x06\x10\n\x06\x05\x08\x0b\x12^\n\nUpdateUser\x12\x1d.authsvc.v1.UpdateUserRequest\x1a\x1e.authsvc.v1.UpdateUserResponse\"\x11\xa8\xbb\x18\x03\xba\xbb\x18\t\n\x07\n\x06\x05\x08\x0b\t\x1b\x12\x61\n\x0bSetUserRole\x12\x1e.authsvc.v1.SetUserRoleRequest\x1a\x1f.authsvc.v1.SetUserRoleResponse\"\x11\xa8\xbb\x18\x04\xba\xbb\x18\t\n\x07\n\x06\x05\x08\x0b\t\x1b\x12\x65\n\x0cSetUserEmail\x12\x1f.authsvc.v1.SetUserEmailRequest\x1a .authsvc.v1.SetUserEmailResponse\"\x12\xa8\xbb\x18\x04\xba\xbb\x18\n\n\x08\n\x06\x05\x08\x0b\t\x03\x1b\x12^\n\nDeleteUser\x12\x1d.authsvc.v1.DeleteUserRequest\x1a\x1e.authsvc.v1.DeleteUserResponse\"\x11\xa8\xbb\x18\x04\xba\xbb\x18\t\n\x07\n\x06\x05\x08\x0b\t\x1b\x12\\\n\nCountUsers\x12\x1d.authsvc.v1.CountUsersRequest\x1a\x1e.authsvc.v1.CountUsersResponse\"\x0f\xa8\xbb\x18\x04\xba\xbb\x18\x07\n\x05\n\x06\x05\x08\x0b\x42\x84\x01\n\x0e\x64\x65v.authsvc.v1B\nUsersProtoP\x01Z6github.com/authsvc/authsvc/gen/go/authsvc/v1;authsvcv1\xa2\x02\x03\x41XX\xaa\x02\nAuthsvc.V1\xca\x02\nAuthsvc\\V1\xea\x02\x0b\x41uthsvc::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61uthsvc/v1/users.proto\x12\nauthsvc.v1\x1a\x18\x61uthsvc/v1/options.proto\x1a\x1a\x61uthsvc/v1/resources.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\"\'\n\x0eGetUserRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"1\n\x0fGetUserResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\"\x17\n\x15GetCurrentUserRequest\"8\n\x16GetCurrentUserResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\"\x87\x01\n\x10ListUsersRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12$\n\x04role\x18\x03 \x01(\x0e\x32\x10.authsvc.v1.RoleB\x04\xe2\x41\x01\x01\x12\x1a\n\x0c\x65mail_prefix\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"M\n\x11ListUsersResponse\x12\x1f\n\x05users\x18\x01 \x03(\x0b\x32\x10.authsvc.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"p\n\x11UpdateUserRequest\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.UserB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"4\n\x12UpdateUserResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\"e\n\x12SetUserRoleRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x10.authsvc.v1.RoleB\x04\xe2\x41\x01\x02\x12\x12\n\x04\x65tag\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"5\n\x13SetUserRoleResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\"U\n\x13SetUserEmailRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x65mail\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04\x65tag\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"6\n\x14SetUserEmailResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.authsvc.v1.User\"[\n\x11\x44\x65leteUserRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04\x65tag\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rallow_missing\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\x14\n\x12\x44\x65leteUserResponse\"9\n\x11\x43ountUsersRequest\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x10.authsvc.v1.RoleB\x04\xe2\x41\x01\x01\"#\n\x12\x43ountUsersResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x32\x90\x06\n\x0bUserService\x12T\n\x07GetUser\x12\x1a.authsvc.v1.GetUserRequest\x1a\x1b.authsvc.v1.GetUserResponse\"\x10\xa8\xbb\x18\x03\xba\xbb\x18\x08\n\x06\n\x06\x05\x08\x0b\t\x12g\n\x0eGetCurrentUser\x12!.authsvc.v1.GetCurrentUserRequest\x1a\".authsvc.v1.GetCurrentUserResponse\"\x0e\xa8\xbb\x18\x02\xba\xbb\x18\x06\n\x04\n\x06\x05\x08\x12Z\n\tListUsers\x12\x1c.authsvc.v1.ListUsersRequest\x1a\x1d.authsvc.v1.ListUsersResponse\"\x10\xa8\xbb\x18\x04\xba\xbb\x18\x08\n\x06\x10\n\x06\x05\x08\x0b\x12^\n\nUpdateUser\x12\x1d.authsvc.v1.UpdateUserRequest\x1a\x1e.authsvc.v1.UpdateUserResponse\"\x11\xa8\xbb\x18\x03\xba\xbb\x18\t\n\x07\n\x06\x05\x08\x0b\t\x1b\x12\x61\n\x0bSetUserRole\x12\x1e.authsvc.v1.SetUserRoleRequest\x1a\x1f.authsvc.v1.SetUserRoleResponse\"\x11\xa8\xbb\x18\x04\xba\xbb\x18\t\n\x07\n\x06\x05\x08\x0b\t\x1b\x12\x65\n\x0cSetUserEmail\x12\x1f.authsvc.v1.SetUserEmailRequest\x1a .authsvc.v1.SetUserEmailResponse\"\x12\xa8\xbb\x18\x04\xba\xbb\x18\n\n\x08\n\x06\x05\x08\x0b\t\x03\x1b\x12^\n\nDeleteUser\x12\x1d.authsvc.v1.DeleteUserRequest\x1a\x1e.authsvc.v1.DeleteUserResponse\"\x11\xa8\xbb\x18\x04\xba\xbb\x18\t\n\x07\n\x06\x05\x08\x0b\t\x1b\x12\\\n\nCountUsers\x12\x1d.authsvc.v1.CountUsersRequest\x1a\x1e.authsvc.v1.CountUsersResponse\"\x0f\xa8\xbb\x18\x04\xba\xbb\x18\x07\n\x05\n\x06\x05\x08\x0b\x42\x84\x01\n\x0e\x64\x65v.authsvc.v1B\nUsersProtoP\x01Z6github.com/authsvc/authsvc/gen/go/authsvc/v1;authsvcv1\xa2\x02\x03\x41XX\xaa\x02\nAuthsvc.V1\xca\x02\nAuthsvc\\V1\xea\x02\x0b\x41uthsvc::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -87,37 +87,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERSERVICE'].methods_by_name['CountUsers']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['CountUsers']._serialized_options = b'\250\273\030\004\272\273\030\007\n\005\n\006\005\010\013'
   _globals['_GETUSERREQUEST']._serialized_start=159
-  _globals['_GETUSERREQUEST']._serialized_end=206
-  _globals['_GETUSERRESPONSE']._serialized_start=208
-  _globals['_GETUSERRESPONSE']._serialized_end=263
-  _globals['_GETCURRENTUSERREQUEST']._serialized_start=265
-  _globals['_GETCURRENTUSERREQUEST']._serialized_end=288
-  _globals['_GETCURRENTUSERRESPONSE']._serialized_start=290
-  _globals['_GETCURRENTUSERRESPONSE']._serialized_end=352
-  _globals['_LISTUSERSREQUEST']._serialized_start=355
-  _globals['_LISTUSERSREQUEST']._serialized_end=530
-  _globals['_LISTUSERSRESPONSE']._serialized_start=532
-  _globals['_LISTUSERSRESPONSE']._serialized_end=631
-  _globals['_UPDATEUSERREQUEST']._serialized_start=634
-  _globals['_UPDATEUSERREQUEST']._serialized_end=764
-  _globals['_UPDATEUSERRESPONSE']._serialized_start=766
-  _globals['_UPDATEUSERRESPONSE']._serialized_end=824
-  _globals['_SETUSERROLEREQUEST']._serialized_start=826
-  _globals['_SETUSERROLEREQUEST']._serialized_end=947
-  _globals['_SETUSERROLERESPONSE']._serialized_start=949
-  _globals['_SETUSERROLERESPONSE']._serialized_end=1008
-  _globals['_SETUSEREMAILREQUEST']._serialized_start=1010
-  _globals['_SETUSEREMAILREQUEST']._serialized_end=1116
-  _globals['_SETUSEREMAILRESPONSE']._serialized_start=1118
-  _globals['_SETUSEREMAILRESPONSE']._serialized_end=1178
-  _globals['_DELETEUSERREQUEST']._serialized_start=1180
-  _globals['_DELETEUSERREQUEST']._serialized_end=1299
-  _globals['_DELETEUSERRESPONSE']._serialized_start=1301
-  _globals['_DELETEUSERRESPONSE']._serialized_end=1321
-  _globals['_COUNTUSERSREQUEST']._serialized_start=1323
-  _globals['_COUNTUSERSREQUEST']._serialized_end=1386
-  _globals['_COUNTUSERSRESPONSE']._serialized_start=1388
-  _globals['_COUNTUSERSRESPONSE']._serialized_end=1430
-  _globals['_USERSERVICE']._serialized_start=1433
-  _globals['_USERSERVICE']._serialized_end=2217
+  _globals['_GETUSERREQUEST']._serialized_end=198
+  _globals['_GETUSERRESPONSE']._serialized_start=200
+  _globals['_GETUSERRESPONSE']._serialized_end=249
+  _globals['_GETCURRENTUSERREQUEST']._serialized_start=251
+  _globals['_GETCURRENTUSERREQUEST']._serialized_end=274
+  _globals['_GETCURRENTUSERRESPONSE']._serialized_start=276
+  _globals['_GETCURRENTUSERRESPONSE']._serialized_end=332
+  _globals['_LISTUSERSREQUEST']._serialized_start=335
+  _globals['_LISTUSERSREQUEST']._serialized_end=470
+  _globals['_LISTUSERSRESPONSE']._serialized_start=472
+  _globals['_LISTUSERSRESPONSE']._serialized_end=549
+  _globals['_UPDATEUSERREQUEST']._serialized_start=551
+  _globals['_UPDATEUSERREQUEST']._serialized_end=663
+  _globals['_UPDATEUSERRESPONSE']._serialized_start=665
+  _globals['_UPDATEUSERRESPONSE']._serialized_end=717
+  _globals['_SETUSERROLEREQUEST']._serialized_start=719
+  _globals['_SETUSERROLEREQUEST']._serialized_end=820
+  _globals['_SETUSERROLERESPONSE']._serialized_start=822
+  _globals['_SETUSERROLERESPONSE']._serialized_end=875
+  _globals['_SETUSEREMAILREQUEST']._serialized_start=877
+  _globals['_SETUSEREMAILREQUEST']._serialized_end=962
+  _globals['_SETUSEREMAILRESPONSE']._serialized_start=964
+  _globals['_SETUSEREMAILRESPONSE']._serialized_end=1018
+  _globals['_DELETEUSERREQUEST']._serialized_start=1020
+  _globals['_DELETEUSERREQUEST']._serialized_end=1111
+  _globals['_DELETEUSERRESPONSE']._serialized_start=1113
+  _globals['_DELETEUSERRESPONSE']._serialized_end=1133
+  _globals['_COUNTUSERSREQUEST']._serialized_start=1135
+  _globals['_COUNTUSERSREQUEST']._serialized_end=1192
+  _globals['_COUNTUSERSRESPONSE']._serialized_start=1194
+  _globals['_COUNTUSERSRESPONSE']._serialized_end=1229
+  _globals['_USERSERVICE']._serialized_start=1232
+  _globals['_USERSERVICE']._serialized_end=2016
 # @@protoc_insertion_point(module_scope)

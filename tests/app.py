@@ -48,6 +48,7 @@ from authsvc.storage.tables import (
     sessions,
     users,
 )
+from authsvc.tracing import Tracing
 from authsvc_client.errors import AuthsvcError, from_rpc_error
 from authsvc_client.sidecar import Sidecar
 from authsvc_client.v1 import (
@@ -548,9 +549,13 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-async def start_api(backend: Backend, tmp: Path, **overrides: Any) -> Api:
+async def start_api(
+    backend: Backend, tmp: Path, *, tracing: Tracing | None = None, **overrides: Any
+) -> Api:
     """Starts another server on the backend (tests that need their own settings)."""
-    server = await build_server(test_settings(tmp, **{**backend.urls, **overrides}))
+    server = await build_server(
+        test_settings(tmp, **{**backend.urls, **overrides}), tracing=tracing
+    )
     await server.start()
     target = f"127.0.0.1:{server.port}"
     return Api(server, backend.name, target, grpc.aio.insecure_channel(target))

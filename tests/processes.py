@@ -28,7 +28,9 @@ def authsvc_bin() -> str:
     """The installed console script (what the README tells operators to run)."""
     found = shutil.which("authsvc", path=str(VENV_BIN))
     if found is None:
-        pytest.fail(f"the authsvc console script is not in {VENV_BIN}; run ./tests/run --setup-only")
+        pytest.fail(
+            f"the authsvc console script is not in {VENV_BIN}; run ./tests/run --setup-only"
+        )
     return found
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import sys
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -907,3 +909,165 @@ def _state(error: BaseException) -> str:
         if isinstance(state, str):
             return state
     return type(error).__name__
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+async def test_metrics_through_a_postgres_outage_under_load(
+    pg: PostgresExecutor, pg_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Prometheus keeps scraping both replicas while PostgreSQL is stopped
+    under load: every scrape answers at once, in the text format; the outbox
+    gauges (one count query) are left out while the database cannot answer
+    and are back after; the refusals are counted as UNAVAILABLE, none as
+    INTERNAL or UNKNOWN; and the sign-ins refused meanwhile as ``unavailable``."""
+    from tests.test_metrics import parse, rpc, value
+
+    backend = Backend("postgres", {"database_url": pg_url, "redis_url": redis_url})
+    metered: dict[str, Any] = {"refresh_reuse_grace": REUSE_GRACE, "metrics_listen": "127.0.0.1:0"}
+    a = await start_api(backend, tmp_path / "a", **metered)
+    try:
+        b = await start_api(backend, tmp_path / "b", **metered)
+    except BaseException:
+        await stop_api(a)
+        raise
+
+    def get(api: Api) -> str:
+        port = api.server.metrics_port
+        assert port is not None
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            assert response.status == 200
+            return str(response.read().decode())
+
+    scrapes: list[tuple[float, Api, Any]] = []
+    scraping = asyncio.Event()
+
+    async def scrape_both() -> None:
+        while not scraping.is_set():
+            for api in (a, b):
+                asked = time.monotonic()
+                samples = parse(await asyncio.to_thread(get, api))
+                # The outbox's query waits at most 1.5 s, the rest is in memory.
+                assert time.monotonic() - asked < 4.0
+                scrapes.append((asked, api, samples))
+            await asyncio.sleep(0.2)
+
+    down: list[float] = []
+
+    async def stop_for_four_seconds() -> None:
+        await asyncio.to_thread(pg.executor.stop)
+        down.append(time.monotonic())
+        await asyncio.sleep(4.0)
+        down.append(time.monotonic())
+        await asyncio.to_thread(pg.executor.start)
+        await asyncio.to_thread(pg.executor.wait_for_postgres)
+
+    scraper = asyncio.create_task(scrape_both())
+    try:
+        try:
+            tally, back = await _outage_under_load(
+                (a, b), pg_url, stop_for_four_seconds, "PostgreSQL stopped for 4 s, metrics scraped"
+            )
+        finally:
+            scraping.set()
+            await scraper
+        final = {id(api): parse(await asyncio.to_thread(get, api)) for api in (a, b)}
+    finally:
+        await stop_or_dump(b)
+        await stop_or_dump(a)
+
+    def outbox(samples: Any) -> bool:
+        return ("authsvc_outbox_depth", frozenset()) in samples
+
+    while_down = [s for at, _, s in scrapes if down[0] + 0.5 <= at <= down[1] - 2.0]
+    assert while_down, "no scrape while the database was down"
+    assert not any(outbox(s) for s in while_down)
+    assert all(outbox(s) for at, _, s in scrapes if at >= back + RECOVERY)
+    assert all(outbox(s) for s in final.values())
+    # Each refusal is counted by its code, on the replica that answered it;
+    # nothing as INTERNAL or UNKNOWN. Only the load signs in, so its sign-in
+    # refusals are exactly the ones counted (a signed-out session's prober
+    # also calls the other two).
+    for method in ("Authenticate", "RefreshToken", "SignInWithPassword"):
+        for code in ("UNAVAILABLE", "INTERNAL", "UNKNOWN"):
+            counted = sum(
+                value(s, "grpc_server_handled_total", **rpc(method), grpc_code=code)
+                for s in final.values()
+            )
+            got = sum(1 for x in tally.answers if x.method == method and x.code == code)
+            if method == "SignInWithPassword" or code != "UNAVAILABLE":
+                assert counted == got, (method, code, counted, got)
+            else:
+                assert counted >= got, (method, code, counted, got)
+    refused = sum(
+        1 for x in tally.answers if x.method == "SignInWithPassword" and x.code == "UNAVAILABLE"
+    )
+    assert refused
+    assert refused == sum(
+        value(s, "authsvc_sign_ins_total", outcome="unavailable") for s in final.values()
+    )
+
+
+# --------------------------------------------------------------------------- traces
+
+
+async def test_traces_through_a_postgres_outage_under_load(
+    pg: PostgresExecutor, pg_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """With tracing on, a PostgreSQL outage under load still answers only
+    UNAVAILABLE (the statement spans' error hook must not turn a connection
+    failure into anything else), and the spans say what failed without
+    quoting it: the refused RPCs' spans carry status code 14, failed
+    statements only an error class (and SQLSTATE), no password anywhere."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from authsvc.tracing import Tracing
+
+    backend = Backend("postgres", {"database_url": pg_url, "redis_url": redis_url})
+    exporters: list[InMemorySpanExporter] = []
+
+    async def start(name: str) -> Api:
+        exporters.append(InMemorySpanExporter())
+        tracing = Tracing.exporting_to(exporters[-1])
+        return await start_api(
+            backend, tmp_path / name, tracing=tracing, refresh_reuse_grace=REUSE_GRACE
+        )
+
+    a = await start("a")
+    try:
+        b = await start("b")
+    except BaseException:
+        await stop_api(a)
+        raise
+
+    async def stop_for_four_seconds() -> None:
+        await asyncio.to_thread(pg.executor.stop)
+        await asyncio.sleep(4.0)
+        await asyncio.to_thread(pg.executor.start)
+        await asyncio.to_thread(pg.executor.wait_for_postgres)
+
+    try:
+        tally, _ = await _outage_under_load(
+            (a, b), pg_url, stop_for_four_seconds, "PostgreSQL stopped for 4 s, traced"
+        )
+    finally:
+        await stop_or_dump(b)
+        await stop_or_dump(a)  # flushes each server's spans to its exporter
+    spans = [span for exporter in exporters for span in exporter.get_finished_spans()]
+    refused = [
+        s
+        for s in spans
+        if s.name == "/authsvc.v1.AuthService/SignInWithPassword"
+        and (s.attributes or {}).get("rpc.grpc.status_code") == grpc.StatusCode.UNAVAILABLE.value[0]
+    ]
+    assert refused, "no refused sign-in was traced"
+    failed = [s for s in spans if s.kind.name == "CLIENT" and s.status.status_code.name == "ERROR"]
+    assert failed, "no failed statement was traced"
+    for span in failed:
+        # A class name and maybe a SQLSTATE: "OperationalError", "DBAPIError SQLSTATE 57P01".
+        described = span.status.description or ""
+        assert re.fullmatch(r"[A-Za-z_]\w*( SQLSTATE [0-9A-Z]{5})?", described), described
+    dumped = "\n".join(span.to_json() for span in spans)
+    assert PASSWORD not in dumped
+    assert sum(1 for x in tally.answers if not x.ok)

@@ -15,18 +15,24 @@ import contextlib
 import os
 import signal
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import grpc
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pytest_redis import factories as redis_factories
 from pytest_redis.executor import RedisExecutor
 
 from authsvc.storage import migrate
 from authsvc.storage.redis_store import LIMIT_TIMEOUT
+from authsvc.tracing import Tracing
 from authsvc_client.errors import from_rpc_error
 from authsvc_client.v1 import auth_pb2
 from tests.app import PASSWORD, Api, Backend, bearer, start_api, stop_api
@@ -76,21 +82,62 @@ def backend(make_postgres_db: Callable[..., str], redis_server: RedisExecutor) -
     )
 
 
-@pytest.fixture
+@dataclass
+class Observed:
+    """What ``observed`` replicas report: their metrics, and their spans
+    (each server's, flushed when it stops)."""
+
+    exporters: list[InMemorySpanExporter] = field(default_factory=list)
+
+    def spans(self) -> list[ReadableSpan]:
+        return [span for exporter in self.exporters for span in exporter.get_finished_spans()]
+
+
+@pytest.fixture(params=["plain", "observed"])
 async def replicas(
-    backend: Backend, tmp_path: Path, log_file: Path
+    request: pytest.FixtureRequest, backend: Backend, tmp_path: Path, log_file: Path
 ) -> AsyncIterator[tuple[Api, Api]]:
-    a = await start_api(backend, tmp_path / "a")
+    """Two servers; ``observed``: with metrics on and traces to an in-memory
+    exporter (the instrumented Redis client must fail the same way)."""
+    observed = request.param == "observed"
+    seen = Observed()
+
+    async def start(name: str) -> Api:
+        if not observed:
+            return await start_api(backend, tmp_path / name)
+        seen.exporters.append(InMemorySpanExporter())
+        return await start_api(
+            backend,
+            tmp_path / name,
+            tracing=Tracing.exporting_to(seen.exporters[-1]),
+            metrics_listen="127.0.0.1:0",
+        )
+
+    a = await start("a")
     try:
-        b = await start_api(backend, tmp_path / "b")
+        b = await start("b")
     except BaseException:
         await stop_api(a)
         raise
+    request.node.observed = seen if observed else None
     try:
         yield a, b
     finally:
         await stop_or_dump(b)
         await stop_or_dump(a)
+
+
+async def _scrape(api: Api) -> Any:
+    from tests.test_metrics import parse
+
+    port = api.server.metrics_port
+    assert port is not None
+
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    return parse(await asyncio.to_thread(get))
 
 
 def _redis_pid(executor: RedisExecutor) -> int:
@@ -114,8 +161,16 @@ async def _stored(url: str) -> tuple[set[str], set[str]]:
 
 @pytest.mark.parametrize("fault", ["hung", "stopped"])
 async def test_rate_limited_rpcs_under_load_while_redis_fails(
-    replicas: tuple[Api, Api], backend: Backend, redis_server: RedisExecutor, fault: str
+    replicas: tuple[Api, Api],
+    backend: Backend,
+    redis_server: RedisExecutor,
+    fault: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """Also with metrics and traces on (``observed``): every refusal is
+    counted by its code on the replica that gave it, none as INTERNAL or
+    UNKNOWN, and the failed Redis commands are traced without their
+    arguments."""
     a, b = replicas
     apis = (a, b)
     signed_up = [await a.sign_up() for _ in range(CLIENTS)]
@@ -219,6 +274,56 @@ async def test_rate_limited_rpcs_under_load_while_redis_fails(
     stored_users, stored_sessions = await _stored(backend.urls["database_url"])
     assert stored_users == users
     assert stored_sessions == sessions
+
+    observed: Observed | None = request.node.observed
+    if observed is None:
+        return
+    from tests.test_metrics import rpc, value
+
+    scraped = [await _scrape(api) for api in apis]
+    for method in ("SignInWithPassword", "SignUp"):
+        for code in ("OK", "UNAVAILABLE", "INTERNAL", "UNKNOWN"):
+            counted = sum(
+                value(s, "grpc_server_handled_total", **rpc(method), grpc_code=code)
+                for s in scraped
+            )
+            got = sum(1 for x in tally.answers if x.method == method and x.code == code)
+            if (method, code) == ("SignUp", "OK"):
+                got += len(signed_up)  # the accounts made before the load
+            assert counted == got, (method, code, counted, got)
+    for api in apis:  # the batches queued so far, out to the exporters
+        tracing = api.server.tracing
+        assert tracing is not None
+        assert await asyncio.to_thread(tracing.provider.force_flush)
+    spans = observed.spans()
+    redis_failed = [
+        s
+        for s in spans
+        if (s.attributes or {}).get("db.system") == "redis" and s.status.status_code.name == "ERROR"
+    ]
+    # A stopped Redis fails its commands; a hung one's are cancelled by the
+    # rate limiter's bound instead. Either way the refused RPCs' spans say so.
+    if fault == "stopped":
+        assert redis_failed, "no failed Redis command was traced"
+    unavailable = grpc.StatusCode.UNAVAILABLE.value[0]
+    traced = sum(
+        1
+        for s in spans
+        if s.name == "/authsvc.v1.AuthService/SignInWithPassword"
+        and (s.attributes or {}).get("rpc.grpc.status_code") == unavailable
+    )
+    refused = sum(
+        1 for x in tally.answers if x.method == "SignInWithPassword" and x.code == "UNAVAILABLE"
+    )
+    assert traced == refused, (traced, refused)
+    for span in redis_failed:
+        statement = str((span.attributes or {}).get("db.statement", ""))
+        # One line per command (a pipeline's several): its name, then a "?" per argument.
+        for line in statement.splitlines():
+            assert all(word == "?" for word in line.split()[1:]), statement
+    dumped = "\n".join(span.to_json() for span in spans)
+    assert PASSWORD not in dumped
+    assert not any(email in dumped for email in (s.user.email for s in signed_up))
 
 
 async def test_a_hung_redis_refuses_sign_ins_and_sign_ups_within_the_client_timeouts(

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -22,7 +23,7 @@ from authsvc_client.v1 import auth_pb2
 from tests.app import PASSWORD, Api, Backend, failure, remember, start_api, stop_api
 
 EMBEDDED = Backend("embedded", {})
-OWASP = {"argon2_memory_kib": 19456, "argon2_time_cost": 2, "argon2_parallelism": 1}
+OWASP: dict[str, Any] = {"argon2_memory_kib": 19456, "argon2_time_cost": 2, "argon2_parallelism": 1}
 ROUNDS = 9
 WRONG = "this is not the password"
 

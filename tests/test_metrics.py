@@ -293,10 +293,15 @@ async def test_streams_cancellations_and_deadlines_end_with_their_own_code(
     # Opened, read, then cancelled by the client.
     stream = api.auth.WatchRevocations(auth_pb2.WatchRevocationsRequest(), metadata=service())
     await asyncio.wait_for(stream.read(), 10)
-    opened = await scrape(api)
+    # The server counts a message once its write has returned, which may be
+    # a moment after the client has read it.
+    opened = await until(
+        api,
+        lambda s: delta(before, s, "grpc_server_msg_sent_total", **watch) >= 1,
+        "the first message counted",
+    )
     assert value(opened, "authsvc_revocation_watchers") == 1
     assert delta(before, opened, "grpc_server_started_total", **watch) == 1
-    assert delta(before, opened, "grpc_server_msg_sent_total", **watch) >= 1
     stream.cancel()
     cancelled = await until(
         api,

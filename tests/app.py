@@ -849,5 +849,8 @@ async def bounded_teardown(step: Awaitable[Any], what: str, seconds: float = 15.
     except TimeoutError:
         print(f"\n--- teardown step hung: {what}; tasks:", file=sys.stderr)
         for task in asyncio.all_tasks():
-            task.print_stack(file=sys.stderr)
+            try:
+                task.print_stack(file=sys.stderr)
+            except Exception as error:  # a frame without a line number (3.11's linecache)
+                print(f"{task!r}: no stack ({error!r})", file=sys.stderr)
         warnings.warn(f"teardown step hung and was abandoned: {what}", stacklevel=2)

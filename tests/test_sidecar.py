@@ -1288,3 +1288,52 @@ async def _sync_interceptor(api: Api, edges: Make) -> None:
     with pytest.raises(SessionRevoked) as raised:  # the typed error of the reason
         await asyncio.to_thread(edge.sidecar.authenticate_sync, later.tokens.access_token)
     assert (raised.value.code, raised.value.reason) == REVOKED
+
+
+# --------------------------------------------------------------------------- closing
+
+
+async def test_close_is_bounded_even_if_a_task_will_not_end(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host's shutdown must not wait on the sidecar forever: close() hangs
+    up the revocation stream first (so grpc ends its pending read), and a
+    background task that does not end within the bound once cancelled is
+    abandoned with a warning."""
+    caplog.set_level(logging.WARNING, logger="authsvc_client.sidecar")
+    sidecar = Sidecar(api.target, api_key=API_KEY)
+    await sidecar.start()
+    released = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await released.wait()
+
+    stuck = asyncio.create_task(stubborn(), name="stubborn")
+    sidecar._tasks.append(stuck)  # one more background task, as close() sees them
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(sidecar.close(), 30)
+        # It waited the bound for the stubborn task, then left it behind; the
+        # watcher (reading its stream) and the others ended, none abandoned.
+        assert time.monotonic() - started >= 4.9
+        assert not stuck.done()
+        stuck_logs = [r for r in caplog.records if r.getMessage() == "authsvc.sidecar.task_stuck"]
+        assert [getattr(r, "task", None) for r in stuck_logs] == ["stubborn"]
+    finally:
+        released.set()
+        await stuck
+
+
+async def test_close_ends_the_watcher_without_abandoning_it(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="authsvc_client.sidecar")
+    sidecar = Sidecar(api.target, api_key=API_KEY)
+    await sidecar.start()
+    assert sidecar.watching
+    tasks = list(sidecar._tasks)
+    await asyncio.wait_for(sidecar.close(), 30)
+    assert all(task.done() for task in tasks)
+    assert not [r for r in caplog.records if r.getMessage() == "authsvc.sidecar.task_stuck"]

@@ -185,6 +185,7 @@ class Watcher:
         #: Event kinds that could not be applied, logged once each:
         #: (kind, known) as ``DenySet.apply`` returns them.
         self.unapplied_kinds: set[tuple[int, bool]] = set()
+        self._call: Any = None  # the open stream's call, while one is open
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # A refusal nobody waits for any more is not an unretrieved error.
         self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -198,6 +199,18 @@ class Watcher:
         """
         await asyncio.shield(self._ready)
 
+    def hang_up(self) -> None:
+        """Cancels the open stream, if any, from outside the task reading it.
+
+        Called before that task is cancelled: grpc then ends the pending read
+        itself. A read cancelled only through its task has been seen, rarely,
+        never returning, which held ``Sidecar.close()`` (and so the host's
+        shutdown) forever.
+        """
+        call = self._call
+        if call is not None:
+            call.cancel()
+
     def needs_online(self, issued_at: int) -> bool:
         """Whether a token minted at ``issued_at`` may be covered by a lost event."""
         return issued_at < self.gap_cutoff and time.monotonic() < self.gap_until
@@ -208,10 +221,14 @@ class Watcher:
             try:
                 after = self.position
                 async with self._open(after) as call:
+                    self._call = call
                     self.connects += 1
                     first = True
                     while True:
-                        response = await asyncio.wait_for(call.read(), self._heartbeat_timeout)
+                        # In this task (no inner task to cancel and wait for,
+                        # as wait_for would): see hang_up.
+                        async with asyncio.timeout(self._heartbeat_timeout):
+                            response = await call.read()
                         if response is grpc.aio.EOF:
                             raise ConnectionError("the revocation stream ended")
                         self._apply(response, first=first, after=after)
@@ -227,6 +244,7 @@ class Watcher:
             except Exception:
                 log.warning("authsvc.sidecar.watch_failed", exc_info=True)
             finally:
+                self._call = None
                 self.connected = False
             await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 (jitter)
             delay = min(delay * 2, self._max_backoff)

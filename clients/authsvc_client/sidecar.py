@@ -221,6 +221,8 @@ _session: contextvars.ContextVar[SessionInfo | None] = contextvars.ContextVar(
 _token: contextvars.ContextVar[str | None] = contextvars.ContextVar("authsvc_token", default=None)
 
 _HOUSEKEEPING_INTERVAL = 5.0
+#: Seconds close() gives each background task to end once cancelled.
+_CLOSE_TIMEOUT = 5.0
 # Channel options of a channel the sidecar opens: come back quickly after an
 # authsvc outage (gRPC's defaults back off up to two minutes).
 _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
@@ -439,20 +441,27 @@ class Sidecar:
             delay = min(delay * 2, 2.0)
 
     async def close(self) -> None:
-        """Stops the background tasks and closes the channel it opened."""
+        """Stops the background tasks and closes the channel it opened.
+
+        Each task gets ``_CLOSE_TIMEOUT`` seconds to end once cancelled; one
+        that does not is abandoned with a warning, so a host's shutdown never
+        waits on the sidecar forever.
+        """
         tasks, self._tasks = self._tasks, []
+        if self._watcher is not None:
+            self._watcher.hang_up()
         for task in tasks:
             task.cancel()
         for task in tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                # Our own cancellation (close() itself cancelled) must propagate.
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
-            except Exception:
-                log.exception("authsvc.sidecar.task_failed")
+            # asyncio.wait, not wait_for: a stuck task is left behind, not
+            # cancelled again and waited for. Raises CancelledError if close()
+            # itself is cancelled: that must propagate.
+            done, _ = await asyncio.wait({task}, timeout=_CLOSE_TIMEOUT)
+            if not done:
+                log.warning("authsvc.sidecar.task_stuck", extra={"task": task.get_name()})
+                continue
+            if not task.cancelled() and task.exception() is not None:
+                log.error("authsvc.sidecar.task_failed", exc_info=task.exception())
         if self._owns_channel and self._channel is not None:
             await self._channel.close()
         self._channel = None

@@ -673,8 +673,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--metrics-pairs",
         type=int,
-        default=8,
-        help="with --metrics: how many off/on window pairs per phase (A B B A ...; default 8)",
+        default=24,
+        help="with --metrics: how many off/on window pairs per phase (A B B A ...; default 24)",
     )
     parser.add_argument(
         "--metrics-window",

@@ -125,3 +125,30 @@ async def run_authsvc(
     result = Result(proc.returncode, out.decode(), err.decode())
     assert_no_secrets(result.stderr, *env_secrets(env), proc=proc)
     return result
+
+
+async def run_async(
+    *cmd: str | Path,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    seconds: float = 60,
+) -> tuple[int, str, str]:
+    """Runs ``cmd`` to completion without blocking the event loop (a server
+    the test runs may be on it): its exit status, stdout and stderr. A run
+    longer than ``seconds`` is killed and fails the test."""
+    proc = await asyncio.create_subprocess_exec(
+        *map(str, cmd),
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), seconds)
+    except TimeoutError:
+        proc.kill()
+        await proc.communicate()
+        raise AssertionError(f"{cmd} did not finish in {seconds}s") from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")

@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 
 from tests.app import API_KEY, Api, find_leaks, remember
+from tests.processes import run_async
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = ROOT / "clients"
@@ -97,23 +98,9 @@ def _normalise(name: str) -> str:
 async def run(
     *cmd: str | Path, env: dict[str, str] | None = None, seconds: float = 120
 ) -> tuple[str, str]:
-    """Runs ``cmd`` to completion without blocking the event loop (the shared
-    authsvc server runs on it); fails on a non-zero exit."""
-    proc = await asyncio.create_subprocess_exec(
-        *map(str, cmd),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), seconds)
-    except TimeoutError:
-        proc.kill()
-        await proc.communicate()
-        raise AssertionError(f"{cmd} did not finish in {seconds}s") from None
-    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
-    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{stdout}\n{stderr}"
+    """``run_async`` that fails on a non-zero exit: stdout and stderr."""
+    code, stdout, stderr = await run_async(*cmd, env=env, seconds=seconds)
+    assert code == 0, f"{cmd} exited {code}:\n{stdout}\n{stderr}"
     return stdout, stderr
 
 

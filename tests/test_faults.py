@@ -18,7 +18,6 @@ import contextlib
 import re
 import sys
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -42,6 +41,7 @@ from authsvc_client.errors import from_rpc_error
 from authsvc_client.v1 import auth_pb2, users_pb2
 from tests.app import PASSWORD, Api, Backend, bearer, remember, start_api, stop_api
 from tests.infra import PostgresExecutor, asyncpg_dsn, private_postgres
+from tests.scrape import Samples, get, parse, rpc, value
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -202,17 +202,25 @@ async def replicas(
 ) -> AsyncIterator[tuple[Api, Api]]:
     """Two servers on the private database and the session's Redis."""
     backend = Backend("postgres", {"database_url": pg_url, "redis_url": redis_url})
-    a = await start_api(backend, tmp_path / "a", refresh_reuse_grace=REUSE_GRACE)
-    try:
-        b = await start_api(backend, tmp_path / "b", refresh_reuse_grace=REUSE_GRACE)
-    except BaseException:
-        await stop_api(a)
-        raise
+    a, b = await two_servers(
+        lambda name: start_api(backend, tmp_path / name, refresh_reuse_grace=REUSE_GRACE)
+    )
     try:
         yield a, b
     finally:
         await stop_or_dump(b)
         await stop_or_dump(a)
+
+
+async def two_servers(start: Callable[[str], Awaitable[Api]]) -> tuple[Api, Api]:
+    """``start("a")`` and ``start("b")``; the first is stopped again if the
+    second cannot start."""
+    a = await start("a")
+    try:
+        return a, await start("b")
+    except BaseException:
+        await stop_api(a)
+        raise
 
 
 async def stop_or_dump(api: Api, within: float = 40.0) -> None:
@@ -508,6 +516,26 @@ async def _reason(api: Api, access_token: str) -> str:
 # --------------------------------------------------------------------------- 1, 2
 
 
+def _stopped_for(
+    pg: PostgresExecutor, seconds: float, down: list[float] | None = None
+) -> Callable[[], Awaitable[None]]:
+    """An outage: PostgreSQL stopped for ``seconds``, then started again;
+    returns once it accepts connections. ``down`` gets the times it was
+    certainly down from and until."""
+
+    async def outage() -> None:
+        await asyncio.to_thread(pg.executor.stop)
+        if down is not None:
+            down.append(time.monotonic())
+        await asyncio.sleep(seconds)
+        if down is not None:
+            down.append(time.monotonic())
+        await asyncio.to_thread(pg.executor.start)
+        await asyncio.to_thread(pg.executor.wait_for_postgres)
+
+    return outage
+
+
 async def test_postgres_restarted_under_load(
     replicas: tuple[Api, Api], pg: PostgresExecutor, pg_url: str
 ) -> None:
@@ -534,14 +562,7 @@ async def test_postgres_stopped_for_ten_seconds_under_load(
             await asyncio.sleep(0.1)
 
     down: list[float] = []
-
-    async def stop_for_ten_seconds() -> None:
-        await asyncio.to_thread(pg.executor.stop)
-        down.append(time.monotonic())
-        await asyncio.sleep(10.0)
-        down.append(time.monotonic())
-        await asyncio.to_thread(pg.executor.start)
-        await asyncio.to_thread(pg.executor.wait_for_postgres)
+    stop_for_ten_seconds = _stopped_for(pg, 10.0, down)
 
     checker = asyncio.create_task(check_health())
     try:
@@ -922,23 +943,14 @@ async def test_metrics_through_a_postgres_outage_under_load(
     gauges (one count query) are left out while the database cannot answer
     and are back after; the refusals are counted as UNAVAILABLE, none as
     INTERNAL or UNKNOWN; and the sign-ins refused meanwhile as ``unavailable``."""
-    from tests.test_metrics import parse, rpc, value
-
     backend = Backend("postgres", {"database_url": pg_url, "redis_url": redis_url})
     metered: dict[str, Any] = {"refresh_reuse_grace": REUSE_GRACE, "metrics_listen": "127.0.0.1:0"}
-    a = await start_api(backend, tmp_path / "a", **metered)
-    try:
-        b = await start_api(backend, tmp_path / "b", **metered)
-    except BaseException:
-        await stop_api(a)
-        raise
+    a, b = await two_servers(lambda name: start_api(backend, tmp_path / name, **metered))
 
-    def get(api: Api) -> str:
+    def scrape(api: Api) -> Samples:
         port = api.server.metrics_port
         assert port is not None
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            assert response.status == 200
-            return str(response.read().decode())
+        return parse(get(port, timeout=5))
 
     scrapes: list[tuple[float, Api, Any]] = []
     scraping = asyncio.Event()
@@ -947,21 +959,14 @@ async def test_metrics_through_a_postgres_outage_under_load(
         while not scraping.is_set():
             for api in (a, b):
                 asked = time.monotonic()
-                samples = parse(await asyncio.to_thread(get, api))
+                samples = await asyncio.to_thread(scrape, api)
                 # The outbox's query waits at most 1.5 s, the rest is in memory.
                 assert time.monotonic() - asked < 4.0
                 scrapes.append((asked, api, samples))
             await asyncio.sleep(0.2)
 
     down: list[float] = []
-
-    async def stop_for_four_seconds() -> None:
-        await asyncio.to_thread(pg.executor.stop)
-        down.append(time.monotonic())
-        await asyncio.sleep(4.0)
-        down.append(time.monotonic())
-        await asyncio.to_thread(pg.executor.start)
-        await asyncio.to_thread(pg.executor.wait_for_postgres)
+    stop_for_four_seconds = _stopped_for(pg, 4.0, down)
 
     scraper = asyncio.create_task(scrape_both())
     try:
@@ -972,7 +977,7 @@ async def test_metrics_through_a_postgres_outage_under_load(
         finally:
             scraping.set()
             await scraper
-        final = {id(api): parse(await asyncio.to_thread(get, api)) for api in (a, b)}
+        final = {id(api): await asyncio.to_thread(scrape, api) for api in (a, b)}
     finally:
         await stop_or_dump(b)
         await stop_or_dump(a)
@@ -1034,18 +1039,9 @@ async def test_traces_through_a_postgres_outage_under_load(
             backend, tmp_path / name, tracing=tracing, refresh_reuse_grace=REUSE_GRACE
         )
 
-    a = await start("a")
-    try:
-        b = await start("b")
-    except BaseException:
-        await stop_api(a)
-        raise
+    a, b = await two_servers(start)
 
-    async def stop_for_four_seconds() -> None:
-        await asyncio.to_thread(pg.executor.stop)
-        await asyncio.sleep(4.0)
-        await asyncio.to_thread(pg.executor.start)
-        await asyncio.to_thread(pg.executor.wait_for_postgres)
+    stop_for_four_seconds = _stopped_for(pg, 4.0)
 
     try:
         tally, _ = await _outage_under_load(

@@ -15,12 +15,10 @@ import contextlib
 import os
 import signal
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import grpc
@@ -35,14 +33,16 @@ from authsvc.storage.redis_store import LIMIT_TIMEOUT
 from authsvc.tracing import Tracing
 from authsvc_client.errors import from_rpc_error
 from authsvc_client.v1 import auth_pb2
-from tests.app import PASSWORD, Api, Backend, bearer, start_api, stop_api
+from tests.app import PASSWORD, Api, Backend, bearer, start_api
 from tests.infra import asyncpg_dsn
+from tests.scrape import Samples, get, parse, rpc, value
 from tests.test_faults import (
     CALL_TIMEOUT,
     CLIENTS,
     RECOVERY,
     Tally,
     stop_or_dump,
+    two_servers,
     unavailable_with_retry,
 )
 
@@ -113,12 +113,7 @@ async def replicas(
             metrics_listen="127.0.0.1:0",
         )
 
-    a = await start("a")
-    try:
-        b = await start("b")
-    except BaseException:
-        await stop_api(a)
-        raise
+    a, b = await two_servers(start)
     request.node.observed = seen if observed else None
     try:
         yield a, b
@@ -127,17 +122,10 @@ async def replicas(
         await stop_or_dump(a)
 
 
-async def _scrape(api: Api) -> Any:
-    from tests.test_metrics import parse
-
+async def _scrape(api: Api) -> Samples:
     port = api.server.metrics_port
     assert port is not None
-
-    def get() -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            return str(response.read().decode())
-
-    return parse(await asyncio.to_thread(get))
+    return parse(await asyncio.to_thread(get, port, timeout=5))
 
 
 def _redis_pid(executor: RedisExecutor) -> int:
@@ -278,8 +266,6 @@ async def test_rate_limited_rpcs_under_load_while_redis_fails(
     observed: Observed | None = request.node.observed
     if observed is None:
         return
-    from tests.test_metrics import rpc, value
-
     scraped = [await _scrape(api) for api in apis]
     for method in ("SignInWithPassword", "SignUp"):
         for code in ("OK", "UNAVAILABLE", "INTERNAL", "UNKNOWN"):

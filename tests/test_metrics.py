@@ -12,7 +12,6 @@ import asyncio
 import socket
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -46,8 +45,8 @@ from tests.app import (
     stop_api,
 )
 from tests.app import test_settings as settings_for
+from tests.scrape import Samples, delta, get, parse, rpc, value
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 MetricsServer = Callable[..., Awaitable[Api]]
 
 #: Every label any authsvc metric may carry, with every value it may take.
@@ -78,43 +77,14 @@ async def metered(own_server: MetricsServer) -> MetricsServer:
     return start
 
 
-def _get(port: int, path: str = "/metrics") -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/plain")
-        return str(response.read().decode())
-
-
 async def scrape_text(api: Api) -> str:
     port = api.server.metrics_port
     assert port is not None
-    return await asyncio.to_thread(_get, port)
-
-
-def parse(text: str) -> Samples:
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return out
+    return await asyncio.to_thread(get, port)
 
 
 async def scrape(api: Api) -> Samples:
     return parse(await scrape_text(api))
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def rpc(
-    method: str, service: str = "authsvc.v1.AuthService", kind: str = "unary"
-) -> dict[str, str]:
-    return {"grpc_service": service, "grpc_method": method, "grpc_type": kind}
-
-
-def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
-    return value(after, name, **labels) - value(before, name, **labels)
 
 
 async def until(

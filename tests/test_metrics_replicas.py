@@ -17,7 +17,6 @@ from typing import Any
 import grpc
 import port_for
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pytest_redis import factories as redis_factories
 from pytest_redis.executor import RedisExecutor
 
@@ -35,28 +34,14 @@ from tests.app import (
     stop_api,
 )
 from tests.processes import assert_no_secrets, clean_env, env_secrets, spawn_authsvc
+from tests.scrape import Samples, get, parse, value
 from tests.test_outbox import _serving
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def _get(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return str(response.read().decode())
 
 
 async def scrape(port: int) -> Samples:
-    text = await asyncio.to_thread(_get, port)
+    text = await asyncio.to_thread(get, port, timeout=5)
     assert not find_leaks(text)
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return out
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    return parse(text)
 
 
 async def until(
@@ -136,7 +121,7 @@ async def test_every_serve_process_serves_its_own_metrics(storage: Storage) -> N
             assert_no_secrets(err.decode(errors="replace"), *env_secrets(env), proc=proc)
     for _, metrics_port in ports:
         with pytest.raises(urllib.error.URLError, match="refused"):
-            _get(metrics_port)
+            get(metrics_port, timeout=5)
 
 
 # -- the revocation bus through a Redis outage (PostgreSQL + a Redis of this module's own)

@@ -17,7 +17,6 @@ The npm packages come from ``tests/run``, which installs the versions
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -31,6 +30,7 @@ import pytest
 
 from authsvc_client.v1 import errors_pb2, orgs_pb2
 from tests.app import API_KEY, Api, bearer, find_leaks, new_slug, remember
+from tests.processes import run_async
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_MODULES = Path(sys.prefix) / "node" / "node_modules"
@@ -120,25 +120,11 @@ async def run_node(node: str, tmp: Path, target: str, cases: list[Any]) -> dict[
         "AUTHSVC_TARGET": target,
         "CASES": json.dumps(cases),
     }
-    proc = await asyncio.create_subprocess_exec(
-        node,
-        "driver.js",
-        cwd=tmp,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    except TimeoutError:
-        proc.kill()
-        await proc.communicate()
-        raise AssertionError("node did not finish in 60s") from None
-    text = out.decode() + err.decode()
-    assert proc.returncode == 0, text
+    code, out, err = await run_async(node, "driver.js", cwd=tmp, env=env)
+    text = out + err
+    assert code == 0, text
     assert not find_leaks(text), find_leaks(text)
-    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
 

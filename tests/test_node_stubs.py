@@ -17,7 +17,6 @@ checked: buf accepts its input, and its ``module=`` option fits the
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -31,6 +30,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from tests.app import Api, find_leaks, remember
+from tests.processes import run_async
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_MODULES = Path(sys.prefix) / "node" / "node_modules"
@@ -60,27 +60,6 @@ def readme_block(language: str, marker: str) -> str:
     return found[0]
 
 
-async def run(
-    *cmd: str | Path, cwd: Path, env: dict[str, str], seconds: float = 60
-) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *map(str, cmd),
-        cwd=cwd,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), seconds)
-    except TimeoutError:
-        proc.kill()
-        await proc.communicate()
-        raise AssertionError(f"{cmd} did not finish in {seconds}s") from None
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
-
-
 @pytest.fixture(scope="module")
 def node() -> str:
     found = shutil.which("node")
@@ -101,7 +80,7 @@ async def generate_es(tmp: Path) -> Path:
     """The README's template, run from the repository root into ``tmp``."""
     template = tmp / "buf.gen.yaml"
     template.write_text(readme_block("yaml", "protoc-gen-es"))
-    code, out, err = await run(
+    code, out, err = await run_async(
         BUF, "generate", "--template", template, "--output", tmp, cwd=ROOT, env=_env()
     )
     assert code == 0, out + err
@@ -139,7 +118,7 @@ async def test_node_signs_in_and_authenticates_with_the_generated_stubs(
         EMAIL=f"node-{uuid.uuid4().hex[:8]}@example.com",
         PASSWORD=password,
     )
-    code, out, err = await run(node, "signin.mjs", cwd=tmp_path, env=env)
+    code, out, err = await run_async(node, "signin.mjs", cwd=tmp_path, env=env)
     assert code == 0, out + err
     assert not find_leaks(out + err), find_leaks(out + err)
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
@@ -166,7 +145,7 @@ async def test_the_go_templates_module_fits_every_go_package(tmp_path: Path) -> 
     args: list[str | Path] = [BUF, "build", directory.group(1), "--exclude-imports"]
     for path in excluded.group(1).split(","):
         args += ["--exclude-path", path.strip()]
-    code, out, err = await run(*args, "-o", image, cwd=ROOT, env=_env())
+    code, out, err = await run_async(*args, "-o", image, cwd=ROOT, env=_env())
     assert code == 0, out + err
     files = descriptor_pb2.FileDescriptorSet.FromString(image.read_bytes()).file
     names = sorted(f.name for f in files)

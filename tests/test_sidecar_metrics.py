@@ -13,29 +13,19 @@ from collections.abc import Callable
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from authsvc_client.errors import AuthsvcError
 from authsvc_client.sidecar import Sidecar
 from authsvc_client.v1 import auth_pb2
 from tests.app import API_KEY, Api, bearer, find_leaks, remember, until_tokens_are_covered
+from tests.scrape import Samples, parse, value
 from tests.test_sidecar import Proxy
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def read(registry: CollectorRegistry) -> Samples:
-    out: Samples = {}
     text = generate_latest(registry).decode()
     assert not find_leaks(text)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return out
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    return parse(text)
 
 
 async def refused(sidecar: Sidecar, token: str) -> str:

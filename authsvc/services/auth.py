@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -146,15 +147,10 @@ class AuthService:
         Raises:
             SignupDisabled, InvalidArgument, WeakPassword, EmailAlreadyExists, RateLimited.
         """
-        try:
-            signed = await self._sign_up(
-                email, password, display_name, client, given_name, family_name
-            )
-        except Exception as error:
-            self._metrics.sign_up(outcome(error))
-            raise
-        self._metrics.sign_up("success")
-        return signed
+        return await _counted(
+            self._metrics.sign_up,
+            self._sign_up(email, password, display_name, client, given_name, family_name),
+        )
 
     async def _sign_up(
         self,
@@ -207,13 +203,9 @@ class AuthService:
         Raises:
             InvalidArgument, InvalidCredentials, RateLimited.
         """
-        try:
-            signed = await self._sign_in(email, password, client, given_name, family_name)
-        except Exception as error:
-            self._metrics.sign_in(outcome(error))
-            raise
-        self._metrics.sign_in("success")
-        return signed
+        return await _counted(
+            self._metrics.sign_in, self._sign_in(email, password, client, given_name, family_name)
+        )
 
     async def _sign_in(
         self,
@@ -638,3 +630,14 @@ class AuthService:
             if not await self._keys.reload_for(unknown.kid):
                 raise TokenInvalid() from None
         return self._codec.verify(token, self._keys.verification_keys)
+
+
+async def _counted(count: Callable[[str], None], work: Awaitable[SignedIn]) -> SignedIn:
+    """``work``'s result, its outcome (``success``, or its error's) counted."""
+    try:
+        signed = await work
+    except Exception as error:
+        count(outcome(error))
+        raise
+    count("success")
+    return signed

@@ -530,11 +530,9 @@ class Sidecar:
             if session is None:
                 session = await self._resolve(token)
         except AuthsvcError as error:
-            if self._metrics is not None:
-                self._metrics.refused(error.reason)
+            self._count(error)
             raise
-        if self._metrics is not None:
-            self._metrics.verified.inc()
+        self._count(None)
         return session
 
     def authenticate_sync(self, token: str, timeout: float | None = None) -> SessionInfo:
@@ -551,12 +549,19 @@ class Sidecar:
         try:
             session = self._lookup_or_resolve_sync(token, timeout)
         except AuthsvcError as error:
-            if self._metrics is not None:
-                self._metrics.refused(error.reason)
+            self._count(error)
             raise
-        if self._metrics is not None:
-            self._metrics.verified.inc()
+        self._count(None)
         return session
+
+    def _count(self, refusal: AuthsvcError | None) -> None:
+        """One check's outcome, on the host's registry (if it gave one)."""
+        if self._metrics is None:
+            return
+        if refusal is None:
+            self._metrics.verified.inc()
+        else:
+            self._metrics.refused(refusal.reason)
 
     def _lookup_or_resolve_sync(self, token: str, timeout: float | None) -> SessionInfo:
         session = self._lookup(token)

@@ -72,6 +72,12 @@ def env_secrets(env: dict[str, str]) -> list[str]:
     return [password] if password and len(password) >= 8 else []
 
 
+SPAWNED_LIMITS = {
+    "AUTHSVC_SIGNIN_ATTEMPTS_PER_IP": "1000000",
+    "AUTHSVC_SIGNIN_ATTEMPTS_PER_EMAIL": "1000000",
+}
+
+
 async def spawn_authsvc(
     *args: str,
     env: dict[str, str],
@@ -84,6 +90,10 @@ async def spawn_authsvc(
     ``console_script=False`` runs ``python -m authsvc`` instead of the script.
     """
     program = [authsvc_bin()] if console_script else [sys.executable, "-m", "authsvc"]
+    # The suite's servers share one Redis and one client address, 127.0.0.1,
+    # so the sign-in limits count every test's attempts: as high as the
+    # in-process servers' (tests.app.test_settings), unless a test sets them.
+    env = {**SPAWNED_LIMITS, **env}
     proc = await asyncio.create_subprocess_exec(
         *program,
         *args,

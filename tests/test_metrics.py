@@ -9,6 +9,7 @@ exactly the calls made. Both backends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -451,6 +452,39 @@ async def test_the_endpoint_closes_with_the_server(metered: MetricsServer, tmp_p
     with socket.socket() as probe:
         probe.settimeout(2)
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _send_raw(port: int, data: bytes, hang_up_early: bool = False) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(data)
+        if not hang_up_early:
+            with contextlib.suppress(OSError):
+                while conn.recv(65536):
+                    pass
+
+
+async def test_odd_http_requests_leave_the_endpoint_and_the_server_serving(
+    metered: MetricsServer,
+) -> None:
+    """Garbage, a request line of a megabyte, a huge header, a POST, a path
+    that is not /metrics, a client that hangs up mid-request: the endpoint
+    keeps serving scrapes and the gRPC server keeps answering."""
+    api = await metered()
+    port = api.server.metrics_port
+    assert port is not None
+    odd = [
+        b"\x00\xff garbage \r\n\r\n",
+        b"GET /" + b"a" * (1 << 20) + b" HTTP/1.1\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nX-Big: " + b"b" * (1 << 20) + b"\r\n\r\n",
+        b"POST /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+        b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
+    ]
+    for data in odd:
+        await asyncio.to_thread(_send_raw, port, data)
+    await asyncio.to_thread(_send_raw, port, b"GET /metr", True)
+    assert ("grpc_server_started_total", frozenset(rpc("SignUp").items())) in await scrape(api)
+    signed = await api.sign_up()
+    assert signed.tokens.access_token
 
 
 @pytest.mark.parametrize(
